@@ -1,0 +1,159 @@
+"""The public matching API: `KeyMatcher` and `filter_missing`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar, overload
+
+from . import _validate, tuners
+from ._engine import IMPLEMENTATION, core
+from ._patterns import translate
+
+__all__ = ["KeyMatcher", "filter_missing"]
+
+
+class KeyMatcher(core.KeyMatcher):  # type: ignore[misc,name-defined]
+    """A compiled, reusable key filter, safe to share between threads.
+
+    A key matches when one of its dotted segments starts with one of `prefixes` (or equals one of
+    `exact`) and the very next segment is one of `adapter_names` (any segment when None).
+    A `shared` segment below the model level (not the first segment, nor right after a leading
+    `base_model`) is a layer's reference to a model-level tensor and does not count. Keys that
+    match any `ignore` expression (searched anywhere in the key) are dropped.
+
+    `filter(keys)` returns the matching keys in input order (the caller's own str objects);
+    `group(keys)` returns them per adapter name.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        prefixes: Iterable[str],
+        adapter_names: Iterable[str] | None = None,
+        *,
+        exact: Iterable[str] = (),
+        shared: Iterable[str] = (),
+        ignore: Iterable[str] | None = None,
+    ) -> KeyMatcher:
+        names = None if adapter_names is None else _validate.names("adapter_names", adapter_names)
+        for_rust, for_python = translate(ignore)
+        return super().__new__(  # type: ignore[no-any-return]
+            cls,
+            _validate.names("prefixes", prefixes),
+            names,
+            _validate.names("exact", exact),
+            _validate.names("shared", shared),
+            for_rust if IMPLEMENTATION == "rust" else for_python,
+        )
+
+
+@functools.lru_cache(maxsize=512)
+def _matcher_for(
+    prefixes: tuple[str, ...], exact: tuple[str, ...], adapter_name: str, ignore: tuple[str, ...]
+) -> KeyMatcher:
+    return KeyMatcher(prefixes, [adapter_name], exact=exact, shared=tuners.SHARED_COPIES, ignore=ignore)
+
+
+def _config_peft_type(config: object) -> object:
+    if isinstance(config, Mapping):
+        if "peft_type" not in config:
+            raise ValueError("config has no 'peft_type' entry (is it an adapter_config.json?)")
+        return config["peft_type"]
+    if not hasattr(config, "peft_type"):
+        raise TypeError(
+            f"config must be a PEFT config or a dict with 'peft_type', not {type(config).__name__}"
+        )
+    return config.peft_type
+
+
+def _method_for(peft_type: object, config: object) -> tuners.Method | None:
+    method = tuners.resolve(peft_type)
+    if config is None:
+        return method
+    from_config = tuners.resolve(_config_peft_type(config))
+    if method is not None and from_config is not None and method.name != from_config.name:
+        raise ValueError(
+            f"peft_type {method.name!r} contradicts the config's peft_type {from_config.name!r}; pass one of them"
+        )
+    return from_config
+
+
+def _ignore_key(ignore: Iterable[str] | None) -> tuple[str, ...]:
+    """The ignore expressions as a hashable cache key; `translate` raises the TypeError that
+    explains what to write when they are not an iterable of str."""
+    if ignore is None:
+        return ()
+    if isinstance(ignore, (str, bytes)):
+        translate(ignore)
+    try:
+        items = tuple(ignore)
+    except TypeError:
+        translate(ignore)
+        raise
+    if not all(isinstance(item, str) for item in items):
+        translate(items)
+    return items
+
+
+Result = TypeVar("Result")
+
+
+def _with_missing_keys(result: Result, kept: list[str]) -> Result:
+    """A copy of a load result with `missing_keys` replaced and everything else untouched."""
+    original = result.missing_keys  # type: ignore[attr-defined]
+    value: Any = type(original)(kept) if isinstance(original, (list, tuple)) else kept
+    if hasattr(result, "_replace"):  # namedtuples, torch's _IncompatibleKeys
+        return result._replace(missing_keys=value)  # type: ignore[no-any-return]
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.replace(result, missing_keys=value)  # type: ignore[no-any-return]
+    duplicate = copy.copy(result)
+    duplicate.missing_keys = value  # type: ignore[attr-defined]
+    return duplicate
+
+
+@overload
+def filter_missing(
+    missing: Iterable[str],
+    adapter_name: str = ...,
+    peft_type: object = ...,
+    *,
+    config: object = ...,
+    ignore: Iterable[str] | None = ...,
+) -> list[str]: ...
+@overload
+def filter_missing(
+    missing: Result,
+    adapter_name: str = ...,
+    peft_type: object = ...,
+    *,
+    config: object = ...,
+    ignore: Iterable[str] | None = ...,
+) -> Result: ...
+def filter_missing(
+    missing: Any,
+    adapter_name: str = "default",
+    peft_type: object = None,
+    *,
+    config: object = None,
+    ignore: Iterable[str] | None = None,
+) -> Any:
+    """The missing keys that matter for adapter `adapter_name`, and nothing else.
+
+    `missing` is an iterable of str (returns a list, input order kept) or a load result with a
+    `missing_keys` attribute, such as torch's `_IncompatibleKeys` (returns the same type with
+    `missing_keys` filtered and `unexpected_keys` untouched). `peft_type` is a method name in
+    any case, a `peft.PeftType` or None for every known method; `config` is a PEFT config or
+    an adapter_config.json dict and supplies the method. `ignore` holds regular expressions:
+    keys matching any of them are dropped.
+    """
+    _validate.name("adapter_name", adapter_name)
+    method = _method_for(peft_type, config)
+    prefixes, exact = tuners.patterns(method)
+    matcher = _matcher_for(prefixes, exact, adapter_name, _ignore_key(ignore))
+    if hasattr(missing, "missing_keys") and not isinstance(missing, (str, bytes)):
+        return _with_missing_keys(missing, matcher.filter(missing.missing_keys))
+    return matcher.filter(missing)

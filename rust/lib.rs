@@ -1,0 +1,16 @@
+//! fastkeys: which state-dict keys matter when PEFT adapters are loaded.
+//!
+//! `matcher` holds the segment rule over bytes and is usable (and tested) without Python; `py`
+//! is the PyO3 edge, compiled only with the `python` feature that maturin turns on.
+
+pub mod matcher;
+
+#[cfg(feature = "python")]
+mod py;
+
+#[cfg(feature = "python")]
+#[pyo3::pymodule(gil_used = false)]
+mod _native {
+    #[pymodule_export]
+    use super::py::PyKeyMatcher;
+}

@@ -1,0 +1,381 @@
+//! The segment rule over bytes: which keys name an adapter tensor. No Python types here.
+//!
+//! A key is a dotted path (`base_model.model.layers.0.q_proj.lora_A.default.weight`). It matches
+//! when one of its segments *starts with* a prefix (or *equals* an exact name) and the very next
+//! segment is one of the adapter names. Two refinements make PEFT's shared tensors come out right:
+//! a `shared` segment below the model level is a reference to a model-level tensor (never saved,
+//! harmless when missing), and `ignore` expressions drop keys the caller does not care about.
+//!
+//! Keys are bytes, not `str`: Python strings with lone surrogates reach us encoded with
+//! `surrogatepass` (WTF-8), and every comparison here is a byte comparison, which gives the same
+//! answer as comparing code points because UTF-8 is prefix-free and `.` never occurs inside a
+//! multi-byte sequence.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use regex::RegexSet;
+
+/// A reason a matcher could not be built. The Python layer validates first and gives friendlier
+/// messages; these guard the core when it is used on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildError {
+    /// A prefix, exact name, shared name or adapter name that is empty or holds a dot.
+    BadName { what: &'static str, name: String },
+    /// An ignore expression the `regex` crate rejects.
+    BadIgnore { pattern: String, reason: String },
+    /// The automaton could not be built (e.g. it would be too large).
+    Automaton(String),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::BadName { what, name } if name.is_empty() => {
+                write!(f, "{what}: names must not be empty")
+            }
+            BuildError::BadName { what, name } => {
+                write!(f, "{what}: {name:?} contains a dot; a name must lie within one segment")
+            }
+            BuildError::BadIgnore { pattern, reason } => {
+                write!(f, "ignore: {pattern:?} is not a valid regular expression: {reason}")
+            }
+            BuildError::Automaton(reason) => write!(f, "cannot build the key automaton: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+/// What the segment after a match must be.
+enum Adapters {
+    /// Any segment (the key must still have one after the match).
+    Any,
+    /// One of these names; the value is the name's index in the order given.
+    Named(HashMap<Box<[u8]>, usize>),
+}
+
+/// The result of classifying one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict<'k> {
+    /// No adapter tensor is named by this key.
+    Miss,
+    /// The key names a tensor of the adapter at this index (in the order given to the matcher).
+    Named(usize),
+    /// `Adapters::Any`: the key names a tensor of the adapter with this name.
+    Any(&'k [u8]),
+}
+
+pub struct Matcher {
+    automaton: AhoCorasick,
+    /// Patterns `0..n_prefixes` are prefixes; the rest must match a whole segment.
+    n_prefixes: usize,
+    adapters: Adapters,
+    shared: Vec<Box<[u8]>>,
+    ignore: Option<RegexSet>,
+}
+
+fn check_names<'a>(
+    what: &'static str,
+    names: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<Box<[u8]>>, BuildError> {
+    names
+        .into_iter()
+        .map(|name| {
+            if name.is_empty() || name.contains(&b'.') {
+                Err(BuildError::BadName { what, name: String::from_utf8_lossy(name).into_owned() })
+            } else {
+                Ok(Box::from(name))
+            }
+        })
+        .collect()
+}
+
+impl Matcher {
+    /// Builds a matcher. `adapter_names` of `None` accepts any next segment. All names are raw
+    /// bytes (UTF-8, or WTF-8 for strings with lone surrogates); `ignore` holds expressions of
+    /// the `regex` crate, searched anywhere in a key.
+    pub fn new<'a>(
+        prefixes: impl IntoIterator<Item = &'a [u8]>,
+        exact: impl IntoIterator<Item = &'a [u8]>,
+        adapter_names: Option<Vec<&'a [u8]>>,
+        shared: impl IntoIterator<Item = &'a [u8]>,
+        ignore: &[&str],
+    ) -> Result<Self, BuildError> {
+        let prefixes = check_names("prefixes", prefixes)?;
+        let exact = check_names("exact", exact)?;
+        let shared = check_names("shared", shared)?;
+        let adapters = match adapter_names {
+            None => Adapters::Any,
+            Some(names) => {
+                let names = check_names("adapter_names", names)?;
+                let mut map = HashMap::with_capacity(names.len());
+                for (index, name) in names.into_iter().enumerate() {
+                    // The first occurrence of a repeated name keeps its index.
+                    map.entry(name).or_insert(index);
+                }
+                Adapters::Named(map)
+            }
+        };
+        let automaton = AhoCorasickBuilder::new()
+            // Standard semantics are required for overlapping search: every occurrence is
+            // reported, so `oft_` inside `boft_R` cannot hide a real match at a segment start.
+            .match_kind(MatchKind::Standard)
+            .build(prefixes.iter().chain(exact.iter()))
+            .map_err(|e| BuildError::Automaton(e.to_string()))?;
+        let ignore = if ignore.is_empty() {
+            None
+        } else {
+            // Validate one by one so the error names the culprit.
+            for pattern in ignore {
+                regex::Regex::new(pattern).map_err(|e| BuildError::BadIgnore {
+                    pattern: (*pattern).to_owned(),
+                    reason: e.to_string(),
+                })?;
+            }
+            Some(RegexSet::new(ignore).map_err(|e| BuildError::BadIgnore {
+                pattern: ignore.join(" | "),
+                reason: e.to_string(),
+            })?)
+        };
+        Ok(Matcher { automaton, n_prefixes: prefixes.len(), adapters, shared, ignore })
+    }
+
+    /// Classifies one key. `text` is the key as a Unicode string for the ignore expressions;
+    /// it is only asked for when the key matched and ignore expressions exist.
+    pub fn classify<'k, F>(&self, key: &'k [u8], text: F) -> Verdict<'k>
+    where
+        F: FnOnce() -> Option<std::borrow::Cow<'k, str>>,
+    {
+        let verdict = self.classify_segments(key);
+        if verdict == Verdict::Miss {
+            return verdict;
+        }
+        match &self.ignore {
+            Some(set) => match text() {
+                Some(text) if set.is_match(&text) => Verdict::Miss,
+                _ => verdict,
+            },
+            None => verdict,
+        }
+    }
+
+    fn classify_segments<'k>(&self, key: &'k [u8]) -> Verdict<'k> {
+        for found in self.automaton.find_overlapping_iter(key) {
+            let start = found.start();
+            if start > 0 && key[start - 1] != b'.' {
+                continue; // not at a segment start: `oft_` inside `boft_R`
+            }
+            let segment_end = memchr::memchr(b'.', &key[found.end()..])
+                .map_or(key.len(), |offset| found.end() + offset);
+            let is_exact = found.pattern().as_usize() >= self.n_prefixes;
+            if is_exact && segment_end != found.end() {
+                continue; // exact names must fill the segment
+            }
+            if segment_end == key.len() {
+                continue; // no segment follows
+            }
+            if self.is_layer_copy(key, start, segment_end) {
+                continue;
+            }
+            let next_start = segment_end + 1;
+            let next_end =
+                memchr::memchr(b'.', &key[next_start..]).map_or(key.len(), |o| next_start + o);
+            let next = &key[next_start..next_end];
+            match &self.adapters {
+                Adapters::Any => return Verdict::Any(next),
+                Adapters::Named(map) => {
+                    if let Some(&index) = map.get(next) {
+                        return Verdict::Named(index);
+                    }
+                }
+            }
+        }
+        Verdict::Miss
+    }
+
+    /// A shared segment below the model level (neither the first segment nor right after a
+    /// leading `base_model`) is a layer's reference to a model-level tensor.
+    fn is_layer_copy(&self, key: &[u8], start: usize, end: usize) -> bool {
+        if start == 0 || self.shared.is_empty() {
+            return false;
+        }
+        let segment = &key[start..end];
+        if !self.shared.iter().any(|name| **name == *segment) {
+            return false;
+        }
+        !(start == "base_model.".len() && key.starts_with(b"base_model."))
+    }
+}
+
+/// Decodes WTF-8 (UTF-8 that may hold encoded lone surrogates, as Python's `surrogatepass`
+/// writes them) for the ignore expressions: each surrogate becomes one U+FFFD, so that `.` and
+/// negated classes see one character where Python's `re` sees one.
+pub fn wtf8_lossy(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(bytes.len());
+    let mut rest = bytes;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(valid) => {
+                text.push_str(valid);
+                return text;
+            }
+            Err(error) => {
+                let (valid, after) = rest.split_at(error.valid_up_to());
+                // `valid` is valid UTF-8 by construction of `valid_up_to`.
+                text.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                text.push(char::REPLACEMENT_CHARACTER);
+                let skip = if after.first() == Some(&0xED) && after.len() >= 3 {
+                    3
+                } else {
+                    error.error_len().unwrap_or(after.len()).max(1)
+                };
+                rest = &after[skip.min(after.len())..];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matcher(prefixes: &[&str], adapters: Option<&[&str]>) -> Matcher {
+        build(prefixes, &[], adapters, &[], &[])
+    }
+
+    fn build(
+        prefixes: &[&str],
+        exact: &[&str],
+        adapters: Option<&[&str]>,
+        shared: &[&str],
+        ignore: &[&str],
+    ) -> Matcher {
+        Matcher::new(
+            prefixes.iter().map(|p| p.as_bytes()),
+            exact.iter().map(|p| p.as_bytes()),
+            adapters.map(|names| names.iter().map(|n| n.as_bytes()).collect()),
+            shared.iter().map(|p| p.as_bytes()),
+            ignore,
+        )
+        .expect("valid matcher")
+    }
+
+    fn hits(m: &Matcher, key: &str) -> bool {
+        m.classify(key.as_bytes(), || Some(key.into())) != Verdict::Miss
+    }
+
+    #[test]
+    fn adapter_name_must_be_the_whole_next_segment() {
+        let m = matcher(&["lora_"], Some(&["foo"]));
+        assert!(hits(&m, "base_model.model.q.lora_A.foo.weight"));
+        assert!(hits(&m, "q.lora_embedding_A.foo"));
+        assert!(!hits(&m, "base_model.model.q.lora_A.foobar.weight"));
+        assert!(!hits(&m, "base_model.model.q.lora_A.fo.weight"));
+        assert!(!hits(&m, "q.lora_A"));
+    }
+
+    #[test]
+    fn prefix_must_start_a_segment() {
+        let m = matcher(&["lora_", "oft_"], None);
+        assert!(!hits(&m, "q.randlora_lambda.default"));
+        assert!(!hits(&m, "q.poly_lora_A.default"));
+        assert!(!hits(&m, "q.boft_R.default"));
+        assert!(hits(&m, "q.oft_R.default.weight"));
+        assert!(hits(&m, "lora_A.default"));
+    }
+
+    #[test]
+    fn a_foreign_occurrence_does_not_hide_a_real_one() {
+        // `oft_` occurs inside `boft_` first, then at a real segment start.
+        let m = matcher(&["oft_"], Some(&["a"]));
+        assert!(hits(&m, "x.boft_R.a.oft_R.a"));
+        assert!(!hits(&m, "x.boft_R.a.y"));
+    }
+
+    #[test]
+    fn exact_names_fill_their_segment() {
+        let m = build(&[], &["vera_A"], Some(&["default"]), &[], &[]);
+        assert!(hits(&m, "base_model.vera_A.default"));
+        assert!(!hits(&m, "base_model.vera_AB.default"));
+    }
+
+    #[test]
+    fn shared_segments_below_the_model_level_are_copies() {
+        let m = build(&["vblora_"], &["vera_A"], Some(&["default"]), &["vera_A", "vblora_vector_bank"], &[]);
+        assert!(hits(&m, "base_model.vera_A.default"));
+        assert!(hits(&m, "vera_A.default"));
+        assert!(!hits(&m, "base_model.model.q.vera_A.default"));
+        assert!(!hits(&m, "model.vera_A.default"));
+        assert!(hits(&m, "base_model.vblora_vector_bank.default"));
+        assert!(!hits(&m, "base_model.model.q.vblora_vector_bank.default"));
+        assert!(hits(&m, "base_model.model.q.vblora_logits_A.default"));
+    }
+
+    #[test]
+    fn group_returns_the_adapter_index() {
+        let m = matcher(&["lora_"], Some(&["a", "b"]));
+        assert_eq!(m.classify(b"q.lora_A.b.weight", || None), Verdict::Named(1));
+        assert_eq!(m.classify(b"q.lora_A.a.weight", || None), Verdict::Named(0));
+        let any = matcher(&["lora_"], None);
+        assert_eq!(any.classify(b"q.lora_A.zz.weight", || None), Verdict::Any(b"zz"));
+    }
+
+    #[test]
+    fn ignore_drops_matching_keys_only_after_a_match() {
+        let m = build(&["lora_"], &[], Some(&["default"]), &[], &["embed_tokens", r"^x\."]);
+        assert!(!hits(&m, "m.embed_tokens.lora_A.default"));
+        assert!(!hits(&m, "x.lora_A.default"));
+        assert!(hits(&m, "m.q.lora_A.default"));
+        let mut asked = false;
+        m.classify(b"m.q.weight", || {
+            asked = true;
+            None
+        });
+        assert!(!asked, "text is only needed for matched keys");
+    }
+
+    #[test]
+    fn bad_names_are_errors() {
+        let err = |prefixes: &[&str], adapters: &[&str]| {
+            Matcher::new(
+                prefixes.iter().map(|p| p.as_bytes()),
+                std::iter::empty(),
+                Some(adapters.iter().map(|a| a.as_bytes()).collect()),
+                std::iter::empty(),
+                &[],
+            )
+            .err()
+        };
+        assert!(matches!(err(&[""], &["a"]), Some(BuildError::BadName { what: "prefixes", .. })));
+        assert!(matches!(err(&["a.b"], &["a"]), Some(BuildError::BadName { what: "prefixes", .. })));
+        assert!(matches!(err(&["a"], &["x.y"]), Some(BuildError::BadName { what: "adapter_names", .. })));
+        let bad = Matcher::new(std::iter::empty(), std::iter::empty(), None, std::iter::empty(), &["(?=x)"]);
+        assert!(matches!(bad.err(), Some(BuildError::BadIgnore { .. })));
+    }
+
+    #[test]
+    fn wtf8_surrogates_become_one_replacement_each() {
+        // "a\ud800b" encoded with surrogatepass.
+        assert_eq!(wtf8_lossy(b"a\xed\xa0\x80b"), "a\u{FFFD}b");
+        assert_eq!(wtf8_lossy(b"plain"), "plain");
+        // Truncated input never comes from Python; it must still decode without panicking.
+        assert!(wtf8_lossy(b"\xed\xa0").starts_with(char::REPLACEMENT_CHARACTER));
+    }
+
+    #[test]
+    fn surrogate_bytes_compare_as_bytes() {
+        let name = b"a\xed\xa0\x80";
+        let m = Matcher::new(
+            [b"lora_".as_slice()],
+            std::iter::empty(),
+            Some(vec![name.as_slice()]),
+            std::iter::empty(),
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(m.classify(b"q.lora_A.a\xed\xa0\x80.w", || None), Verdict::Named(0));
+        assert_eq!(m.classify(b"q.lora_A.a\xed\xa0\x81.w", || None), Verdict::Miss);
+    }
+}
