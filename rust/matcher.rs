@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, Anchored, Input, MatchKind, StartKind};
 use regex::RegexSet;
 
 /// A reason a matcher could not be built. The Python layer validates first and gives friendlier
@@ -56,6 +56,21 @@ enum Adapters {
     Named(HashMap<Box<[u8]>, usize>),
 }
 
+/// How a key is searched. Both find the same matches, leftmost first; they differ in which
+/// half of a match they look for first, so that the rare half rejects most keys in one
+/// SIMD-accelerated search.
+enum Strategy {
+    /// Few adapter names: find `.name` (leftmost-longest, so `.default_1` is preferred to
+    /// `.default` where both start), then check the segment before it.
+    NameFirst { names: AhoCorasick, index: Vec<usize> },
+    /// Many names, or any name: find `.prefix`, then read the segment after it.
+    PrefixFirst { dotted: AhoCorasick, adapters: Adapters },
+}
+
+/// With up to this many adapter names, searching for the names first is faster: the
+/// automaton's SIMD prefilter handles a few needles, and a name is rarer than a prefix.
+const NAME_FIRST_LIMIT: usize = 8;
+
 /// The result of classifying one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict<'k> {
@@ -63,15 +78,16 @@ pub enum Verdict<'k> {
     Miss,
     /// The key names a tensor of the adapter at this index (in the order given to the matcher).
     Named(usize),
-    /// `Adapters::Any`: the key names a tensor of the adapter with this name.
+    /// Any adapter name accepted: the key names a tensor of the adapter with this name.
     Any(&'k [u8]),
 }
 
 pub struct Matcher {
-    automaton: AhoCorasick,
-    /// Patterns `0..n_prefixes` are prefixes; the rest must match a whole segment.
+    /// Prefixes, then exact names longest first, matched anchored at a segment start with
+    /// leftmost-first semantics: a prefix is preferred, and among exact names the longest.
+    segment: AhoCorasick,
     n_prefixes: usize,
-    adapters: Adapters,
+    strategy: Strategy,
     shared: Vec<Box<[u8]>>,
     ignore: Option<RegexSet>,
 }
@@ -92,6 +108,29 @@ fn check_names<'a>(
         .collect()
 }
 
+fn automaton<I, P>(patterns: I, kind: MatchKind, start: StartKind) -> Result<AhoCorasick, BuildError>
+where
+    I: IntoIterator<Item = P>,
+    P: AsRef<[u8]>,
+{
+    AhoCorasickBuilder::new()
+        .match_kind(kind)
+        .start_kind(start)
+        .build(patterns)
+        .map_err(|e| BuildError::Automaton(e.to_string()))
+}
+
+fn dotted(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len() + 1);
+    out.push(b'.');
+    out.extend_from_slice(name);
+    out
+}
+
+fn segment_end(key: &[u8], from: usize) -> usize {
+    memchr::memchr(b'.', &key[from..]).map_or(key.len(), |offset| from + offset)
+}
+
 impl Matcher {
     /// Builds a matcher. `adapter_names` of `None` accepts any next segment. All names are raw
     /// bytes (UTF-8, or WTF-8 for strings with lone surrogates); `ignore` holds expressions of
@@ -104,26 +143,43 @@ impl Matcher {
         ignore: &[&str],
     ) -> Result<Self, BuildError> {
         let prefixes = check_names("prefixes", prefixes)?;
-        let exact = check_names("exact", exact)?;
+        let mut exact = check_names("exact", exact)?;
+        exact.sort_by_key(|name| std::cmp::Reverse(name.len()));
         let shared = check_names("shared", shared)?;
-        let adapters = match adapter_names {
-            None => Adapters::Any,
-            Some(names) => {
+        let patterns: Vec<&[u8]> = prefixes.iter().chain(exact.iter()).map(|p| &**p).collect();
+        let segment = automaton(&patterns, MatchKind::LeftmostFirst, StartKind::Anchored)?;
+        let strategy = match adapter_names {
+            Some(names) if names.len() <= NAME_FIRST_LIMIT => {
                 let names = check_names("adapter_names", names)?;
-                let mut map = HashMap::with_capacity(names.len());
-                for (index, name) in names.into_iter().enumerate() {
-                    // The first occurrence of a repeated name keeps its index.
-                    map.entry(name).or_insert(index);
+                let mut index = Vec::with_capacity(names.len());
+                let mut needles: Vec<Vec<u8>> = Vec::with_capacity(names.len());
+                for (position, name) in names.iter().enumerate() {
+                    // A repeated name keeps the index of its first occurrence.
+                    if !names[..position].contains(name) {
+                        needles.push(dotted(name));
+                        index.push(position);
+                    }
                 }
-                Adapters::Named(map)
+                let names = automaton(&needles, MatchKind::LeftmostLongest, StartKind::Unanchored)?;
+                Strategy::NameFirst { names, index }
+            }
+            adapter_names => {
+                let adapters = match adapter_names {
+                    None => Adapters::Any,
+                    Some(names) => {
+                        let names = check_names("adapter_names", names)?;
+                        let mut map = HashMap::with_capacity(names.len());
+                        for (position, name) in names.into_iter().enumerate() {
+                            map.entry(name).or_insert(position);
+                        }
+                        Adapters::Named(map)
+                    }
+                };
+                let needles: Vec<Vec<u8>> = patterns.iter().map(|p| dotted(p)).collect();
+                let dotted = automaton(&needles, MatchKind::LeftmostFirst, StartKind::Unanchored)?;
+                Strategy::PrefixFirst { dotted, adapters }
             }
         };
-        let automaton = AhoCorasickBuilder::new()
-            // Standard semantics are required for overlapping search: every occurrence is
-            // reported, so `oft_` inside `boft_R` cannot hide a real match at a segment start.
-            .match_kind(MatchKind::Standard)
-            .build(prefixes.iter().chain(exact.iter()))
-            .map_err(|e| BuildError::Automaton(e.to_string()))?;
         let ignore = if ignore.is_empty() {
             None
         } else {
@@ -139,7 +195,7 @@ impl Matcher {
                 reason: e.to_string(),
             })?)
         };
-        Ok(Matcher { automaton, n_prefixes: prefixes.len(), adapters, shared, ignore })
+        Ok(Matcher { segment, n_prefixes: prefixes.len(), strategy, shared, ignore })
     }
 
     /// Classifies one key. `text` is the key as a Unicode string for the ignore expressions;
@@ -148,7 +204,10 @@ impl Matcher {
     where
         F: FnOnce() -> Option<std::borrow::Cow<'k, str>>,
     {
-        let verdict = self.classify_segments(key);
+        let verdict = match &self.strategy {
+            Strategy::NameFirst { names, index } => self.name_first(key, names, index),
+            Strategy::PrefixFirst { dotted, adapters } => self.prefix_first(key, dotted, adapters),
+        };
         if verdict == Verdict::Miss {
             return verdict;
         }
@@ -161,38 +220,62 @@ impl Matcher {
         }
     }
 
-    fn classify_segments<'k>(&self, key: &'k [u8]) -> Verdict<'k> {
-        for found in self.automaton.find_overlapping_iter(key) {
-            let start = found.start();
-            if start > 0 && key[start - 1] != b'.' {
-                continue; // not at a segment start: `oft_` inside `boft_R`
+    fn name_first<'k>(&self, key: &'k [u8], names: &AhoCorasick, index: &[usize]) -> Verdict<'k> {
+        for found in names.find_iter(key) {
+            let (dot, end) = (found.start(), found.end());
+            if end != key.len() && key[end] != b'.' {
+                continue; // `.default` inside `.default_10`
             }
-            let segment_end = memchr::memchr(b'.', &key[found.end()..])
-                .map_or(key.len(), |offset| found.end() + offset);
-            let is_exact = found.pattern().as_usize() >= self.n_prefixes;
-            if is_exact && segment_end != found.end() {
-                continue; // exact names must fill the segment
-            }
-            if segment_end == key.len() {
-                continue; // no segment follows
-            }
-            if self.is_layer_copy(key, start, segment_end) {
-                continue;
-            }
-            let next_start = segment_end + 1;
-            let next_end =
-                memchr::memchr(b'.', &key[next_start..]).map_or(key.len(), |o| next_start + o);
-            let next = &key[next_start..next_end];
-            match &self.adapters {
-                Adapters::Any => return Verdict::Any(next),
-                Adapters::Named(map) => {
-                    if let Some(&index) = map.get(next) {
-                        return Verdict::Named(index);
-                    }
-                }
+            let start = memchr::memrchr(b'.', &key[..dot]).map_or(0, |p| p + 1);
+            if self.segment_qualifies(key, start, dot) && !self.is_layer_copy(key, start, dot) {
+                return Verdict::Named(index[found.pattern().as_usize()]);
             }
         }
         Verdict::Miss
+    }
+
+    fn prefix_first<'k>(&self, key: &'k [u8], dotted: &AhoCorasick, adapters: &Adapters) -> Verdict<'k> {
+        let first_end = segment_end(key, 0);
+        if self.segment_qualifies(key, 0, first_end) {
+            let verdict = self.adapter_after(key, 0, first_end, adapters);
+            if verdict != Verdict::Miss {
+                return verdict;
+            }
+        }
+        for found in dotted.find_iter(key) {
+            let start = found.start() + 1;
+            let end = segment_end(key, found.end());
+            let is_exact = found.pattern().as_usize() >= self.n_prefixes;
+            if is_exact && end != found.end() {
+                continue; // exact names fill their segment
+            }
+            let verdict = self.adapter_after(key, start, end, adapters);
+            if verdict != Verdict::Miss {
+                return verdict;
+            }
+        }
+        Verdict::Miss
+    }
+
+    /// For a qualifying segment `start..end`: the adapter named by the segment after it.
+    fn adapter_after<'k>(&self, key: &'k [u8], start: usize, end: usize, adapters: &Adapters) -> Verdict<'k> {
+        if end == key.len() || self.is_layer_copy(key, start, end) {
+            return Verdict::Miss;
+        }
+        let next = &key[end + 1..segment_end(key, end + 1)];
+        match adapters {
+            Adapters::Any => Verdict::Any(next),
+            Adapters::Named(map) => map.get(next).map_or(Verdict::Miss, |&index| Verdict::Named(index)),
+        }
+    }
+
+    /// Whether the segment `start..end` starts with a prefix or is an exact name.
+    fn segment_qualifies(&self, key: &[u8], start: usize, end: usize) -> bool {
+        let input = Input::new(key).span(start..end).anchored(Anchored::Yes);
+        match self.segment.find(input) {
+            Some(found) => found.pattern().as_usize() < self.n_prefixes || found.end() == end,
+            None => false,
+        }
     }
 
     /// A shared segment below the model level (neither the first segment nor right after a
@@ -353,6 +436,43 @@ mod tests {
         assert!(matches!(err(&["a"], &["x.y"]), Some(BuildError::BadName { what: "adapter_names", .. })));
         let bad = Matcher::new(std::iter::empty(), std::iter::empty(), None, std::iter::empty(), &["(?=x)"]);
         assert!(matches!(bad.err(), Some(BuildError::BadIgnore { .. })));
+    }
+
+    #[test]
+    fn both_strategies_agree() {
+        let few = ["default", "default_1", "model"];
+        let many: Vec<String> = few.iter().map(|s| s.to_string()).chain((0..20).map(|i| format!("pad{i}"))).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(many.len() > NAME_FIRST_LIMIT);
+        let keys = [
+            "base_model.model.q.lora_A.default.weight",
+            "base_model.model.q.lora_A.default_10.weight",
+            "base_model.model.q.lora_A.default_1.weight",
+            "lora_A.model",
+            "x.boft_R.default.lora_B.model",
+            "base_model.vera_A.default",
+            "base_model.model.q.vera_A.default",
+            "base_model.model.vera_AB.default",
+            "vera_A.default_1.lora_A.default",
+            ".default",
+            "lora_.default.",
+        ];
+        let prefixes = ["lora_", "vera_lambda_"];
+        let exact = ["vera_A", "vera_AB"];
+        let shared = ["vera_A"];
+        let name_first = build(&prefixes, &exact, Some(&few), &shared, &[]);
+        let prefix_first = build(&prefixes, &exact, Some(&many), &shared, &[]);
+        assert!(matches!(name_first.strategy, Strategy::NameFirst { .. }));
+        assert!(matches!(prefix_first.strategy, Strategy::PrefixFirst { .. }));
+        for key in keys {
+            assert_eq!(
+                name_first.classify(key.as_bytes(), || None),
+                prefix_first.classify(key.as_bytes(), || None),
+                "{key}"
+            );
+        }
+        assert_eq!(prefix_first.classify(b"base_model.model.vera_AB.default", || None), Verdict::Named(0));
+        assert_eq!(name_first.classify(b"vera_A.default_1.lora_A.default", || None), Verdict::Named(1));
     }
 
     #[test]

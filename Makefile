@@ -1,0 +1,59 @@
+# The front door: every target creates .venv when needed and installs what it needs (pinned).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+PIP := $(PY) -m pip --disable-pip-version-check
+RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
+EXTENSION_STAMP := $(VENV)/.fastkeys-built
+
+.DEFAULT_GOAL := help
+.PHONY: help install build test test-rust test-native test-python demo lint bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/activate:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "fastkeys needs Python >= 3.10"'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.dev-installed: requirements/dev.txt | $(BIN)/activate
+	$(PIP) install -q -r requirements/dev.txt
+	touch $@
+
+$(VENV)/.peft-installed: requirements/peft.txt | $(VENV)/.dev-installed
+	$(PIP) install -q $$(grep -E '^torch==' requirements/peft.txt)
+	$(PIP) install -q -r requirements/peft.txt
+	touch $@
+
+install: $(VENV)/.dev-installed $(VENV)/.peft-installed ## Create .venv with every pinned tool and library
+
+$(EXTENSION_STAMP): $(RUST_SOURCES) | $(VENV)/.dev-installed
+	$(BIN)/maturin develop --release --quiet
+	touch $@
+
+build: $(EXTENSION_STAMP) ## Build the Rust extension into .venv (release mode)
+
+test-rust: ## cargo test: the Rust core, without Python
+	cargo test --quiet
+
+test-native: build $(VENV)/.peft-installed ## pytest against the compiled extension (fails if it does not import)
+	FASTKEYS_IMPLEMENTATION=rust $(PY) -m pytest -q
+
+test-python: $(VENV)/.peft-installed ## pytest against the pure-Python fallback
+	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q
+
+test: test-rust test-native test-python ## Everything CI runs: cargo test, then pytest under both implementations
+
+demo: build ## The seed scenario: what load_state_dict reports, what fastkeys keeps, and the timing
+	$(PY) -m fastkeys demo
+
+lint: $(VENV)/.dev-installed ## ruff, mypy --strict, cargo fmt --check, cargo clippy -D warnings
+	$(BIN)/ruff check python tests benches
+	$(BIN)/ruff format --check python tests benches
+	$(BIN)/mypy --strict python/fastkeys
+	cargo fmt --check
+	cargo clippy --all-targets --features python -- -D warnings
+
+clean: ## Remove build output (keeps .venv)
+	rm -rf target dist $(EXTENSION_STAMP) python/fastkeys/_native*.so

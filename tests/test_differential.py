@@ -1,0 +1,117 @@
+"""The two implementations agree: hypothesis drives both cores with the same arguments."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastkeys import _pure, filter_missing
+from fastkeys._patterns import translate
+
+try:
+    from fastkeys import _native
+except ImportError:  # pragma: no cover - only in a fallback-only install
+    if os.environ.get("FASTKEYS_IMPLEMENTATION") != "python":
+        raise
+    pytest.skip("the compiled extension is not built; the native run covers this", allow_module_level=True)
+
+WORDS = [
+    "base_model", "model", "layers", "0", "1", "10", "q_proj", "mlp", "default", "default_1",
+    "default_10", "foo", "foobar", "lora", "lora_A", "lora_B", "randlora_A", "poly_lora_A", "boft_R",
+    "oft_R", "vera_A", "vera_lambda_b", "pvera_A", "vblora_vector_bank", "tinylora_v",
+    "unilora_theta_d", "modules_to_save", "trainable_tokens_delta", "weight", "ädäpter", "a\ud800",
+    "\ufffd", "", "x y", "Ω",
+]
+SEGMENT = st.one_of(st.sampled_from(WORDS), st.text(alphabet=st.characters(exclude_characters="."), max_size=6))
+KEY = st.lists(SEGMENT, min_size=1, max_size=9).map(".".join)
+NAME = st.one_of(
+    st.sampled_from([w for w in WORDS if w]),
+    st.text(alphabet=st.characters(exclude_characters="."), min_size=1, max_size=5),
+)
+# Expressions from a grammar both engines accept, mixing the constructs that need translation.
+ATOM = st.sampled_from(
+    ["a", "lora", r"\.", ".", r"\d", r"\w", r"\s", r"\D", "[a-z]", "[^.]", r"[\d_]", "ä", "Ω", "_",
+     r"\b", "^", "$", r"\A", r"\Z", "(?i:LORA)", "(?s:.)", r"\{", "x{,2}", "[.]"]
+)
+PATTERN = st.lists(
+    st.tuples(ATOM, st.sampled_from(["", "*", "+", "?", "{1,2}", "*?"])), min_size=1, max_size=4
+).map(lambda parts: "".join(_quantified(atom, q) for atom, q in parts))
+
+
+def _quantified(atom: str, quantifier: str) -> str:
+    if not quantifier or atom in ("^", "$", r"\A", r"\Z", r"\b"):
+        return atom
+    return f"(?:{atom}){quantifier}"
+
+
+def build(module: object, prefixes: list[str], adapters: list[str] | None, exact: list[str],
+          shared: list[str], ignore: tuple[list[str], list[str]]) -> object:
+    patterns = ignore[0] if module is _native else ignore[1]
+    return module.KeyMatcher(prefixes, adapters, exact, shared, patterns)  # type: ignore[attr-defined]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    keys=st.lists(KEY, max_size=30),
+    prefixes=st.lists(NAME, max_size=4),
+    adapters=st.one_of(st.none(), st.lists(NAME, max_size=12)),
+    exact=st.lists(NAME, max_size=2),
+    shared=st.lists(NAME, max_size=2),
+    ignore=st.lists(PATTERN, max_size=2),
+)
+def test_cores_agree(
+    keys: list[str], prefixes: list[str], adapters: list[str] | None, exact: list[str],
+    shared: list[str], ignore: list[str],
+) -> None:
+    translated = translate(ignore)
+    native = build(_native, prefixes, adapters, exact, shared, translated)
+    pure = build(_pure, prefixes, adapters, exact, shared, translated)
+    assert native.filter(keys) == pure.filter(keys)  # type: ignore[attr-defined]
+    assert native.group(keys) == pure.group(keys)  # type: ignore[attr-defined]
+    # Same order of groups too.
+    assert list(native.group(keys)) == list(pure.group(keys))  # type: ignore[attr-defined]
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=KEY, pattern=PATTERN)
+def test_ignore_expressions_agree(key: str, pattern: str) -> None:
+    for_rust, for_python = translate([pattern])
+    native = _native.KeyMatcher([], None, ["x"], [], for_rust)
+    pure = _pure.KeyMatcher([], None, ["x"], [], for_python)
+    probe = f"x.{key}"  # always matches "x" exactly, so only the expression decides
+    assert native.filter([probe]) == pure.filter([probe])
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(KEY, max_size=20), adapter=NAME, peft_type=st.sampled_from([None, "lora", "vera", "tinylora"]))
+def test_filter_missing_agrees_with_a_direct_reading_of_the_rule(
+    keys: list[str], adapter: str, peft_type: str | None
+) -> None:
+    from fastkeys import tuners
+
+    if "." in adapter:
+        return
+    prefixes, exact = tuners.patterns(tuners.resolve(peft_type))
+
+    def relevant(key: str) -> bool:
+        parts = key.split(".")
+        for i in range(len(parts) - 1):
+            hit = parts[i].startswith(prefixes) or parts[i] in exact
+            model_level = i == 0 or (i == 1 and parts[0] == "base_model")
+            if hit and parts[i + 1] == adapter and (model_level or parts[i] not in tuners.SHARED_COPIES):
+                return True
+        return False
+
+    assert filter_missing(keys, adapter, peft_type) == [k for k in keys if relevant(k)]
+
+
+def test_errors_agree() -> None:
+    for module in (_native, _pure):
+        matcher = module.KeyMatcher(["lora_"], None, [], [], [])
+        with pytest.raises(TypeError, match=r"^keys\[1\] must be str, not bytes$"):
+            matcher.filter(["a", b"b"])
+        with pytest.raises(TypeError, match=r"^keys must be an iterable of str, not int$"):
+            matcher.group(3)
