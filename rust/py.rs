@@ -35,7 +35,9 @@ impl<'a, 'py> KeyBytes<'a, 'py> {
         match key.to_str() {
             Ok(text) => Ok(KeyBytes::Utf8(text)),
             Err(_) => {
-                let encoded = key.call_method1("encode", ("utf-8", "surrogatepass"))?;
+                // `str.encode`, not the key's own method: a subclass cannot intervene.
+                let encode = key.py().get_type::<PyString>().getattr("encode")?;
+                let encoded = encode.call1((key, "utf-8", "surrogatepass"))?;
                 Ok(KeyBytes::Wtf8(encoded.cast_into::<PyBytes>()?))
             }
         }
@@ -62,7 +64,7 @@ fn name_bytes<'a, 'py>(
 ) -> PyResult<Vec<KeyBytes<'a, 'py>>> {
     names
         .iter()
-        .map(|name| KeyBytes::of(name))
+        .map(KeyBytes::of)
         .collect::<PyResult<Vec<_>>>()
         .map_err(|e| PyValueError::new_err(format!("{what}: {e}")))
 }
@@ -75,7 +77,11 @@ fn for_each_key<'py>(
     mut visit: impl FnMut(&Bound<'py, PyString>) -> PyResult<()>,
 ) -> PyResult<()> {
     let mut check = |index: usize, item: Bound<'py, PyAny>| -> PyResult<()> {
-        match item.cast::<PyString>() {
+        // The exact-type test is a pointer comparison; the general one an FFI call per key.
+        match item
+            .cast_exact::<PyString>()
+            .or_else(|_| item.cast::<PyString>())
+        {
             Ok(key) => visit(key),
             Err(_) => Err(PyTypeError::new_err(format!(
                 "keys[{index}] must be str, not {}",
@@ -136,18 +142,27 @@ impl PyKeyMatcher {
         let prefix_bytes = name_bytes("prefixes", &prefixes)?;
         let exact_bytes = name_bytes("exact", &exact)?;
         let shared_bytes = name_bytes("shared", &shared)?;
-        let adapter_bytes = adapter_names.as_deref().map(|n| name_bytes("adapter_names", n)).transpose()?;
+        let adapter_bytes = adapter_names
+            .as_deref()
+            .map(|n| name_bytes("adapter_names", n))
+            .transpose()?;
         let ignore: Vec<&str> = ignore.iter().map(String::as_str).collect();
         let matcher = Matcher::new(
             prefix_bytes.iter().map(KeyBytes::bytes),
             exact_bytes.iter().map(KeyBytes::bytes),
-            adapter_bytes.as_ref().map(|names| names.iter().map(KeyBytes::bytes).collect()),
+            adapter_bytes
+                .as_ref()
+                .map(|names| names.iter().map(KeyBytes::bytes).collect()),
             shared_bytes.iter().map(KeyBytes::bytes),
             &ignore,
         )
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let adapter_names = adapter_names.map(|names| names.into_iter().map(Bound::unbind).collect());
-        Ok(PyKeyMatcher { matcher, adapter_names })
+        let adapter_names =
+            adapter_names.map(|names| names.into_iter().map(Bound::unbind).collect());
+        Ok(PyKeyMatcher {
+            matcher,
+            adapter_names,
+        })
     }
 
     /// The keys that name an adapter tensor, in input order, as the caller's own objects.
@@ -170,7 +185,8 @@ impl PyKeyMatcher {
         let groups = PyDict::new(py);
         match &self.adapter_names {
             Some(names) => {
-                let lists: Vec<Bound<'py, PyList>> = names.iter().map(|_| PyList::empty(py)).collect();
+                let lists: Vec<Bound<'py, PyList>> =
+                    names.iter().map(|_| PyList::empty(py)).collect();
                 for (name, list) in names.iter().zip(&lists) {
                     // A repeated name keeps the list of its first occurrence.
                     if !groups.contains(name)? {
@@ -196,7 +212,8 @@ impl PyKeyMatcher {
                             return list.append(key);
                         }
                         let list = PyList::new(py, [key])?;
-                        let text = PyBytes::new(py, name).call_method1("decode", ("utf-8", "surrogatepass"))?;
+                        let text = PyBytes::new(py, name)
+                            .call_method1("decode", ("utf-8", "surrogatepass"))?;
                         groups.set_item(text, &list)?;
                         lists.insert(name.to_vec(), list);
                     }

@@ -27,7 +27,7 @@ class Loaded(collections.namedtuple("Loaded", ["missing_keys", "unexpected_keys"
 
 
 def test_returns_a_list_in_input_order_of_the_callers_own_objects() -> None:
-    keys = [f"{BASE}", "x." + LORA_B, "".join(["base_model.", LORA_A[len("base_model."):]])]
+    keys = [f"{BASE}", "x." + LORA_B, "".join(["base_model.", LORA_A[len("base_model.") :]])]
     kept = filter_missing(keys)
     assert kept == keys[1:]
     assert all(a is b for a, b in zip(kept, keys[1:], strict=True))
@@ -86,8 +86,17 @@ def test_torch_load_result() -> None:
     torch = pytest.importorskip("torch")
     from torch import nn
 
-    model = nn.ModuleDict({"q_proj": nn.ModuleDict({"lora_A": nn.ModuleDict(
-        {"default": nn.Linear(2, 2, bias=False), "other": nn.Linear(2, 2, bias=False)})})})
+    model = nn.ModuleDict(
+        {
+            "q_proj": nn.ModuleDict(
+                {
+                    "lora_A": nn.ModuleDict(
+                        {"default": nn.Linear(2, 2, bias=False), "other": nn.Linear(2, 2, bias=False)}
+                    )
+                }
+            )
+        }
+    )
     model.add_module("embed", nn.Embedding(4, 2))
     result = model.load_state_dict({"q_proj.lora_A.other.weight": torch.zeros(2, 2)}, strict=False)
     filtered = filter_missing(result, "default", "lora")
@@ -220,14 +229,30 @@ def test_key_matcher_exact_shared_and_ignore() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"prefixes": "lora_"}, TypeError, r"prefixes must be an iterable of str, not a single str: write \['lora_'\]"),
+        (
+            {"prefixes": "lora_"},
+            TypeError,
+            r"prefixes must be an iterable of str, not a single str: write \['lora_'\]",
+        ),
         ({"prefixes": 5}, TypeError, "prefixes must be an iterable of str, not int"),
         ({"prefixes": ["lora_", 1]}, TypeError, r"prefixes\[1\] must be str, not int"),
         ({"prefixes": [""]}, ValueError, r"prefixes\[0\] must not be empty"),
         ({"prefixes": ["lora.A"]}, ValueError, r"prefixes\[0\] 'lora.A' contains a dot"),
-        ({"prefixes": ["x"], "adapter_names": "default"}, TypeError, "adapter_names must be an iterable of str"),
-        ({"prefixes": ["x"], "adapter_names": ["a", ""]}, ValueError, r"adapter_names\[1\] must not be empty"),
-        ({"prefixes": ["x"], "adapter_names": ["a.b"]}, ValueError, r"adapter_names\[0\] 'a.b' contains a dot"),
+        (
+            {"prefixes": ["x"], "adapter_names": "default"},
+            TypeError,
+            "adapter_names must be an iterable of str",
+        ),
+        (
+            {"prefixes": ["x"], "adapter_names": ["a", ""]},
+            ValueError,
+            r"adapter_names\[1\] must not be empty",
+        ),
+        (
+            {"prefixes": ["x"], "adapter_names": ["a.b"]},
+            ValueError,
+            r"adapter_names\[0\] 'a.b' contains a dot",
+        ),
         ({"prefixes": ["x"], "exact": [b"x"]}, TypeError, r"exact\[0\] must be str, not bytes"),
         ({"prefixes": ["x"], "shared": ["a.b"]}, ValueError, r"shared\[0\] 'a.b' contains a dot"),
         ({"prefixes": ["x"], "ignore": "x"}, TypeError, r"write ignore=\['x'\]"),
@@ -241,9 +266,7 @@ def test_key_matcher_bad_arguments(kwargs: dict[str, object], error: type[Except
 
 def test_one_matcher_shared_by_eight_threads() -> None:
     matcher = KeyMatcher(["lora_"], [f"a{i}" for i in range(8)])
-    per_thread = {
-        i: [f"m.{j}.lora_A.a{(i + j) % 8}.weight" for j in range(2000)] for i in range(8)
-    }
+    per_thread = {i: [f"m.{j}.lora_A.a{(i + j) % 8}.weight" for j in range(2000)] for i in range(8)}
     expected = {i: [k for k in keys if f".a{i}." in k] for i, keys in per_thread.items()}
     results: dict[int, list[str]] = {}
     barrier = threading.Barrier(8)
@@ -304,7 +327,9 @@ def test_implementation_switch() -> None:
     forced = _run(BLOCK_NATIVE + "import fastkeys", FASTKEYS_IMPLEMENTATION="rust")
     assert forced.returncode != 0
     assert "FASTKEYS_IMPLEMENTATION=rust, but the compiled extension" in forced.stderr
-    fallback = _run(BLOCK_NATIVE + "import fastkeys; print(fastkeys.IMPLEMENTATION)", FASTKEYS_IMPLEMENTATION="")
+    fallback = _run(
+        BLOCK_NATIVE + "import fastkeys; print(fastkeys.IMPLEMENTATION)", FASTKEYS_IMPLEMENTATION=""
+    )
     assert fallback.stdout.strip() == "python", fallback.stderr
     python = _run("import fastkeys; print(fastkeys.IMPLEMENTATION)", FASTKEYS_IMPLEMENTATION="python")
     assert python.stdout.strip() == "python", python.stderr

@@ -19,13 +19,45 @@ except ImportError:  # pragma: no cover - only in a fallback-only install
     pytest.skip("the compiled extension is not built; the native run covers this", allow_module_level=True)
 
 WORDS = [
-    "base_model", "model", "layers", "0", "1", "10", "q_proj", "mlp", "default", "default_1",
-    "default_10", "foo", "foobar", "lora", "lora_A", "lora_B", "randlora_A", "poly_lora_A", "boft_R",
-    "oft_R", "vera_A", "vera_lambda_b", "pvera_A", "vblora_vector_bank", "tinylora_v",
-    "unilora_theta_d", "modules_to_save", "trainable_tokens_delta", "weight", "ädäpter", "a\ud800",
-    "\ufffd", "", "x y", "Ω",
+    "base_model",
+    "model",
+    "layers",
+    "0",
+    "1",
+    "10",
+    "q_proj",
+    "mlp",
+    "default",
+    "default_1",
+    "default_10",
+    "foo",
+    "foobar",
+    "lora",
+    "lora_A",
+    "lora_B",
+    "randlora_A",
+    "poly_lora_A",
+    "boft_R",
+    "oft_R",
+    "vera_A",
+    "vera_lambda_b",
+    "pvera_A",
+    "vblora_vector_bank",
+    "tinylora_v",
+    "unilora_theta_d",
+    "modules_to_save",
+    "trainable_tokens_delta",
+    "weight",
+    "ädäpter",
+    "a\ud800",
+    "\ufffd",
+    "",
+    "x y",
+    "Ω",
 ]
-SEGMENT = st.one_of(st.sampled_from(WORDS), st.text(alphabet=st.characters(exclude_characters="."), max_size=6))
+SEGMENT = st.one_of(
+    st.sampled_from(WORDS), st.text(alphabet=st.characters(exclude_characters="."), max_size=6)
+)
 KEY = st.lists(SEGMENT, min_size=1, max_size=9).map(".".join)
 NAME = st.one_of(
     st.sampled_from([w for w in WORDS if w]),
@@ -33,8 +65,32 @@ NAME = st.one_of(
 )
 # Expressions from a grammar both engines accept, mixing the constructs that need translation.
 ATOM = st.sampled_from(
-    ["a", "lora", r"\.", ".", r"\d", r"\w", r"\s", r"\D", "[a-z]", "[^.]", r"[\d_]", "ä", "Ω", "_",
-     r"\b", "^", "$", r"\A", r"\Z", "(?i:LORA)", "(?s:.)", r"\{", "x{,2}", "[.]"]
+    [
+        "a",
+        "lora",
+        r"\.",
+        ".",
+        r"\d",
+        r"\w",
+        r"\s",
+        r"\D",
+        "[a-z]",
+        "[^.]",
+        r"[\d_]",
+        "ä",
+        "Ω",
+        "_",
+        r"\b",
+        "^",
+        "$",
+        r"\A",
+        r"\Z",
+        "(?i:LORA)",
+        "(?s:.)",
+        r"\{",
+        "x{,2}",
+        "[.]",
+    ]
 )
 PATTERN = st.lists(
     st.tuples(ATOM, st.sampled_from(["", "*", "+", "?", "{1,2}", "*?"])), min_size=1, max_size=4
@@ -47,8 +103,14 @@ def _quantified(atom: str, quantifier: str) -> str:
     return f"(?:{atom}){quantifier}"
 
 
-def build(module: object, prefixes: list[str], adapters: list[str] | None, exact: list[str],
-          shared: list[str], ignore: tuple[list[str], list[str]]) -> object:
+def build(
+    module: object,
+    prefixes: list[str],
+    adapters: list[str] | None,
+    exact: list[str],
+    shared: list[str],
+    ignore: tuple[list[str], list[str]],
+) -> object:
     patterns = ignore[0] if module is _native else ignore[1]
     return module.KeyMatcher(prefixes, adapters, exact, shared, patterns)  # type: ignore[attr-defined]
 
@@ -63,8 +125,12 @@ def build(module: object, prefixes: list[str], adapters: list[str] | None, exact
     ignore=st.lists(PATTERN, max_size=2),
 )
 def test_cores_agree(
-    keys: list[str], prefixes: list[str], adapters: list[str] | None, exact: list[str],
-    shared: list[str], ignore: list[str],
+    keys: list[str],
+    prefixes: list[str],
+    adapters: list[str] | None,
+    exact: list[str],
+    shared: list[str],
+    ignore: list[str],
 ) -> None:
     translated = translate(ignore)
     native = build(_native, prefixes, adapters, exact, shared, translated)
@@ -86,7 +152,11 @@ def test_ignore_expressions_agree(key: str, pattern: str) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(keys=st.lists(KEY, max_size=20), adapter=NAME, peft_type=st.sampled_from([None, "lora", "vera", "tinylora"]))
+@given(
+    keys=st.lists(KEY, max_size=20),
+    adapter=NAME,
+    peft_type=st.sampled_from([None, "lora", "vera", "tinylora"]),
+)
 def test_filter_missing_agrees_with_a_direct_reading_of_the_rule(
     keys: list[str], adapter: str, peft_type: str | None
 ) -> None:

@@ -76,7 +76,9 @@ def test_ignore_semantics(pattern: str, key: str, dropped: bool) -> None:
     ],
 )
 def test_refused_syntax_names_the_expression(pattern: str, reason: str) -> None:
-    with pytest.raises(ValueError, match=r"ignore\[1\] .* is not an expression fastkeys accepts: .*" + reason):
+    with pytest.raises(
+        ValueError, match=r"ignore\[1\] .* is not an expression fastkeys accepts: .*" + reason
+    ):
         KeyMatcher(["lora_"], ["default"], ignore=["ok", pattern])
 
 

@@ -58,8 +58,12 @@ CASES = [
     (f"{L}.hada_w1_a.default", "default", "lora", False),
     (f"{L}.lokr_w1.default", "default", "lokr", True),
     (f"{L}.ia3_l.default", "default", "ia3", True),
-    ("base_model.model.model.layers.3.input_layernorm.ln_tuning_layers.default.weight", "default",
-     "ln_tuning", True),
+    (
+        "base_model.model.model.layers.3.input_layernorm.ln_tuning_layers.default.weight",
+        "default",
+        "ln_tuning",
+        True,
+    ),
     # A module whose name starts with a prefix is not an adapter tensor unless the adapter follows.
     ("base_model.model.lora_head.weight", "default", "lora", False),
     ("base_model.model.lora_head.default", "default", "lora", True),
@@ -96,10 +100,18 @@ CASES = [
     ("base_model.model.score.modules_to_save.default.weight", "default", "prompt_tuning", True),
     ("base_model.model.score.modules_to_save.other.weight", "default", "lora", False),
     ("base_model.model.score.original_module.weight", "default", "lora", False),
-    ("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default", "default",
-     "lora", True),
-    ("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default", "default",
-     "trainable_tokens", True),
+    (
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default",
+        "default",
+        "lora",
+        True,
+    ),
+    (
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default",
+        "default",
+        "trainable_tokens",
+        True,
+    ),
     # peft_type None: every known method.
     (f"{L}.hada_w1_a.default", "default", None, True),
     (f"{L}.boft_R.default", "default", None, True),
@@ -129,8 +141,12 @@ def test_a_seed_load_keeps_only_the_lost_tensor() -> None:
     layers = [f"base_model.model.model.layers.{i}.self_attn.{p}" for i in range(4) for p in "qkvo"]
     base = [f"{layer}.base_layer.weight" for layer in layers]
     base += ["base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"]
-    others = [f"{layer}.lora_{ab}.{name}.weight" for layer in layers for ab in "AB"
-              for name in ("default_1", "default_10", "foo")]
+    others = [
+        f"{layer}.lora_{ab}.{name}.weight"
+        for layer in layers
+        for ab in "AB"
+        for name in ("default_1", "default_10", "foo")
+    ]
     lost = f"{layers[2]}.lora_B.default.weight"
     missing = base + others + [lost]
     assert filter_missing(missing, "default", "lora") == [lost]

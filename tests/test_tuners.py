@@ -12,7 +12,8 @@ from peft import PeftType  # noqa: E402
 
 def test_every_registered_peft_method_is_in_the_table_with_its_prefix() -> None:
     registered = {
-        peft_type.value.lower(): prefix for peft_type, prefix in peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items()
+        peft_type.value.lower(): prefix
+        for peft_type, prefix in peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items()
     }
     assert {name: method.prefix for name, method in METHODS.items()} == registered
 

@@ -15,9 +15,7 @@ __all__ = ["IMPLEMENTATION", "core"]
 def _choose() -> tuple[str, ModuleType]:
     wanted = os.environ.get("FASTKEYS_IMPLEMENTATION", "").strip().lower()
     if wanted not in ("", "rust", "python"):
-        raise ImportError(
-            f"FASTKEYS_IMPLEMENTATION must be 'rust', 'python' or unset, not {wanted!r}"
-        )
+        raise ImportError(f"FASTKEYS_IMPLEMENTATION must be 'rust', 'python' or unset, not {wanted!r}")
     if wanted != "python":
         try:
             from . import _native

@@ -162,7 +162,7 @@ def _read_class(reader: _Reader) -> str:
             low, high = ord(value), ord(items[index + 2][1])
             if low > high:
                 raise _Refused(f"the range {value!r}-{items[index + 2][1]!r} is reversed")
-            if low <= 0xDFFF and high >= 0xD800 or low <= 0xFFFD <= high:
+            if (low <= 0xDFFF and high >= 0xD800) or low <= 0xFFFD <= high:
                 raise _Refused("a range covering surrogates or U+FFFD cannot be matched alike")
             out.append(f"{_class_lit(value)}-{_class_lit(items[index + 2][1])}")
             index += 3
@@ -300,9 +300,7 @@ def translate(patterns: Iterable[str] | None) -> tuple[list[str], list[str]]:
     try:
         items = list(patterns)
     except TypeError:
-        raise TypeError(
-            f"ignore must be an iterable of str, not {type(patterns).__name__}"
-        ) from None
+        raise TypeError(f"ignore must be an iterable of str, not {type(patterns).__name__}") from None
     rust: list[str] = []
     python: list[str] = []
     for index, pattern in enumerate(items):

@@ -37,6 +37,12 @@ class KeyMatcher:
     """See `fastkeys.KeyMatcher`."""
 
     __slots__ = ("_adapters", "_exact", "_ignore", "_needles", "_prefixes", "_shared")
+    _prefixes: tuple[str, ...]
+    _exact: frozenset[str]
+    _shared: frozenset[str]
+    _adapters: dict[str, int] | None
+    _ignore: list[re.Pattern[str]]
+    _needles: tuple[str, ...] | None
 
     def __new__(
         cls,
@@ -50,14 +56,14 @@ class KeyMatcher:
         self._prefixes = tuple(prefixes)
         self._exact = frozenset(exact)
         self._shared = frozenset(shared)
-        self._adapters: dict[str, int] | None = None
+        self._adapters = None
         if adapter_names is not None:
             self._adapters = {}
             for name in adapter_names:
                 self._adapters.setdefault(name, len(self._adapters))
         self._ignore = [re.compile(pattern) for pattern in ignore]
         # Substrings every matching key contains: "." + an adapter name, else a prefix.
-        self._needles: tuple[str, ...] | None = None
+        self._needles = None
         if self._adapters is not None and len(self._adapters) <= _MAX_NEEDLES:
             self._needles = tuple("." + name for name in self._adapters)
         elif len(self._prefixes) + len(self._exact) <= _MAX_NEEDLES:
@@ -71,11 +77,7 @@ class KeyMatcher:
             segment = segments[index]
             if not (segment.startswith(self._prefixes) or segment in self._exact):
                 continue
-            if (
-                segment in self._shared
-                and index > 0
-                and not (index == 1 and segments[0] == "base_model")
-            ):
+            if segment in self._shared and index > 0 and not (index == 1 and segments[0] == "base_model"):
                 continue  # a layer's reference to a model-level shared tensor
             following = segments[index + 1]
             if self._adapters is None:

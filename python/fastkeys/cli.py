@@ -51,7 +51,10 @@ def demo(layers: int = 32, serving_adapters: int = 900) -> None:
     print(f"  load_state_dict(strict=False) reports {len(missing):,} missing keys, e.g.")
     _show(missing)
     peft_kept = scenarios.peft_substring_filter(missing, "default", "lora_")
-    print(f"  PEFT's substring filter keeps {len(peft_kept):,}: it takes 'default_1' and 'default_10' for 'default'")
+    print(
+        f"  PEFT's substring filter keeps {len(peft_kept):,}: "
+        "it takes 'default_1' and 'default_10' for 'default'"
+    )
     _show(peft_kept, 2)
     kept = filter_missing(missing, "default", "lora")
     print(f"  fastkeys.filter_missing keeps {len(kept)}: nothing is wrong with this load")
@@ -81,7 +84,9 @@ def demo(layers: int = 32, serving_adapters: int = 900) -> None:
         contenders.append(("fastkeys (rust)", lambda: native.filter(serving)))
     pure = _pure.KeyMatcher(["lora_"], [target], [], [], [])
     contenders.append(("fastkeys (pure Python)", lambda: pure.filter(serving)))
-    contenders.append(("PEFT's substring loop", lambda: scenarios.peft_substring_filter(serving, target, "lora_")))
+    contenders.append(
+        ("PEFT's substring loop", lambda: scenarios.peft_substring_filter(serving, target, "lora_"))
+    )
     contenders.append(("[k for k in keys] (floor)", lambda: [k for k in serving]))
     timings = [(label, _best_of(5, work)) for label, work in contenders]
     reference = timings[0][1]

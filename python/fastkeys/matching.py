@@ -77,7 +77,8 @@ def _method_for(peft_type: object, config: object) -> tuners.Method | None:
     from_config = tuners.resolve(_config_peft_type(config))
     if method is not None and from_config is not None and method.name != from_config.name:
         raise ValueError(
-            f"peft_type {method.name!r} contradicts the config's peft_type {from_config.name!r}; pass one of them"
+            f"peft_type {method.name!r} contradicts the config's peft_type {from_config.name!r}; "
+            "pass one of them"
         )
     return from_config
 
@@ -109,7 +110,7 @@ def _with_missing_keys(result: Result, kept: list[str]) -> Result:
     if hasattr(result, "_replace"):  # namedtuples, torch's _IncompatibleKeys
         return result._replace(missing_keys=value)  # type: ignore[no-any-return]
     if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        return dataclasses.replace(result, missing_keys=value)  # type: ignore[no-any-return]
+        return dataclasses.replace(result, missing_keys=value)
     duplicate = copy.copy(result)
     duplicate.missing_keys = value  # type: ignore[attr-defined]
     return duplicate
