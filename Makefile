@@ -8,7 +8,7 @@ RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
 .DEFAULT_GOAL := help
-.PHONY: help install build test test-rust test-native test-python demo lint bench clean
+.PHONY: help install build test test-rust test-native test-python demo docs lint bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,9 +48,12 @@ test: test-rust test-native test-python ## Everything CI runs: cargo test, then 
 demo: build ## The seed scenario: what load_state_dict reports, what fastkeys keeps, and the timing
 	$(PY) -m fastkeys demo
 
+docs: build ## Regenerate the README's generated tables
+	$(PY) docs/tables.py
+
 lint: $(VENV)/.dev-installed ## ruff, mypy --strict, cargo fmt --check, cargo clippy -D warnings
-	$(BIN)/ruff check python tests benches
-	$(BIN)/ruff format --check python tests benches
+	$(BIN)/ruff check python tests benches docs
+	$(BIN)/ruff format --check python tests benches docs
 	$(BIN)/mypy --strict python/fastkeys
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings

@@ -1,0 +1,103 @@
+"""Writes the README's generated tables: `python docs/tables.py` (or `make docs`).
+
+Each table sits between `<!-- name:start -->` and `<!-- name:end -->` markers in README.md;
+`tests/test_readme.py` fails when a table is out of date.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from fastkeys import filter_missing, tuners
+from fastkeys.scenarios import peft_substring_filter
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
+MLP = "base_model.model.model.layers.0.mlp.down_proj"
+
+# (missing key, adapter name, method, why)
+DIFFERENCES = [
+    (f"{LAYER}.lora_A.foobar.weight", "foo", "lora", "`foobar` is another adapter"),
+    (f"{LAYER}.lora_A.default_10.weight", "default_1", "lora", "`default_10` is another adapter"),
+    (f"{LAYER}.lora_A.default.weight", "model", "lora", "`model` occurs in every key"),
+    (
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight",
+        "1",
+        "lora",
+        "`1` is a layer index here",
+    ),
+    (f"{MLP}.lora_A.default.weight", "mlp", "lora", "`mlp` is a module here"),
+    (f"{LAYER}.lora_A.default.weight", "lora", "lora", "`lora` is inside the prefix"),
+    (f"{LAYER}.randlora_lambda.default", "default", "lora", "`lora_` inside `randlora_`"),
+    (f"{LAYER}.boft_R.default", "default", "oft", "`oft_` inside `boft_`"),
+    (f"{LAYER}.pvera_lambda_b.default", "default", "vera", "`vera_lambda_` inside `pvera_lambda_`"),
+    ("base_model.vera_B.default", "default", "vera", "the shared projection is saved; it lacks the prefix"),
+    (f"{LAYER}.vera_A.default", "default", "vera", "a layer's reference to the shared projection"),
+    ("base_model.tinylora_v.default.0", "default", "tinylora", "the model-level vector is saved"),
+    (f"{LAYER}.tinylora_v.default.0", "default", "tinylora", "a layer's reference"),
+    ("base_model.vblora_vector_bank.default", "default", "vblora", "the model-level bank is saved"),
+    (
+        "base_model.model.prompt_encoder.layers.0.lora_A.default.weight",
+        "default",
+        "lora",
+        "a model's own module named `prompt_encoder` (SAM)",
+    ),
+]
+
+
+def peft_from_pretrained(key: str, adapter_name: str, method: str) -> bool:
+    """PEFT 0.21's `from_pretrained`: `load_adapter`'s loop, then `is_shared_parameter`."""
+    prefix = tuners.METHODS[method].prefix
+    if not peft_substring_filter([key], adapter_name, prefix, method.upper()):
+        return False
+    if "vblora_vector_bank" in key or "prompt_encoder" in key or ".tinylora_v." in key:
+        return False
+    return not (
+        method == "unilora"
+        and ".unilora_theta_d." in key
+        and not key.startswith("base_model.unilora_theta_d.")
+    )
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def differences_table() -> str:
+    rows = [
+        "| missing key | adapter, method | PEFT `load_adapter` | PEFT `from_pretrained` | fastkeys | why |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, adapter, method, why in DIFFERENCES:
+        prefix = tuners.METHODS[method].prefix
+        load_adapter = bool(peft_substring_filter([key], adapter, prefix, method.upper()))
+        pretrained = peft_from_pretrained(key, adapter, method)
+        ours = bool(filter_missing([key], adapter, method))
+        shown = key.replace(LAYER, "…q_proj").replace(MLP, "…mlp.down_proj")
+        rows.append(
+            f"| `{shown}` | `{adapter}`, {method} | {_yes(load_adapter)} | {_yes(pretrained)} "
+            f"| **{_yes(ours)}** | {why} |"
+        )
+    return "\n".join(rows)
+
+
+TABLES = {"differences": differences_table}
+
+
+def render(readme: str) -> str:
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- {name}:start -->).*?(<!-- {name}:end -->)", re.S)
+        if not pattern.search(readme):
+            raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> markers")
+        readme = pattern.sub(lambda found: f"{found.group(1)}\n{make()}\n{found.group(2)}", readme)
+    return readme
+
+
+if __name__ == "__main__":
+    text = README.read_text(encoding="utf-8")
+    updated = render(text)
+    if "--check" in sys.argv:
+        sys.exit(0 if updated == text else "README.md tables are out of date: run `make docs`")
+    README.write_text(updated, encoding="utf-8")
