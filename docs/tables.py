@@ -91,7 +91,8 @@ def render(readme: str) -> str:
         pattern = re.compile(rf"(<!-- {name}:start -->).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(readme):
             raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> markers")
-        readme = pattern.sub(lambda found: f"{found.group(1)}\n{make()}\n{found.group(2)}", readme)
+        table = make()
+        readme = pattern.sub(lambda found, t=table: f"{found.group(1)}\n{t}\n{found.group(2)}", readme)
     return readme
 
 

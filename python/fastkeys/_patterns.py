@@ -18,6 +18,7 @@ expression (the native side sees a lone surrogate in a key as U+FFFD).
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Iterable
@@ -31,9 +32,13 @@ _CLASS_META = frozenset("\\[]-^&~")
 _SHORTHAND_CLASS = {"d": "0-9", "w": "0-9A-Za-z_", "s": "\\t\\n\\x0b\\x0c\\r "}
 _SIMPLE_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "f": "\f", "v": "\v", "a": "\a"}
 _HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
-_QUANTIFIER = re.compile(r"\{(\d*)(,(\d*))?\}")
 _MAX_REPEAT = 1000
-_FLAGS = re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]+))?([:)])")
+
+
+@functools.cache
+def _syntax() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(counted repetition, inline flags); compiled on first use to keep `import fastkeys` fast."""
+    return re.compile(r"\{(\d*)(,(\d*))?\}"), re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]+))?([:)])")
 
 
 class _Refused(ValueError):
@@ -197,7 +202,7 @@ def _read_group_open(reader: _Reader) -> str:
         raise _Refused("atomic groups are not supported")
     if rest.startswith("?#"):
         raise _Refused("comments are not supported")
-    flags = _FLAGS.match(reader.text, reader.pos - 1)
+    flags = _syntax()[1].match(reader.text, reader.pos - 1)
     if flags is None:
         raise _Refused("unknown group syntax after '(?'")
     for flag in (flags.group(1) or "") + (flags.group(2) or ""):
@@ -209,7 +214,7 @@ def _read_group_open(reader: _Reader) -> str:
 
 def _read_quantifier(reader: _Reader) -> tuple[str, str] | None:
     """Reads a counted repetition at `{`, or returns None when `{` is a literal."""
-    found = _QUANTIFIER.match(reader.text, reader.pos - 1)
+    found = _syntax()[0].match(reader.text, reader.pos - 1)
     if found is None or (found.group(1) == "" and found.group(2) is None):
         return None
     low = int(found.group(1) or 0)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar, overload
 
 from . import _validate, tuners
 from ._engine import IMPLEMENTATION, core
@@ -100,7 +98,16 @@ def _ignore_key(ignore: Iterable[str] | None) -> tuple[str, ...]:
     return items
 
 
-Result = TypeVar("Result")
+# `typing` costs a third of `import fastkeys`: the checkers read it, the interpreter does not.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeVar, overload
+
+    Result = TypeVar("Result")
+else:
+
+    def overload(function: object) -> object:
+        return function
 
 
 def _with_missing_keys(result: Result, kept: list[str]) -> Result:
@@ -109,8 +116,10 @@ def _with_missing_keys(result: Result, kept: list[str]) -> Result:
     value: Any = type(original)(kept) if isinstance(original, (list, tuple)) else kept
     if hasattr(result, "_replace"):  # namedtuples, torch's _IncompatibleKeys
         return result._replace(missing_keys=value)  # type: ignore[no-any-return]
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        return dataclasses.replace(result, missing_keys=value)
+    if hasattr(type(result), "__dataclass_fields__"):
+        import dataclasses  # only here: it costs a third of `import fastkeys`
+
+        return dataclasses.replace(result, missing_keys=value)  # type: ignore[type-var]
     duplicate = copy.copy(result)
     duplicate.missing_keys = value  # type: ignore[attr-defined]
     return duplicate
@@ -126,7 +135,7 @@ def filter_missing(
     ignore: Iterable[str] | None = ...,
 ) -> list[str]: ...
 @overload
-def filter_missing(
+def filter_missing(  # noqa: F811 (a local `overload` at run time, typing's for the checkers)
     missing: Result,
     adapter_name: str = ...,
     peft_type: object = ...,
@@ -134,7 +143,7 @@ def filter_missing(
     config: object = ...,
     ignore: Iterable[str] | None = ...,
 ) -> Result: ...
-def filter_missing(
+def filter_missing(  # noqa: F811
     missing: Any,
     adapter_name: str = "default",
     peft_type: object = None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import sys
-from dataclasses import dataclass
 
 __all__ = [
     "ALWAYS",
@@ -22,15 +21,31 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
 class Method:
     """One PEFT method: its name (PeftType in lower case), the prefix of its tensor names and
     the model-level shared tensors whose names do not start with the prefix."""
 
-    name: str
-    prefix: str
-    exact: tuple[str, ...] = ()
-    prompt_learning: bool = False
+    __slots__ = ("exact", "name", "prefix", "prompt_learning")
+
+    def __init__(
+        self, name: str, prefix: str, exact: tuple[str, ...] = (), prompt_learning: bool = False
+    ) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.exact = exact
+        self.prompt_learning = prompt_learning
+
+    def __repr__(self) -> str:
+        return f"Method({self.name!r}, prefix={self.prefix!r}, exact={self.exact!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Method) and (
+            (self.name, self.prefix, self.exact, self.prompt_learning)
+            == (other.name, other.prefix, other.exact, other.prompt_learning)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.prefix, self.exact))
 
 
 def _methods(*methods: Method) -> dict[str, Method]:
