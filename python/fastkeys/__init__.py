@@ -6,8 +6,8 @@ compiled engine behind it. `IMPLEMENTATION` says which engine runs: "rust" or "p
 """
 
 from ._engine import IMPLEMENTATION
-from .matching import KeyMatcher, filter_missing
+from .matching import KeyMatcher, MissingAdapterKeysWarning, filter_missing
 from .tuners import METHODS
 
-__all__ = ["IMPLEMENTATION", "METHODS", "KeyMatcher", "filter_missing"]
+__all__ = ["IMPLEMENTATION", "METHODS", "KeyMatcher", "MissingAdapterKeysWarning", "filter_missing"]
 __version__ = "0.1.0"

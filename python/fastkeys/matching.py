@@ -10,7 +10,11 @@ from . import _validate, tuners
 from ._engine import IMPLEMENTATION, core
 from ._patterns import translate
 
-__all__ = ["KeyMatcher", "filter_missing"]
+__all__ = ["KeyMatcher", "MissingAdapterKeysWarning", "filter_missing"]
+
+
+class MissingAdapterKeysWarning(UserWarning):
+    """Tensors of the adapter being loaded are missing from its checkpoint."""
 
 
 class KeyMatcher(core.KeyMatcher):  # type: ignore[misc,name-defined]

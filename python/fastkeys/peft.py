@@ -1,0 +1,147 @@
+"""Loading PEFT adapters with fastkeys' verdict on the raw load result.
+
+PEFT filters the missing keys with its substring rule before its callers see them, so the keys it
+wrongly drops cannot be recovered from its answer. These functions load exactly as PEFT does (they
+call PEFT) and read the raw result that torch's `load_state_dict` returned inside PEFT's
+`set_peft_model_state_dict`.
+
+To see that raw result, the first call wraps `peft.peft_model.set_peft_model_state_dict` with a
+pass-through that records results only for the thread inside a fastkeys call; everything else PEFT
+does is untouched. Importing this module imports neither torch nor peft; calling it needs both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from .matching import MissingAdapterKeysWarning, filter_missing
+
+__all__ = ["filter_load_result", "from_pretrained", "load_adapter"]
+
+_TESTED_WITH = "0.21"
+_SHOWN = 5
+_recording = threading.local()
+_install_lock = threading.Lock()
+# PEFT's own warning about missing keys (and its variant with a prefix hint), replaced by
+# fastkeys' verdict. Matched at the start of the message, as `warnings` filters do.
+_PEFT_MISSING_WARNINGS = (
+    r"Found missing adapter keys while loading the checkpoint",
+    r"Adapter name '.*' should not be contained in the prefix '.*'\. This could be the potential reason",
+)
+
+
+def _peft_model_module() -> Any:
+    try:
+        import peft
+        from peft import peft_model
+    except ImportError as error:
+        raise ImportError("fastkeys.peft needs peft and torch: pip install 'fastkeys[peft]'") from error
+    missing = [name for name in ("PeftModel", "set_peft_model_state_dict") if not hasattr(peft_model, name)]
+    if missing:
+        raise RuntimeError(
+            f"fastkeys.peft relies on peft.peft_model.{missing[0]}, which peft "
+            f"{getattr(peft, '__version__', '?')} does not have "
+            f"(fastkeys is tested with peft {_TESTED_WITH}); "
+            "use fastkeys.filter_missing on a load result instead"
+        )
+    _install(peft_model)
+    return peft_model
+
+
+def _install(module: Any) -> None:
+    with _install_lock:
+        original = module.set_peft_model_state_dict
+        if getattr(original, "__fastkeys_recording__", False):
+            return
+
+        @functools.wraps(original)
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            stack = getattr(_recording, "stack", None)
+            if stack:
+                # PEFT filters `missing_keys` in place right after this returns: keep a copy.
+                snapshot = result._replace(missing_keys=list(result.missing_keys))
+                for records in stack:
+                    records.append(snapshot)
+            return result
+
+        recording.__fastkeys_recording__ = True  # type: ignore[attr-defined]
+        module.set_peft_model_state_dict = recording
+
+
+@contextlib.contextmanager
+def _raw_results() -> Iterator[list[Any]]:
+    """Collects the raw results of this thread's loads while open (nested ones included)."""
+    stack = getattr(_recording, "stack", None)
+    if stack is None:
+        stack = _recording.stack = []
+    records: list[Any] = []
+    stack.append(records)
+    try:
+        yield records
+    finally:
+        stack.pop()
+
+
+def _last(records: list[Any], what: str) -> Any:
+    if not records:
+        raise RuntimeError(
+            f"PEFT's {what} did not call set_peft_model_state_dict, so there is no load result to check "
+            f"(fastkeys is tested with peft {_TESTED_WITH})"
+        )
+    return records[-1]
+
+
+def filter_load_result(peft_model: Any, load_result: Any, adapter_name: str) -> Any:
+    """fastkeys' verdict on a raw load result of `adapter_name`, using the method and options of
+    `peft_model.peft_config[adapter_name]`. Returns the same type with `missing_keys` filtered."""
+    configs = getattr(peft_model, "peft_config", None)
+    if not isinstance(configs, dict):
+        raise TypeError(
+            f"peft_model must be a PEFT model with a peft_config dict, not {type(peft_model).__name__}"
+        )
+    if adapter_name not in configs:
+        raise ValueError(f"the model has no adapter named {adapter_name!r}; it has {sorted(configs)}")
+    return filter_missing(load_result, adapter_name, config=configs[adapter_name])
+
+
+def load_adapter(peft_model: Any, model_id: str, adapter_name: str, **kwargs: Any) -> Any:
+    """`peft_model.load_adapter(model_id, adapter_name, **kwargs)`, with the same arguments and side
+    effects, returning a load result whose `missing_keys` are fastkeys' verdict on the raw result."""
+    _peft_model_module()
+    with _raw_results() as records:
+        peft_model.load_adapter(model_id, adapter_name, **kwargs)
+    return filter_load_result(peft_model, _last(records, "load_adapter"), adapter_name)
+
+
+def from_pretrained(model: Any, model_id: str, adapter_name: str = "default", **kwargs: Any) -> Any:
+    """`PeftModel.from_pretrained(model, model_id, adapter_name, **kwargs)`, returning the PeftModel.
+
+    Warns once, with `fastkeys.MissingAdapterKeysWarning`, when tensors of the adapter are missing
+    from the checkpoint; PEFT's own warning about missing keys is filtered out while PEFT loads
+    (other warnings pass; like any `warnings.catch_warnings`, this is not thread-safe).
+    """
+    peft_model_module = _peft_model_module()
+    with _raw_results() as records, warnings.catch_warnings():
+        for message in _PEFT_MISSING_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        loaded = peft_model_module.PeftModel.from_pretrained(model, model_id, adapter_name, **kwargs)
+    result = filter_load_result(loaded, _last(records, "from_pretrained"), adapter_name)
+    missing = list(result.missing_keys)
+    if missing:
+        shown = ", ".join(missing[:_SHOWN]) + (
+            f", ... ({len(missing) - _SHOWN} more)" if len(missing) > _SHOWN else ""
+        )
+        warnings.warn(
+            MissingAdapterKeysWarning(
+                f"adapter {adapter_name!r}: {len(missing)} of its tensors are missing from the checkpoint "
+                f"at {model_id}: {shown}"
+            ),
+            stacklevel=2,
+        )
+    return loaded

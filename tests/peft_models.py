@@ -1,0 +1,157 @@
+"""Tiny real models and adapters for the integration tests (no hub: built from configs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 64
+RESIZED_VOCAB = 72
+QV = ["q_proj", "v_proj"]
+
+
+def tiny_llama(resized: bool = False) -> Any:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    if resized:
+        model.resize_token_embeddings(RESIZED_VOCAB, mean_resizing=False)
+    return model
+
+
+def tiny_bert() -> Any:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=3,
+        )
+    )
+
+
+# Every PEFT method that can be built on the tiny causal LM: name -> config factory.
+METHOD_CONFIGS: dict[str, Callable[[], Any]] = {
+    "lora": lambda: peft.LoraConfig(r=4, target_modules=QV),
+    "dora": lambda: peft.LoraConfig(r=4, target_modules=QV, use_dora=True),
+    "adalora": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=QV),
+    "loha": lambda: peft.LoHaConfig(r=4, target_modules=QV),
+    "lokr": lambda: peft.LoKrConfig(r=4, target_modules=QV),
+    "ia3": lambda: peft.IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+    ),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=QV),
+    "pvera": lambda: peft.PveraConfig(r=4, target_modules=QV),
+    "randlora": lambda: peft.RandLoraConfig(r=4, target_modules=QV),
+    "vblora": lambda: peft.VBLoRAConfig(r=4, vector_length=8, num_vectors=16, target_modules=QV),
+    "boft": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=QV),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=QV),
+    "hra": lambda: peft.HRAConfig(r=4, target_modules=QV),
+    "c3a": lambda: peft.C3AConfig(block_size=8, target_modules=QV),
+    "fourierft": lambda: peft.FourierFTConfig(n_frequency=16, target_modules=QV),
+    "waveft": lambda: peft.WaveFTConfig(n_frequency=16, target_modules=QV),
+    "shira": lambda: peft.ShiraConfig(r=4, target_modules=QV),
+    "delora": lambda: peft.DeloraConfig(r=4, target_modules=QV),
+    "gralora": lambda: peft.GraloraConfig(r=4, gralora_k=2, target_modules=QV),
+    "road": lambda: peft.RoadConfig(group_size=8, target_modules=QV),
+    "miss": lambda: peft.MissConfig(r=4, target_modules=QV),
+    "hira": lambda: peft.HiraConfig(r=4, target_modules=QV),
+    "tinylora": lambda: peft.TinyLoraConfig(target_modules=QV),
+    "unilora": lambda: peft.UniLoraConfig(target_modules=QV),
+    "ln_tuning": lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm"]),
+    "trainable_tokens": lambda: peft.TrainableTokensConfig(
+        target_modules=["embed_tokens"], token_indices=[0, 1, 2]
+    ),
+    "lora+modules_to_save": lambda: peft.LoraConfig(r=4, target_modules=QV, modules_to_save=["model.norm"]),
+    "lora+trainable_token_indices": lambda: peft.LoraConfig(
+        r=4, target_modules=QV, trainable_token_indices=[0, 1]
+    ),
+}
+
+
+def save_adapter(config: Any, directory: Path, model_factory: Callable[[], Any] = tiny_llama) -> Path:
+    """Trains nothing: wraps a fresh model, perturbs the adapter so it is not at its init, saves."""
+    model = peft.get_peft_model(model_factory(), config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.01)
+    model.save_pretrained(directory)
+    return directory
+
+
+def checkpoint_keys(directory: Path) -> list[str]:
+    return list(load_file(directory / "adapter_model.safetensors"))
+
+
+def without(directory: Path, key: str, target: Path) -> Path:
+    """A copy of the saved adapter at `target` that lost the tensor `key`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(directory):
+        if name != "adapter_model.safetensors":
+            shutil.copy(directory / name, target / name)
+    tensors = load_file(directory / "adapter_model.safetensors")
+    del tensors[key]
+    save_file(tensors, target / "adapter_model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def peft_type_of(directory: Path) -> str:
+    return str(json.loads((directory / "adapter_config.json").read_text())["peft_type"])
+
+
+def raw_load(directory: Path, adapter_name: str, existing: dict[str, Path]) -> tuple[Any, Any]:
+    """Loads `directory` as `adapter_name` through fastkeys.peft.load_adapter into a resized model
+    that already holds the `existing` adapters; returns (fastkeys' verdict, torch's raw result)."""
+    import fastkeys.peft
+
+    names = iter(existing.items())
+    first_name, first_dir = next(names)
+    model = peft.PeftModel.from_pretrained(tiny_llama(resized=True), first_dir, first_name)
+    for name, path in names:
+        model.load_adapter(path, name)
+    with fastkeys.peft._raw_results() as records:
+        verdict = fastkeys.peft.load_adapter(model, str(directory), adapter_name)
+    return verdict, records[-1]
+
+
+# What PEFT 0.21 raises itself when a tensor is missing, instead of reporting a missing key:
+# VeRA/PVeRA without their projections, and the auxiliary wrappers (modules_to_save, trainable
+# tokens), whose load map assumes every key is present.
+PEFT_REFUSALS = (
+    (ValueError, "Specified to load"),
+    (KeyError, "base_model.model."),
+)
+
+
+def load_or_refusal(load: Callable[..., Any], *args: Any) -> Any:
+    """`load(*args)`, or None when PEFT refuses to load (see PEFT_REFUSALS)."""
+    try:
+        return load(*args)
+    except (ValueError, KeyError) as error:
+        assert any(isinstance(error, kind) and text in str(error) for kind, text in PEFT_REFUSALS), (
+            f"unexpected failure: {error!r}"
+        )
+        return None
