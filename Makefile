@@ -48,7 +48,7 @@ test: test-rust test-native test-python ## Everything CI runs: cargo test, then 
 demo: build ## The seed scenario: what load_state_dict reports, what fastkeys keeps, and the timing
 	$(PY) -m fastkeys demo
 
-docs: build ## Regenerate the README's generated tables
+docs: build $(VENV)/.peft-installed ## Regenerate the README's generated tables
 	$(PY) docs/tables.py
 
 lint: $(VENV)/.dev-installed ## ruff, mypy --strict, cargo fmt --check, cargo clippy -D warnings

@@ -83,7 +83,44 @@ def differences_table() -> str:
     return "\n".join(rows)
 
 
-TABLES = {"differences": differences_table}
+def peft_table() -> str:
+    """Real PEFT models (tests/peft_models.py): PEFT's filters and fastkeys on the same loads."""
+    import tempfile
+
+    sys.path.insert(0, str(README.parent))
+    from tests import peft_models
+
+    rows = [
+        "| case | tensors | complete checkpoint: keys kept by PEFT `load_adapter` / `from_pretrained` / "
+        "fastkeys (right: 0) | one tensor lost: loads right for PEFT `load_adapter` / `from_pretrained` / "
+        "fastkeys | PEFT raises instead |",
+        "|---|---|---|---|---|",
+    ]
+
+    def row(case: str, counts: dict[str, int]) -> str:
+        loads = counts["tensors"] - counts["refused"]
+        return (
+            f"| {case} | {counts['tensors']} | {counts['complete_load_adapter']} / "
+            f"{counts['complete_from_pretrained']} / **{counts['complete_fastkeys']}** | "
+            f"{counts['dropped_load_adapter']}/{loads} / {counts['dropped_from_pretrained']}/{loads} / "
+            f"**{counts['dropped_fastkeys']}/{loads}** | {counts['refused'] or ''} |"
+        )
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        for method, make in peft_models.METHOD_CONFIGS.items():
+            directory = peft_models.save_adapter(make(), root / method.replace("+", "_"))
+            counts = peft_models.survey(directory, "target", {"default": directory}, root / f"{method}-drops")
+            rows.append(row(method, counts))
+        tricky = peft_models.save_adapter(peft_models.tricky_lora_config(), root / "tricky")
+        for name in peft_models.TRICKY_NAMES:
+            others = {other: tricky for other in peft_models.TRICKY_NAMES if other != name}
+            counts = peft_models.survey(tricky, name, others, root / f"tricky-{name}")
+            rows.append(row(f"lora, adapter `{name}` beside {len(others)} others", counts))
+    return "\n".join(rows)
+
+
+TABLES = {"differences": differences_table, "peft": peft_table}
 
 
 def render(readme: str) -> str:

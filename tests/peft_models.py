@@ -91,6 +91,14 @@ METHOD_CONFIGS: dict[str, Callable[[], Any]] = {
 }
 
 
+TRICKY_NAMES = ["foo", "foobar", "default_1", "default_10", "model", "1", "mlp", "lora", "ädäpter"]
+
+
+def tricky_lora_config() -> Any:
+    """LoRA on attention and MLP, so that an adapter called `mlp` meets module names too."""
+    return peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
 def save_adapter(config: Any, directory: Path, model_factory: Callable[[], Any] = tiny_llama) -> Path:
     """Trains nothing: wraps a fresh model, perturbs the adapter so it is not at its init, saves."""
     model = peft.get_peft_model(model_factory(), config)
@@ -122,9 +130,9 @@ def peft_type_of(directory: Path) -> str:
     return str(json.loads((directory / "adapter_config.json").read_text())["peft_type"])
 
 
-def raw_load(directory: Path, adapter_name: str, existing: dict[str, Path]) -> tuple[Any, Any]:
+def raw_load(directory: Path, adapter_name: str, existing: dict[str, Path]) -> tuple[list[str], Any]:
     """Loads `directory` as `adapter_name` through fastkeys.peft.load_adapter into a resized model
-    that already holds the `existing` adapters; returns (fastkeys' verdict, torch's raw result)."""
+    that already holds the `existing` adapters; returns (fastkeys' missing keys, torch's raw result)."""
     import fastkeys.peft
 
     names = iter(existing.items())
@@ -134,7 +142,28 @@ def raw_load(directory: Path, adapter_name: str, existing: dict[str, Path]) -> t
         model.load_adapter(path, name)
     with fastkeys.peft._raw_results() as records:
         verdict = fastkeys.peft.load_adapter(model, str(directory), adapter_name)
-    return verdict, records[-1]
+    raw = records[-1]
+    assert type(verdict) is type(raw) and verdict.unexpected_keys == raw.unexpected_keys
+    return list(verdict.missing_keys), raw
+
+
+def pretrained_load(directory: Path, adapter_name: str) -> tuple[list[str], Any]:
+    """Loads through fastkeys.peft.from_pretrained into a fresh resized model; returns (the keys its
+    MissingAdapterKeysWarning names, or [] without one; torch's raw result)."""
+    import warnings
+
+    import fastkeys
+    import fastkeys.peft
+
+    with warnings.catch_warnings(record=True) as caught, fastkeys.peft._raw_results() as records:
+        warnings.simplefilter("always")
+        fastkeys.peft.from_pretrained(tiny_llama(resized=True), str(directory), adapter_name)
+    ours = [w.message for w in caught if isinstance(w.message, fastkeys.MissingAdapterKeysWarning)]
+    assert len(ours) <= 1, "at most one warning per load"
+    assert not [w for w in caught if "Found missing adapter keys" in str(w.message)], (
+        "PEFT's warning is hidden"
+    )
+    return (list(ours[0].missing_keys) if ours else []), records[-1]
 
 
 # What PEFT 0.21 raises itself when a tensor is missing, instead of reporting a missing key:
@@ -155,3 +184,61 @@ def load_or_refusal(load: Callable[..., Any], *args: Any) -> Any:
             f"unexpected failure: {error!r}"
         )
         return None
+
+
+def peft_load_adapter_filter(missing: list[str], adapter_name: str, peft_type: str) -> list[str]:
+    """PEFT 0.21's filter in `load_adapter` (a faithful copy, checked against PEFT in the tests)."""
+    from fastkeys import tuners
+    from fastkeys.scenarios import peft_substring_filter
+
+    return peft_substring_filter(missing, adapter_name, tuners.METHODS[peft_type.lower()].prefix, peft_type)
+
+
+def peft_from_pretrained_filter(missing: list[str], adapter_name: str, peft_type: str) -> list[str]:
+    """PEFT 0.21's `from_pretrained`: `load_adapter`'s filter, then its `is_shared_parameter`."""
+    kept = peft_load_adapter_filter(missing, adapter_name, peft_type)
+    return [
+        key
+        for key in kept
+        if not (
+            "vblora_vector_bank" in key
+            or "prompt_encoder" in key
+            or ".tinylora_v." in key
+            or (
+                peft_type == "UNILORA"
+                and ".unilora_theta_d." in key
+                and not key.startswith("base_model.unilora_theta_d.")
+            )
+        )
+    ]
+
+
+def survey(directory: Path, adapter_name: str, existing: dict[str, Path], scratch: Path) -> dict[str, int]:
+    """Loads the complete checkpoint, then each one-tensor-short copy, and counts how often each
+    filter gives exactly the right keys (none for the complete one, the newly missing otherwise)."""
+    peft_type = peft_type_of(directory)
+    filters = {
+        "load_adapter": lambda raw: peft_load_adapter_filter(raw.missing_keys, adapter_name, peft_type),
+        "from_pretrained": lambda raw: peft_from_pretrained_filter(raw.missing_keys, adapter_name, peft_type),
+    }
+    verdict, complete = raw_load(directory, adapter_name, existing)
+    counts = {"tensors": 0, "refused": 0, "raw_missing": len(complete.missing_keys)}
+    counts["complete_fastkeys"] = len(verdict)
+    for name, keep in filters.items():
+        counts[f"complete_{name}"] = len(keep(complete))
+        counts[f"dropped_{name}"] = 0
+    counts["dropped_fastkeys"] = 0
+    for index, key in enumerate(checkpoint_keys(directory)):
+        counts["tensors"] += 1
+        loaded = load_or_refusal(
+            raw_load, without(directory, key, scratch / f"d{index}"), adapter_name, existing
+        )
+        if loaded is None:
+            counts["refused"] += 1
+            continue
+        verdict, raw = loaded
+        truth = set(raw.missing_keys) - set(complete.missing_keys)
+        counts["dropped_fastkeys"] += set(verdict) == truth
+        for name, keep in filters.items():
+            counts[f"dropped_{name}"] += set(keep(raw)) == truth
+    return counts

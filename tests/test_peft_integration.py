@@ -24,12 +24,16 @@ from fastkeys import MissingAdapterKeysWarning, filter_missing  # noqa: E402
 
 from .peft_models import (  # noqa: E402
     METHOD_CONFIGS,
+    TRICKY_NAMES,
     checkpoint_keys,
     load_or_refusal,
+    peft_load_adapter_filter,
+    pretrained_load,
     raw_load,
     save_adapter,
     tiny_bert,
     tiny_llama,
+    tricky_lora_config,
     without,
 )
 
@@ -47,26 +51,32 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("method", list(METHOD_CONFIGS))
 def test_ground_truth_every_method(method: str, saved: dict[str, Path], tmp_path: Path) -> None:
     directory = saved[method]
-    existing = {"default": directory}  # PEFT cannot mix methods in one model
-    verdict, complete = raw_load(directory, "target", existing)
-    assert complete.missing_keys, "torch reports the base model's keys as missing"
-    assert verdict.missing_keys == [], f"{method}: harmless keys reported: {verdict.missing_keys}"
-    assert verdict.unexpected_keys == complete.unexpected_keys
-    assert filter_missing(complete, "target", config=fkpeft_config(directory)).missing_keys == []
-
-    checked = 0
-    for index, key in enumerate(checkpoint_keys(directory)):
-        dropped = without(directory, key, tmp_path / f"drop{index}")
-        loaded = load_or_refusal(raw_load, dropped, "target", existing)
-        if loaded is None:
-            continue  # PEFT itself refuses to load without this tensor: nothing goes silently missing
-        verdict, raw = loaded
-        newly_missing = sorted(set(raw.missing_keys) - set(complete.missing_keys))
-        assert sorted(verdict.missing_keys) == newly_missing, f"{method}: dropped {key}"
-        on_raw = filter_missing(raw, "target", config=fkpeft_config(directory))
-        assert sorted(on_raw.missing_keys) == newly_missing
-        checked += bool(newly_missing)
-    assert checked, f"{method}: no dropped tensor made a key go missing"
+    config = fkpeft_config(directory)
+    loaders = {
+        # PEFT cannot mix methods in one model: the adapter already in place is of the same method.
+        "load_adapter": lambda path: raw_load(path, "target", {"default": directory}),
+        "from_pretrained": lambda path: pretrained_load(path, "target"),
+    }
+    drops = {
+        key: without(directory, key, tmp_path / f"drop{i}")
+        for i, key in enumerate(checkpoint_keys(directory))
+    }
+    for entry, load in loaders.items():
+        reported, complete = load(directory)
+        assert complete.missing_keys, "torch reports the base model's keys as missing"
+        assert list(reported) == [], f"{method} via {entry}: harmless keys reported: {reported}"
+        assert filter_missing(complete, "target", config=config).missing_keys == []
+        checked = 0
+        for key, dropped in drops.items():
+            loaded = load_or_refusal(load, dropped)
+            if loaded is None:
+                continue  # PEFT itself refuses to load without this tensor: nothing goes silently missing
+            reported, raw = loaded
+            newly_missing = sorted(set(raw.missing_keys) - set(complete.missing_keys))
+            assert sorted(reported) == newly_missing, f"{method} via {entry}: dropped {key}"
+            assert sorted(filter_missing(raw, "target", config=config).missing_keys) == newly_missing
+            checked += bool(newly_missing)
+        assert checked, f"{method} via {entry}: no dropped tensor made a key go missing"
 
 
 def fkpeft_config(directory: Path) -> Any:
@@ -105,15 +115,13 @@ def test_from_pretrained_warns_once_exactly_when_relevant(
         assert missing_key in message
 
 
-TRICKY_NAMES = ["foo", "foobar", "default_1", "default_10", "model", "1", "mlp", "lora", "ädäpter"]
 # Names that PEFT's substring filter confuses with other adapters or with module names here.
 TRIPS_PEFT = {"foo", "default_1", "model", "1", "mlp", "lora"}
 
 
 @pytest.fixture(scope="module")
 def lora_with_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
-    return save_adapter(config, tmp_path_factory.mktemp("tricky") / "lora")
+    return save_adapter(tricky_lora_config(), tmp_path_factory.mktemp("tricky") / "lora")
 
 
 @pytest.mark.parametrize("target", TRICKY_NAMES)
@@ -121,7 +129,7 @@ def test_overlapping_adapter_names(target: str, lora_with_mlp: Path, tmp_path: P
     directory = lora_with_mlp
     existing = {name: directory for name in TRICKY_NAMES if name != target}
     verdict, complete = raw_load(directory, target, existing)
-    assert verdict.missing_keys == []
+    assert verdict == []
     # PEFT's own filter gets these wrong: the raw result holds the other adapters' keys.
     from fastkeys.scenarios import peft_substring_filter
 
@@ -132,7 +140,7 @@ def test_overlapping_adapter_names(target: str, lora_with_mlp: Path, tmp_path: P
     verdict, raw = raw_load(dropped, target, existing)
     newly = sorted(set(raw.missing_keys) - set(complete.missing_keys))
     assert len(newly) == 1
-    assert verdict.missing_keys == newly
+    assert verdict == newly
 
 
 def test_second_architecture_bert_classifier(tmp_path: Path) -> None:
@@ -188,3 +196,22 @@ def test_recording_is_a_pass_through_outside_fastkeys(saved: dict[str, Path]) ->
     # keeps nothing here because no key holds "other" but the other adapter's.
     assert result.missing_keys == []
     assert "other" in model.peft_config
+
+
+@pytest.mark.parametrize("method", ["lora", "vera", "vblora", "tinylora", "unilora", "boft"])
+def test_the_copy_of_peft_filter_is_faithful(method: str, saved: dict[str, Path], tmp_path: Path) -> None:
+    """PEFT's own load_adapter result equals our copy of its filter applied to the raw result."""
+    directory = saved[method]
+    for index, key in enumerate([None, *checkpoint_keys(directory)[:3]]):
+        path = directory if key is None else without(directory, key, tmp_path / f"d{index}")
+        model = peft.PeftModel.from_pretrained(tiny_llama(resized=True), directory, "default")
+        try:
+            with fkpeft._raw_results() as records:
+                fkpeft._peft_model_module()
+                peft_result = model.load_adapter(str(path), "default_1")
+        except (ValueError, KeyError):
+            continue
+        peft_type = model.peft_config["default_1"].peft_type.value
+        assert peft_result.missing_keys == peft_load_adapter_filter(
+            records[-1].missing_keys, "default_1", peft_type
+        )

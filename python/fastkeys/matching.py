@@ -14,7 +14,13 @@ __all__ = ["KeyMatcher", "MissingAdapterKeysWarning", "filter_missing"]
 
 
 class MissingAdapterKeysWarning(UserWarning):
-    """Tensors of the adapter being loaded are missing from its checkpoint."""
+    """Tensors of the adapter being loaded are missing from its checkpoint. The warning carries
+    them: `warning.adapter_name` and `warning.missing_keys` (the model keys, all of them)."""
+
+    def __init__(self, message: str, adapter_name: str = "", missing_keys: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.adapter_name = adapter_name
+        self.missing_keys = list(missing_keys)
 
 
 class KeyMatcher(core.KeyMatcher):  # type: ignore[misc,name-defined]

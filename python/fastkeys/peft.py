@@ -140,7 +140,9 @@ def from_pretrained(model: Any, model_id: str, adapter_name: str = "default", **
         warnings.warn(
             MissingAdapterKeysWarning(
                 f"adapter {adapter_name!r}: {len(missing)} of its tensors are missing from the checkpoint "
-                f"at {model_id}: {shown}"
+                f"at {model_id}: {shown}",
+                adapter_name,
+                missing,
             ),
             stacklevel=2,
         )
