@@ -4,13 +4,19 @@
 //! is the PyO3 edge, compiled only with the `python` feature that maturin turns on.
 
 pub mod matcher;
+pub mod rename;
+pub mod safetensors;
 
 #[cfg(feature = "python")]
 mod py;
+#[cfg(feature = "python")]
+mod py_headers;
 
 #[cfg(feature = "python")]
 #[pyo3::pymodule(gil_used = false)]
 mod _native {
     #[pymodule_export]
     use super::py::PyKeyMatcher;
+    #[pymodule_export]
+    use super::py_headers::read_headers;
 }

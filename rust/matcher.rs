@@ -99,6 +99,15 @@ pub enum Verdict<'k> {
     Any(&'k [u8]),
 }
 
+/// Where a match lies in a key: the qualifying segment, the adapter-name segment after it, and
+/// the adapter's index (None when any name is accepted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    pub segment: std::ops::Range<usize>,
+    pub adapter: std::ops::Range<usize>,
+    pub index: Option<usize>,
+}
+
 pub struct Matcher {
     /// Prefixes, then exact names longest first, matched anchored at a segment start with
     /// leftmost-first semantics: a prefix is preferred, and among exact names the longest.
@@ -243,102 +252,84 @@ impl Matcher {
     where
         F: FnOnce() -> Option<std::borrow::Cow<'k, str>>,
     {
-        let verdict = match &self.strategy {
-            Strategy::NameFirst(needles) => self.name_first(key, needles),
-            Strategy::PrefixFirst { dotted, adapters } => self.prefix_first(key, dotted, adapters),
+        let Some(hit) = self.find(key) else {
+            return Verdict::Miss;
         };
-        if verdict == Verdict::Miss {
-            return verdict;
+        if let Some(set) = &self.ignore {
+            if text().is_some_and(|text| set.is_match(&text)) {
+                return Verdict::Miss;
+            }
         }
-        match &self.ignore {
-            Some(set) => match text() {
-                Some(text) if set.is_match(&text) => Verdict::Miss,
-                _ => verdict,
-            },
-            None => verdict,
+        match hit.index {
+            Some(index) => Verdict::Named(index),
+            None => Verdict::Any(&key[hit.adapter.clone()]),
         }
     }
 
-    fn name_first<'k>(&self, key: &'k [u8], needles: &Needles) -> Verdict<'k> {
+    /// The first match in a key, leftmost: where its qualifying segment and the adapter name
+    /// after it lie. Ignore expressions are not consulted.
+    pub fn find(&self, key: &[u8]) -> Option<Hit> {
+        match &self.strategy {
+            Strategy::NameFirst(needles) => self.name_first(key, needles),
+            Strategy::PrefixFirst { dotted, adapters } => self.prefix_first(key, dotted, adapters),
+        }
+    }
+
+    fn name_first(&self, key: &[u8], needles: &Needles) -> Option<Hit> {
         match needles {
             Needles::One(finder, index) => {
                 let width = finder.needle().len();
-                for dot in finder.find_iter(key) {
-                    if self.names_adapter(key, dot, dot + width) {
-                        return Verdict::Named(*index);
-                    }
-                }
+                finder.find_iter(key).find_map(|dot| self.name_hit(key, dot, dot + width, *index))
             }
-            Needles::Many(names, index) => {
-                for found in names.find_iter(key) {
-                    if self.names_adapter(key, found.start(), found.end()) {
-                        return Verdict::Named(index[found.pattern().as_usize()]);
-                    }
-                }
-            }
+            Needles::Many(names, index) => names.find_iter(key).find_map(|found| {
+                self.name_hit(key, found.start(), found.end(), index[found.pattern().as_usize()])
+            }),
         }
-        Verdict::Miss
     }
 
-    /// Whether `.name` found at `dot..end` is a whole segment that follows a qualifying one.
-    fn names_adapter(&self, key: &[u8], dot: usize, end: usize) -> bool {
+    /// `.name` found at `dot..end`: a hit when it is a whole segment after a qualifying one.
+    fn name_hit(&self, key: &[u8], dot: usize, end: usize, index: usize) -> Option<Hit> {
         if end != key.len() && key[end] != b'.' {
-            return false; // `.default` inside `.default_10`
+            return None; // `.default` inside `.default_10`
         }
         let start = memchr::memrchr(b'.', &key[..dot]).map_or(0, |p| p + 1);
-        self.segment_qualifies(key, start, dot) && !self.is_layer_copy(key, start, dot)
+        (self.segment_qualifies(key, start, dot) && !self.is_layer_copy(key, start, dot))
+            .then_some(Hit { segment: start..dot, adapter: dot + 1..end, index: Some(index) })
     }
 
-    fn prefix_first<'k>(
-        &self,
-        key: &'k [u8],
-        dotted: &AhoCorasick,
-        adapters: &Adapters,
-    ) -> Verdict<'k> {
+    fn prefix_first(&self, key: &[u8], dotted: &AhoCorasick, adapters: &Adapters) -> Option<Hit> {
         let first_end = segment_end(key, 0);
         if self.segment_qualifies(key, 0, first_end) {
-            let verdict = self.adapter_after(key, 0, first_end, adapters);
-            if verdict != Verdict::Miss {
-                return verdict;
+            if let Some(hit) = self.adapter_after(key, 0, first_end, adapters) {
+                return Some(hit);
             }
         }
-        for found in dotted.find_iter(key) {
+        dotted.find_iter(key).find_map(|found| {
             let start = found.start() + 1;
             let end = segment_end(key, found.end());
             let is_exact = found.pattern().as_usize() >= self.n_prefixes;
             if is_exact && end != found.end() {
-                continue; // exact names fill their segment
+                return None; // exact names fill their segment
             }
-            let verdict = self.adapter_after(key, start, end, adapters);
-            if verdict != Verdict::Miss {
-                return verdict;
-            }
-        }
-        Verdict::Miss
+            self.adapter_after(key, start, end, adapters)
+        })
     }
 
-    /// For a qualifying segment `start..end`: the adapter named by the segment after it.
-    fn adapter_after<'k>(
-        &self,
-        key: &'k [u8],
-        start: usize,
-        end: usize,
-        adapters: &Adapters,
-    ) -> Verdict<'k> {
+    /// For a qualifying segment `start..end`: the hit, when the segment after it names an adapter.
+    fn adapter_after(&self, key: &[u8], start: usize, end: usize, adapters: &Adapters) -> Option<Hit> {
         if end == key.len() || self.is_layer_copy(key, start, end) {
-            return Verdict::Miss;
+            return None;
         }
-        let next = &key[end + 1..segment_end(key, end + 1)];
-        match adapters {
-            Adapters::Any => Verdict::Any(next),
-            Adapters::Named(map) => map
-                .get(next)
-                .map_or(Verdict::Miss, |&index| Verdict::Named(index)),
-        }
+        let adapter = end + 1..segment_end(key, end + 1);
+        let index = match adapters {
+            Adapters::Any => None,
+            Adapters::Named(map) => Some(*map.get(&key[adapter.clone()])?),
+        };
+        Some(Hit { segment: start..end, adapter, index })
     }
 
     /// Whether the segment `start..end` starts with a prefix or is an exact name.
-    fn segment_qualifies(&self, key: &[u8], start: usize, end: usize) -> bool {
+    pub fn segment_qualifies(&self, key: &[u8], start: usize, end: usize) -> bool {
         let input = Input::new(key).span(start..end).anchored(Anchored::Yes);
         match self.segment.find(input) {
             Some(found) => found.pattern().as_usize() < self.n_prefixes || found.end() == end,

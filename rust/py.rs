@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::matcher::{wtf8_lossy, Matcher, Verdict};
+use crate::rename;
 
 /// The compiled engine behind `fastkeys.KeyMatcher`. Arguments arrive validated by the Python
 /// layer (`fastkeys._validate`); the core checks them again and never panics on bad ones.
@@ -55,6 +56,14 @@ impl<'a, 'py> KeyBytes<'a, 'py> {
             KeyBytes::Utf8(text) => Cow::Borrowed(text),
             KeyBytes::Wtf8(bytes) => Cow::Owned(wtf8_lossy(bytes.as_bytes())),
         }
+    }
+}
+
+/// A str from UTF-8, or from WTF-8 when it carries lone surrogates.
+fn string_from_wtf8<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Ok(PyString::new(py, text).into_any()),
+        Err(_) => PyBytes::new(py, bytes).call_method1("decode", ("utf-8", "surrogatepass")),
     }
 }
 
@@ -123,6 +132,23 @@ fn for_each_key<'py>(
 }
 
 impl PyKeyMatcher {
+    fn rename<'py>(
+        &self,
+        keys: &Bound<'py, PyAny>,
+        renamed: impl Fn(&[u8]) -> Option<Vec<u8>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let py = keys.py();
+        let out = PyList::empty(py);
+        for_each_key(keys, |key| {
+            let bytes = KeyBytes::of(key)?;
+            match renamed(bytes.bytes()) {
+                Some(new) => out.append(string_from_wtf8(py, &new)?),
+                None => out.append(key),
+            }
+        })?;
+        Ok(out)
+    }
+
     fn classify<'k>(&self, key: &'k KeyBytes<'_, '_>) -> Verdict<'k> {
         self.matcher.classify(key.bytes(), || Some(key.text()))
     }
@@ -222,6 +248,22 @@ impl PyKeyMatcher {
             }
         }
         Ok(groups)
+    }
+
+    /// Checkpoint keys to model keys: `adapter_name` inserted after each adapter tensor's
+    /// segment. Keys that are not adapter tensors come back as the caller's own objects.
+    fn insert_adapter_name<'py>(
+        &self,
+        keys: &Bound<'py, PyAny>,
+        adapter_name: &Bound<'py, PyString>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let name = KeyBytes::of(adapter_name)?;
+        self.rename(keys, |key| rename::insert_adapter_name(&self.matcher, key, name.bytes()))
+    }
+
+    /// Model keys to checkpoint keys: the adapter-name segment of each match removed.
+    fn remove_adapter_name<'py>(&self, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+        self.rename(keys, |key| rename::remove_adapter_name(&self.matcher, key))
     }
 
     fn __repr__(&self) -> String {

@@ -3,11 +3,67 @@
 `filter_missing` keeps the missing keys that belong to the adapter being loaded and drops the
 rest (base-model keys, other adapters' keys, references to shared tensors). `KeyMatcher` is the
 compiled engine behind it. `IMPLEMENTATION` says which engine runs: "rust" or "python".
+
+Checkpoints are known from their headers alone: `read_keys`, `scan` (`Checkpoint`),
+`insert_adapter_name` / `remove_adapter_name`, and the preflight checks `check_adapter` and
+`check_base`. Those load on first use, so that `import fastkeys` stays fast.
 """
 
+from __future__ import annotations
+
+TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
+
 from ._engine import IMPLEMENTATION
-from .matching import KeyMatcher, MissingAdapterKeysWarning, filter_missing
+from .matching import (
+    KeyMatcher,
+    MissingAdapterKeysWarning,
+    filter_missing,
+    insert_adapter_name,
+    remove_adapter_name,
+)
 from .tuners import METHODS
 
-__all__ = ["IMPLEMENTATION", "METHODS", "KeyMatcher", "MissingAdapterKeysWarning", "filter_missing"]
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint, Tensor, read_keys, scan
+    from .preflight import AdapterCheck, Finding, check_adapter, check_base
+
+__all__ = [
+    "IMPLEMENTATION",
+    "METHODS",
+    "AdapterCheck",
+    "Checkpoint",
+    "Finding",
+    "KeyMatcher",
+    "MissingAdapterKeysWarning",
+    "Tensor",
+    "check_adapter",
+    "check_base",
+    "filter_missing",
+    "insert_adapter_name",
+    "read_keys",
+    "remove_adapter_name",
+    "scan",
+]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Checkpoint": "checkpoint",
+    "Tensor": "checkpoint",
+    "read_keys": "checkpoint",
+    "scan": "checkpoint",
+    "AdapterCheck": "preflight",
+    "Finding": "preflight",
+    "check_adapter": "preflight",
+    "check_base": "preflight",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastkeys' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -7,10 +7,17 @@ substring test before the rule runs.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 
-__all__ = ["KeyMatcher"]
+__all__ = ["KeyMatcher", "read_headers"]
+
+# See rust/rename.rs: DoRA's magnitude drops `.weight` in checkpoints; modules_to_save wrappers
+# drop `modules_to_save.<name>`.
+_DORA_MAGNITUDE = "lora_magnitude_vector"
+_MODULES_TO_SAVE = "modules_to_save"
 
 # With at most this many needles, testing each one with `in` beats running the rule.
 _MAX_NEEDLES = 4
@@ -70,9 +77,8 @@ class KeyMatcher:
             self._needles = self._prefixes + tuple(self._exact)
         return self
 
-    def _verdict(self, key: str) -> int | str | None:
-        """The adapter's index (named adapters) or name (any adapter), or None."""
-        segments = key.split(".")
+    def _hit(self, segments: list[str]) -> tuple[int, int | str] | None:
+        """The first match: (index of the qualifying segment, the adapter's index or name)."""
         for index in range(len(segments) - 1):
             segment = segments[index]
             if not (segment.startswith(self._prefixes) or segment in self._exact):
@@ -81,11 +87,16 @@ class KeyMatcher:
                 continue  # a layer's reference to a model-level shared tensor
             following = segments[index + 1]
             if self._adapters is None:
-                return following
+                return index, following
             found = self._adapters.get(following)
             if found is not None:
-                return found
+                return index, found
         return None
+
+    def _verdict(self, key: str) -> int | str | None:
+        """The adapter's index (named adapters) or name (any adapter), or None."""
+        hit = self._hit(key.split("."))
+        return None if hit is None else hit[1]
 
     def _ignored(self, key: str) -> bool:
         return any(pattern.search(key) for pattern in self._ignore)
@@ -122,5 +133,192 @@ class KeyMatcher:
                 groups.setdefault(verdict, []).append(key)
         return groups
 
+    def _insert(self, key: str, name: str) -> str:
+        last_dot = key.rfind(".")
+        spans = [(last_dot + 1, len(key))]
+        if last_dot >= 0:
+            spans.append((key.rfind(".", 0, last_dot) + 1, last_dot))
+        for start, end in spans:
+            segment = key[start:end]
+            if (segment.startswith(self._prefixes) or segment in self._exact) and segment != _MODULES_TO_SAVE:
+                tail = ".weight" if end == len(key) and segment == _DORA_MAGNITUDE else ""
+                return f"{key[:end]}.{name}{tail}{key[end:]}"
+        return key
+
+    def _remove(self, key: str) -> str:
+        segments = key.split(".")
+        hit = self._hit(segments)
+        if hit is None:
+            return key
+        index = hit[0]
+        if segments[index] == _MODULES_TO_SAVE:
+            del segments[index : index + 2]
+        elif segments[index] == _DORA_MAGNITUDE and segments[index + 2 :] == ["weight"]:
+            del segments[index + 1 :]
+        else:
+            del segments[index + 1]
+        return ".".join(segments)
+
+    def insert_adapter_name(self, keys: Iterable[str], adapter_name: str) -> list[str]:
+        return [self._insert(key, adapter_name) for key in _key_list(keys)]
+
+    def remove_adapter_name(self, keys: Iterable[str]) -> list[str]:
+        return [self._remove(key) for key in _key_list(keys)]
+
     def __repr__(self) -> str:
         return "KeyMatcher(<compiled>)"
+
+
+# --- safetensors headers: the mirror of rust/safetensors.rs ---------------------------------
+
+MAX_HEADER_LEN = 100_000_000
+DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}  # fmt: skip
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+_U64 = 1 << 64
+
+Header = tuple[list[str], list[str], list[tuple[int, ...]], list[int], "dict[str, str] | None", int]
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _quote(name: str) -> str:
+    return json.dumps(name, ensure_ascii=False)
+
+
+def _is_u64(value: object) -> bool:
+    return type(value) is int and 0 <= value < _U64
+
+
+def _entry(name: str, value: object) -> tuple[str, tuple[int, ...], int, int]:
+    where = f"tensor {_quote(name)}"
+    if not isinstance(value, _Pairs):
+        raise _Invalid(f"{where}: invalid type: expected struct Entry")
+    fields: dict[str, object] = {}
+    for field, item in value:
+        if field not in _ENTRY_FIELDS:
+            raise _Invalid(
+                f"{where}: unknown field `{field}`, expected one of `dtype`, `shape`, `data_offsets`"
+            )
+        if field in fields:
+            raise _Invalid(f"{where}: duplicate field `{field}`")
+        fields[field] = item
+    for field in _ENTRY_FIELDS:
+        if field not in fields:
+            raise _Invalid(f"{where}: missing field `{field}`")
+    dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise _Invalid(f"{where}: unknown variant `{dtype}`, expected one of {', '.join(DTYPE_BITS)}")
+    if not isinstance(shape, list) or not all(_is_u64(dim) for dim in shape):
+        raise _Invalid(f"{where}: invalid value: shape must be a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
+        raise _Invalid(f"{where}: invalid value: data_offsets must be two non-negative integers")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+class _Pairs(list):  # type: ignore[type-arg]
+    """A JSON object as the list of its (key, value) pairs, to see order and duplicates."""
+
+
+def parse_header(
+    raw: bytes, data_len: int
+) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], dict[str, str] | None]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _Invalid(f"the header is not UTF-8 ({error})") from None
+    try:
+        top = json.loads(text, object_pairs_hook=_Pairs)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise _Invalid(f"invalid header JSON: {error}") from None
+    if not isinstance(top, _Pairs):
+        raise _Invalid(
+            "invalid header JSON: expected a JSON object mapping tensor names to their dtype, shape "
+            f"and data_offsets, got {type(top).__name__}"
+        )
+    tensors = []
+    metadata = None
+    seen: set[str] = set()
+    for name, value in top:
+        if name in seen:
+            raise _Invalid(f"invalid header JSON: duplicate entry {_quote(name)}")
+        seen.add(name)
+        if name == "__metadata__":
+            if not isinstance(value, _Pairs) or not all(isinstance(v, str) for _, v in value):
+                raise _Invalid("invalid header JSON: __metadata__ must map strings to strings")
+            metadata = dict(value)
+            continue
+        try:
+            dtype, shape, begin, end = _entry(name, value)
+        except _Invalid as error:
+            raise _Invalid(f"invalid header JSON: {error}") from None
+        tensors.append((name, dtype, shape, begin, end))
+    tensors.sort(key=lambda tensor: (tensor[3], tensor[4]))
+    expected_begin = 0
+    for name, dtype, shape, begin, end in tensors:
+        where = f"tensor {_quote(name)}"
+        if end < begin:
+            raise _Invalid(f"{where}: data_offsets [{begin}, {end}] end before they begin")
+        if end > data_len:
+            raise _Invalid(
+                f"{where}: data_offsets [{begin}, {end}] lie outside the data buffer of {data_len} bytes"
+            )
+        if begin != expected_begin:
+            raise _Invalid(
+                f"{where}: data_offsets [{begin}, {end}] leave a gap or overlap "
+                f"(the previous tensor ends at {expected_begin})"
+            )
+        bits = DTYPE_BITS[dtype]
+        for dim in shape:
+            bits *= dim
+        if bits >= _U64:
+            raise _Invalid(f"{where}: shape {list(shape)} overflows")
+        if bits % 8:
+            raise _Invalid(f"{where}: {dtype} x {list(shape)} does not fill whole bytes")
+        if end - begin != bits // 8:
+            raise _Invalid(
+                f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes "
+                f"but {dtype} x {list(shape)} needs {bits // 8}"
+            )
+        expected_begin = end
+    if expected_begin != data_len:
+        raise _Invalid(f"the tensors cover {expected_begin} bytes of a data buffer of {data_len} bytes")
+    return tensors, metadata
+
+
+def _read_header(path: str | os.PathLike[str]) -> Header:
+    with open(path, "rb") as file:
+        file_len = os.fstat(file.fileno()).st_size
+        if file_len < 8:
+            raise _Invalid(f"the file has {file_len} bytes, fewer than the 8 of the header length")
+        header_len = int.from_bytes(file.read(8), "little")
+        if header_len > MAX_HEADER_LEN:
+            raise _Invalid(f"the header length {header_len} exceeds the limit of {MAX_HEADER_LEN} bytes")
+        if header_len > file_len - 8:
+            raise _Invalid(f"the header length {header_len} runs past the end of the file ({file_len} bytes)")
+        raw = file.read(header_len)
+    tensors, metadata = parse_header(raw, file_len - 8 - header_len)
+    return (
+        [t[0] for t in tensors],
+        [t[1] for t in tensors],
+        [t[2] for t in tensors],
+        [t[4] - t[3] for t in tensors],
+        metadata,
+        file_len,
+    )
+
+
+def read_headers(paths: Sequence[str | os.PathLike[str]], threads: int | None = None) -> list[Header]:
+    """See `fastkeys._native.read_headers` (`threads` is accepted and ignored: one thread)."""
+    out = []
+    for path in paths:
+        try:
+            out.append(_read_header(path))
+        except _Invalid as error:
+            raise ValueError(f"{os.fspath(path)}: {error}") from None
+    return out

@@ -1,4 +1,4 @@
-"""The `fastkeys` command line: `fastkeys demo`."""
+"""The `fastkeys` command line: `demo`, `inspect PATH`, `check BASE ADAPTER`."""
 
 from __future__ import annotations
 
@@ -97,6 +97,80 @@ def demo(layers: int = 32, serving_adapters: int = 900) -> None:
         )
 
 
+def _progress() -> Callable[[int, int], None] | None:
+    """A one-line progress display on stderr, only at a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        print(f"\rscanning shards: {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _methods_found(keys: Sequence[str]) -> dict[str, int]:
+    """Keys per PEFT method prefix, by the segment rule (`randlora_A` is not `lora_`)."""
+    from . import tuners
+
+    prefixes = sorted({m.prefix for m in tuners.METHODS.values() if not m.prompt_learning}, key=len, reverse=True)
+    counts: dict[str, int] = {}
+    for key in keys:
+        for segment in key.split("."):
+            prefix = next((p for p in prefixes if segment.startswith(p)), None)
+            if prefix is not None:
+                counts[prefix] = counts.get(prefix, 0) + 1
+                break
+    names = {}
+    for method in tuners.METHODS.values():
+        if method.prefix in counts:
+            names.setdefault(method.prefix, []).append(method.name)
+    return {"/".join(names[prefix]): count for prefix, count in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def inspect_report(path: str) -> dict[str, object]:
+    from . import KeyMatcher, scan, tuners
+
+    checkpoint = scan(path, progress=_progress())
+    keys = list(checkpoint)
+    prefixes, exact = tuners.patterns(None)
+    config = checkpoint.adapter_config or {}
+    adapters: dict[str, list[str]] = {}
+    if not config:
+        # Model state dicts carry adapter names; adapter checkpoints do not (PEFT adds them on load).
+        grouped = KeyMatcher(prefixes, exact=exact, shared=tuners.SHARED_COPIES).group(keys)
+        adapters = {name: found for name, found in grouped.items() if name not in ("weight", "bias")}
+    dtypes: dict[str, int] = {}
+    per_file: dict[str, int] = {}
+    for tensor in checkpoint.values():
+        dtypes[tensor.dtype] = dtypes.get(tensor.dtype, 0) + 1
+        per_file[tensor.file] = per_file.get(tensor.file, 0) + 1
+    return {
+        "path": path,
+        "tensors": len(keys),
+        "bytes": checkpoint.total_bytes,
+        "files": {file: per_file.get(file, 0) for file in checkpoint.files},
+        "dtypes": dtypes,
+        "methods": _methods_found(keys),
+        "adapters": {name: len(found) for name, found in adapters.items()},
+        "adapter_config": {k: config[k] for k in ("peft_type", "r", "target_modules") if k in config},
+        "metadata": checkpoint.metadata,
+    }
+
+
+def _print_inspect(report: dict[str, object]) -> None:
+    files = report["files"]
+    assert isinstance(files, dict)
+    print(f"{report['path']}: {report['tensors']:,} tensors, {report['bytes']:,} bytes in {len(files)} file(s)")
+    for file, count in files.items():
+        print(f"  {count:>8,}  {file}")
+    for label in ("dtypes", "methods", "adapters", "adapter_config", "metadata"):
+        value = report[label]
+        if value:
+            shown = ", ".join(f"{k}: {v}" for k, v in value.items())  # type: ignore[attr-defined]
+            print(f"{label}: {shown}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastkeys", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -105,10 +179,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo_parser.add_argument(
         "--adapters", type=int, default=900, help="adapters in the serving timing (default 900)"
     )
+    inspect_parser = commands.add_parser(
+        "inspect", help="methods, adapters, shards, dtypes, size and metadata of a checkpoint (headers only)"
+    )
+    inspect_parser.add_argument("path", help="a .safetensors file, a *.safetensors.index.json or a directory")
+    inspect_parser.add_argument("--json", action="store_true", help="print JSON")
+    check_parser = commands.add_parser(
+        "check",
+        help="does ADAPTER fit BASE? exit 0 clean, 1 findings, 2 unusable input",
+    )
+    check_parser.add_argument("base", help="the base model: file, index or directory")
+    check_parser.add_argument("adapter", help="the adapter directory (with adapter_config.json)")
+    check_parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.layers, args.adapters)
-    return 0
+        return 0
+    import json
+
+    try:
+        if args.command == "inspect":
+            report = inspect_report(args.path)
+            if args.json:
+                print(json.dumps(report, indent=2))
+            else:
+                _print_inspect(report)
+            return 0
+        from . import check_base, scan
+
+        findings = check_base(scan(args.base, progress=_progress()), args.adapter)
+    except (OSError, ValueError) as error:
+        print(f"fastkeys {args.command}: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([finding._asdict() for finding in findings], indent=2))
+    elif findings:
+        print(f"{len(findings)} finding(s) for {args.adapter} on {args.base}:")
+        for finding in findings:
+            print(f"  [{finding.kind}] {finding.key}: {finding.message}")
+    else:
+        print(f"{args.adapter} fits {args.base}: no findings")
+    return 1 if findings else 0
 
 
 if __name__ == "__main__":

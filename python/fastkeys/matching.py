@@ -10,7 +10,13 @@ from . import _validate, tuners
 from ._engine import IMPLEMENTATION, core
 from ._patterns import translate
 
-__all__ = ["KeyMatcher", "MissingAdapterKeysWarning", "filter_missing"]
+__all__ = [
+    "KeyMatcher",
+    "MissingAdapterKeysWarning",
+    "filter_missing",
+    "insert_adapter_name",
+    "remove_adapter_name",
+]
 
 
 class MissingAdapterKeysWarning(UserWarning):
@@ -177,3 +183,25 @@ def filter_missing(  # noqa: F811
     if hasattr(missing, "missing_keys") and not isinstance(missing, (str, bytes)):
         return _with_missing_keys(missing, matcher.filter(missing.missing_keys))
     return matcher.filter(missing)
+
+
+def _renamer(adapter_name: str, peft_type: object) -> KeyMatcher:
+    _validate.name("adapter_name", adapter_name)
+    prefixes, exact = tuners.patterns(tuners.resolve(peft_type))
+    return _matcher_for(prefixes, exact, adapter_name, ())
+
+
+def insert_adapter_name(keys: Iterable[str], adapter_name: str, peft_type: object = None) -> list[str]:
+    """Checkpoint keys to model keys: `L.lora_A.weight` -> `L.lora_A.<adapter_name>.weight`.
+
+    The name goes after the last or second-to-last segment when it starts with the method's prefix
+    (or is a shared tensor's name); DoRA's `lora_magnitude_vector` also gains `.weight`. Other keys
+    come back unchanged (the caller's own objects). `modules_to_save` keys cannot be told from base
+    keys by name: `check_adapter` maps them against the model's keys."""
+    return _renamer(adapter_name, peft_type).insert_adapter_name(keys, adapter_name)  # type: ignore[no-any-return]
+
+
+def remove_adapter_name(keys: Iterable[str], adapter_name: str, peft_type: object = None) -> list[str]:
+    """Model keys to checkpoint keys: the adapter-name segment of each adapter tensor removed
+    (`modules_to_save.<name>` too; DoRA's magnitude loses `.weight`). Other keys are unchanged."""
+    return _renamer(adapter_name, peft_type).remove_adapter_name(keys)  # type: ignore[no-any-return]

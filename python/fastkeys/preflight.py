@@ -1,0 +1,311 @@
+"""Checks that find a broken adapter before any tensor is read: `check_adapter`, `check_base`."""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Iterable
+
+from .checkpoint import Checkpoint, scan
+from .matching import filter_missing, insert_adapter_name
+
+__all__ = ["AdapterCheck", "Finding", "check_adapter", "check_base"]
+
+AdapterCheck = collections.namedtuple("AdapterCheck", ["missing_keys", "unexpected_keys"])
+AdapterCheck.__doc__ = """What loading would report: the adapter-relevant missing keys and the
+unexpected keys (in their model form), like torch's `_IncompatibleKeys` after fastkeys' filter."""
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _checkpoint_keys(
+    checkpoint: Checkpoint | str | os.PathLike[str] | Iterable[str],
+) -> tuple[list[str], object]:
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = scan(checkpoint)
+    if isinstance(checkpoint, Checkpoint):
+        config = checkpoint.adapter_config
+        return list(checkpoint), config.get("peft_type") if config else None
+    return list(checkpoint), None
+
+
+def check_adapter(
+    model_keys: Iterable[str],
+    checkpoint: Checkpoint | str | os.PathLike[str] | Iterable[str],
+    adapter_name: str = "default",
+    peft_type: object = None,
+) -> AdapterCheck:
+    """The missing keys that matter and the unexpected keys that loading `checkpoint` as
+    `adapter_name` into a model with `model_keys` would produce, from names alone.
+
+    `model_keys` are the model's state-dict keys with the adapter already added (as PEFT's
+    `load_adapter` has them when it loads). `checkpoint` is a scanned Checkpoint, a path to scan or
+    the checkpoint's keys. `peft_type` defaults to the checkpoint's adapter_config.json."""
+    keys, configured = _checkpoint_keys(checkpoint)
+    method = peft_type if peft_type is not None else configured
+    model = list(model_keys)
+    present = set(model)
+    if not any(key.startswith(_PEFT_PREFIX) for key in model):
+        # Adapters injected into a bare model: PEFT drops the wrapper prefix from the checkpoint.
+        keys = [key.removeprefix(_PEFT_PREFIX) for key in keys]
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for key, mapped in zip(keys, insert_adapter_name(keys, adapter_name, method), strict=True):
+        if mapped not in present:
+            # modules_to_save: `M.weight` in the checkpoint is `M.modules_to_save.<name>.weight`.
+            module, _, parameter = key.rpartition(".")
+            wrapped = f"{module}.modules_to_save.{adapter_name}.{parameter}" if module else ""
+            if wrapped in present:
+                mapped = wrapped
+        if mapped in present:
+            loaded.add(mapped)
+        else:
+            unexpected.append(mapped)
+    missing = [key for key in model if key not in loaded]
+    return AdapterCheck(filter_missing(missing, adapter_name, method), unexpected)
+
+
+Finding = collections.namedtuple("Finding", ["kind", "key", "message"])
+Finding.__doc__ = """One problem `check_base` found: `kind` (missing_module, shape, unmatched_target,
+untrained_target, prefix), the key or name it concerns, and what was expected."""
+
+# LoRA-family tensors whose shapes follow from the base weight [out, in] and a rank r:
+# tensor -> (dimension that must equal `out`/`in`, dimension that is the rank).
+_LINEAR_SHAPES = {
+    "lora_A": ("r", "in"),
+    "lora_B": ("out", "r"),
+    "lora_E": ("r", 1),
+    "hada_w1_a": ("out", "r"),
+    "hada_w1_b": ("r", "in"),
+    "hada_w2_a": ("out", "r"),
+    "hada_w2_b": ("r", "in"),
+}
+_EMBEDDING_SHAPES = {"lora_embedding_A": ("r", "in"), "lora_embedding_B": ("out", "r")}
+_LORA_FAMILY = {"lora", "adalora", "loha", "lokr"}
+
+
+def _adapter_modules(
+    keys: list[str], prefixes: tuple[str, ...], exact: tuple[str, ...]
+) -> dict[str, dict[str, str]]:
+    """module -> {tensor segment: checkpoint key}; keys with no adapter segment are saved modules
+    (modules_to_save), listed under their own module with the tensor segment ''."""
+    modules: dict[str, dict[str, str]] = {}
+    for key in keys:
+        segments = key.removeprefix(_PEFT_PREFIX).split(".")
+        for index in (len(segments) - 1, len(segments) - 2):
+            if index >= 0 and (segments[index].startswith(prefixes) or segments[index] in exact):
+                modules.setdefault(".".join(segments[:index]), {})[segments[index]] = key
+                break
+        else:
+            modules.setdefault(".".join(segments[:-1]), {})[""] = key
+    return modules
+
+
+def _selects(target: object, name: str) -> bool:
+    import re
+
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)  # type: ignore[attr-defined]
+
+
+def _linear_like(name: str) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return last != "lm_head" and "embed" not in last and last not in ("wte", "wpe")
+
+
+def _prefix_hint(unmatched: list[str], base_modules: set[str]) -> Finding | None:
+    """A wrong key prefix: stripping leading segments from the adapter's module names, or adding
+    the base's, makes them match."""
+    for module in unmatched[:1]:
+        segments = module.split(".")
+        for cut in range(1, len(segments)):
+            if ".".join(segments[cut:]) in base_modules:
+                extra = ".".join(segments[:cut]) + "."
+                fixed = sum(m.startswith(extra) and m[len(extra) :] in base_modules for m in unmatched)
+                return Finding(
+                    "prefix",
+                    extra,
+                    f"the adapter's keys carry an extra prefix {extra!r}: without it {fixed} of "
+                    f"{len(unmatched)} missing modules exist in the base model",
+                )
+        for base in base_modules:
+            if base.endswith("." + module):
+                extra = base[: -len(module)]
+                fixed = sum(extra + m in base_modules for m in unmatched)
+                return Finding(
+                    "prefix",
+                    extra,
+                    f"the adapter's keys lack the prefix {extra!r}: with it {fixed} of "
+                    f"{len(unmatched)} missing modules exist in the base model",
+                )
+    return None
+
+
+def check_base(
+    base: Checkpoint | str | os.PathLike[str], adapter: Checkpoint | str | os.PathLike[str]
+) -> list[Finding]:
+    """Does this adapter fit this base model? From headers and adapter_config.json alone.
+
+    `base` is the model's checkpoint (file, index or directory); `adapter` a directory with
+    `adapter_config.json`. Every adapter module must exist in the base; for LoRA-family adapters
+    (lora, DoRA, adalora, loha, lokr) shapes must agree with the base weight (`lora_A` is
+    `[r, in]`, `lora_B` `[out, r]` for a Linear `[out, in]`); each of `target_modules` must match
+    a base module; and every base module they select must have weights in the adapter."""
+    from . import tuners
+
+    base_ckpt = base if isinstance(base, Checkpoint) else scan(base)
+    adapter_ckpt = adapter if isinstance(adapter, Checkpoint) else scan(adapter)
+    config = adapter_ckpt.adapter_config
+    if not config:
+        raise ValueError(
+            f"{adapter_ckpt.path}: no adapter_config.json; check_base needs the adapter's config"
+        )
+    method = tuners.resolve(config.get("peft_type"))
+    prefixes, exact = tuners.patterns(method)
+    weights = {
+        name[: -len(".weight")]: tensor.shape
+        for name, tensor in base_ckpt.items()
+        if name.endswith(".weight")
+    }
+    findings: list[Finding] = []
+    modules = _adapter_modules(list(adapter_ckpt), prefixes, exact)
+    unmatched = [module for module in modules if module and module not in weights]
+    for module in unmatched:
+        key = next(iter(modules[module].values()))
+        findings.append(Finding("missing_module", key, f"no module {module!r} in the base model"))
+    hint = _prefix_hint(unmatched, set(weights))
+    if hint is not None:
+        findings.insert(0, hint)
+    family = method is not None and method.name in _LORA_FAMILY
+    for module, tensors in modules.items():
+        if module not in weights:
+            continue
+        findings += _shape_findings(module, tensors, weights[module], adapter_ckpt, family)
+    targets = config.get("target_modules")
+    if targets:
+        findings += _target_findings(targets, config.get("exclude_modules"), weights, modules)
+    return findings
+
+
+def _shape_findings(
+    module: str, tensors: dict[str, str], base_shape: tuple[int, ...], adapter: Checkpoint, family: bool
+) -> list[Finding]:
+    findings = []
+    if "" in tensors:  # a saved copy of the module (modules_to_save)
+        saved = adapter[tensors[""]].shape
+        if tensors[""].endswith(".weight") and saved != base_shape:
+            findings.append(
+                Finding(
+                    "shape", tensors[""], f"saved module has shape {list(saved)}, the base {list(base_shape)}"
+                )
+            )
+    if not family or len(base_shape) != 2:
+        return findings
+    out, inp = base_shape
+    is_embedding = any(name in _EMBEDDING_SHAPES for name in tensors)
+    rules = _EMBEDDING_SHAPES if is_embedding else _LINEAR_SHAPES
+    if is_embedding:
+        out, inp = inp, out  # Embedding weight is [num_embeddings, dim]
+    ranks: set[int] = set()
+    for name, key in tensors.items():
+        rule = rules.get(name)
+        shape = adapter[key].shape
+        if rule is None or len(shape) != 2:
+            if name == "lora_magnitude_vector" and shape != (out,):
+                findings.append(
+                    Finding("shape", key, f"expected [{out}] (the base's out features), found {list(shape)}")
+                )
+            continue
+        expected = []
+        for size, want in zip(shape, rule, strict=True):
+            if want == "r":
+                ranks.add(size)
+                expected.append("r")
+            else:
+                dim = {"out": out, "in": inp}.get(want, want)  # type: ignore[call-overload]
+                expected.append(str(dim))
+                if size != dim:
+                    findings.append(
+                        Finding(
+                            "shape",
+                            key,
+                            f"expected [{', '.join(expected + ['...'])}] for a base weight "
+                            f"{list(base_shape)}, found {list(shape)}",
+                        )
+                    )
+                    break
+    findings += _lokr_findings(tensors, adapter, out, inp)
+    if len(ranks) > 1:
+        key = next(iter(tensors.values()))
+        findings.append(
+            Finding("shape", key, f"the tensors of {module!r} disagree on the rank: {sorted(ranks)}")
+        )
+    return findings
+
+
+def _lokr_findings(tensors: dict[str, str], adapter: Checkpoint, out: int, inp: int) -> list[Finding]:
+    """LoKr: kron(w1, w2) must be [out, in]; w1 is `lokr_w1` or `lokr_w1_a @ lokr_w1_b`, likewise w2."""
+
+    def factor(which: str) -> tuple[int, int] | None:
+        if f"lokr_{which}" in tensors:
+            shape = adapter[tensors[f"lokr_{which}"]].shape
+            return (shape[0], shape[1]) if len(shape) == 2 else None
+        if f"lokr_{which}_a" in tensors and f"lokr_{which}_b" in tensors:
+            a, b = adapter[tensors[f"lokr_{which}_a"]].shape, adapter[tensors[f"lokr_{which}_b"]].shape
+            return (a[0], b[-1]) if len(a) == 2 and len(b) == 2 else None
+        return None
+
+    w1, w2 = factor("w1"), factor("w2")
+    if w1 is None or w2 is None:
+        return []
+    if (w1[0] * w2[0], w1[1] * w2[1]) == (out, inp):
+        return []
+    key = next(v for k, v in tensors.items() if k.startswith("lokr_w1"))
+    return [
+        Finding(
+            "shape",
+            key,
+            f"kron(w1 {list(w1)}, w2 {list(w2)}) is [{w1[0] * w2[0]}, {w1[1] * w2[1]}], the base weight [{out}, {inp}]",
+        )
+    ]
+
+
+def _target_findings(
+    targets: object, excluded: object, weights: dict[str, tuple[int, ...]], modules: dict[str, dict[str, str]]
+) -> list[Finding]:
+    findings = []
+    if targets == "all-linear":
+        selected = [m for m, shape in weights.items() if len(shape) == 2 and _linear_like(m)]
+    else:
+        if isinstance(targets, list):
+            for target in targets:
+                if not any(_selects([target], module) for module in weights):
+                    findings.append(
+                        Finding(
+                            "unmatched_target",
+                            target,
+                            f"target_modules entry {target!r} matches no base module",
+                        )
+                    )
+        elif not any(_selects(targets, module) for module in weights):
+            findings.append(
+                Finding(
+                    "unmatched_target", str(targets), f"target_modules {targets!r} matches no base module"
+                )
+            )
+        selected = [m for m in weights if _selects(targets, m)]
+    if excluded:
+        selected = [m for m in selected if not _selects(excluded, m)]
+    trained = {module for module, tensors in modules.items() if any(tensors)}
+    for module in selected:
+        if module not in trained:
+            findings.append(
+                Finding(
+                    "untrained_target",
+                    module,
+                    "target_modules selects this base module but the adapter has no weights for it "
+                    "(PEFT would initialise them afresh)",
+                )
+            )
+    return findings
