@@ -279,10 +279,17 @@ impl Matcher {
         match needles {
             Needles::One(finder, index) => {
                 let width = finder.needle().len();
-                finder.find_iter(key).find_map(|dot| self.name_hit(key, dot, dot + width, *index))
+                finder
+                    .find_iter(key)
+                    .find_map(|dot| self.name_hit(key, dot, dot + width, *index))
             }
             Needles::Many(names, index) => names.find_iter(key).find_map(|found| {
-                self.name_hit(key, found.start(), found.end(), index[found.pattern().as_usize()])
+                self.name_hit(
+                    key,
+                    found.start(),
+                    found.end(),
+                    index[found.pattern().as_usize()],
+                )
             }),
         }
     }
@@ -293,8 +300,13 @@ impl Matcher {
             return None; // `.default` inside `.default_10`
         }
         let start = memchr::memrchr(b'.', &key[..dot]).map_or(0, |p| p + 1);
-        (self.segment_qualifies(key, start, dot) && !self.is_layer_copy(key, start, dot))
-            .then_some(Hit { segment: start..dot, adapter: dot + 1..end, index: Some(index) })
+        (self.segment_qualifies(key, start, dot) && !self.is_layer_copy(key, start, dot)).then_some(
+            Hit {
+                segment: start..dot,
+                adapter: dot + 1..end,
+                index: Some(index),
+            },
+        )
     }
 
     fn prefix_first(&self, key: &[u8], dotted: &AhoCorasick, adapters: &Adapters) -> Option<Hit> {
@@ -316,7 +328,13 @@ impl Matcher {
     }
 
     /// For a qualifying segment `start..end`: the hit, when the segment after it names an adapter.
-    fn adapter_after(&self, key: &[u8], start: usize, end: usize, adapters: &Adapters) -> Option<Hit> {
+    fn adapter_after(
+        &self,
+        key: &[u8],
+        start: usize,
+        end: usize,
+        adapters: &Adapters,
+    ) -> Option<Hit> {
         if end == key.len() || self.is_layer_copy(key, start, end) {
             return None;
         }
@@ -325,7 +343,11 @@ impl Matcher {
             Adapters::Any => None,
             Adapters::Named(map) => Some(*map.get(&key[adapter.clone()])?),
         };
-        Some(Hit { segment: start..end, adapter, index })
+        Some(Hit {
+            segment: start..end,
+            adapter,
+            index,
+        })
     }
 
     /// Whether the segment `start..end` starts with a prefix or is an exact name.

@@ -258,7 +258,9 @@ impl PyKeyMatcher {
         adapter_name: &Bound<'py, PyString>,
     ) -> PyResult<Bound<'py, PyList>> {
         let name = KeyBytes::of(adapter_name)?;
-        self.rename(keys, |key| rename::insert_adapter_name(&self.matcher, key, name.bytes()))
+        self.rename(keys, |key| {
+            rename::insert_adapter_name(&self.matcher, key, name.bytes())
+        })
     }
 
     /// Model keys to checkpoint keys: the adapter-name segment of each match removed.

@@ -39,7 +39,9 @@ fn header_to_python<'py>(
     let mut sizes = Vec::with_capacity(count);
     for tensor in &header.tensors {
         names.push(PyString::new(py, &tensor.name));
-        let kind = dtypes.entry(tensor.dtype).or_insert_with(|| PyString::intern(py, tensor.dtype.name()));
+        let kind = dtypes
+            .entry(tensor.dtype)
+            .or_insert_with(|| PyString::intern(py, tensor.dtype.name()));
         kinds.push(kind.clone());
         shapes.push(PyTuple::new(py, &tensor.shape)?);
         sizes.push(tensor.end - tensor.begin);
@@ -79,8 +81,9 @@ pub fn read_headers<'py>(
     paths: Vec<PathBuf>,
     threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let threads = threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     let results = py.detach(|| safetensors::read_headers(&paths, threads));
     let mut dtypes = HashMap::new();
     let out = PyList::empty(py);

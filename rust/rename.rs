@@ -63,7 +63,11 @@ mod tests {
     fn matcher(name: &str) -> Matcher {
         Matcher::new(
             [b"lora_".as_slice(), b"tinylora_", b"vera_lambda_"],
-            [b"vera_A".as_slice(), b"modules_to_save", b"trainable_tokens_delta"],
+            [
+                b"vera_A".as_slice(),
+                b"modules_to_save",
+                b"trainable_tokens_delta",
+            ],
             Some(vec![name.as_bytes()]),
             std::iter::empty(),
             &[],
@@ -86,14 +90,26 @@ mod tests {
         let cases = [
             ("m.q.lora_A.weight", "m.q.lora_A.default.weight"),
             ("m.q.lora_embedding_A", "m.q.lora_embedding_A.default"),
-            ("m.q.lora_magnitude_vector", "m.q.lora_magnitude_vector.default.weight"),
+            (
+                "m.q.lora_magnitude_vector",
+                "m.q.lora_magnitude_vector.default.weight",
+            ),
             ("base_model.tinylora_v.0", "base_model.tinylora_v.default.0"),
             ("base_model.vera_A", "base_model.vera_A.default"),
-            ("m.embed.token_adapter.trainable_tokens_delta", "m.embed.token_adapter.trainable_tokens_delta.default"),
+            (
+                "m.embed.token_adapter.trainable_tokens_delta",
+                "m.embed.token_adapter.trainable_tokens_delta.default",
+            ),
             ("m.q.base_layer.weight", "m.q.base_layer.weight"),
             // Modules named like a prefix or like the adapter are left alone.
-            ("m.lora_block.q.lora_A.weight", "m.lora_block.q.lora_A.default.weight"),
-            ("m.default.q.lora_B.weight", "m.default.q.lora_B.default.weight"),
+            (
+                "m.lora_block.q.lora_A.weight",
+                "m.lora_block.q.lora_A.default.weight",
+            ),
+            (
+                "m.default.q.lora_B.weight",
+                "m.default.q.lora_B.default.weight",
+            ),
             ("lora_A", "lora_A.default"),
             ("weight", "weight"),
         ];
@@ -107,11 +123,17 @@ mod tests {
         let cases = [
             ("m.q.lora_A.default.weight", "m.q.lora_A.weight"),
             ("m.q.lora_embedding_A.default", "m.q.lora_embedding_A"),
-            ("m.q.lora_magnitude_vector.default.weight", "m.q.lora_magnitude_vector"),
+            (
+                "m.q.lora_magnitude_vector.default.weight",
+                "m.q.lora_magnitude_vector",
+            ),
             ("base_model.tinylora_v.default.0", "base_model.tinylora_v.0"),
             ("m.score.modules_to_save.default.weight", "m.score.weight"),
             ("m.score.modules_to_save.default", "m.score"),
-            ("m.default.q.lora_A.default.weight", "m.default.q.lora_A.weight"),
+            (
+                "m.default.q.lora_A.default.weight",
+                "m.default.q.lora_A.weight",
+            ),
             ("m.q.lora_A.other.weight", "m.q.lora_A.other.weight"),
             ("m.q.base_layer.weight", "m.q.base_layer.weight"),
         ];

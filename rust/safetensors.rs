@@ -55,11 +55,14 @@ pub struct Tensor {
     pub end: u64,
 }
 
+/// `__metadata__`, sorted by key.
+pub type Metadata = Vec<(String, String)>;
+
 /// A validated header: tensors in file (offset) order and the optional metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     pub tensors: Vec<Tensor>,
-    pub metadata: Option<Vec<(String, String)>>,
+    pub metadata: Option<Metadata>,
     pub header_len: u64,
     pub file_len: u64,
 }
@@ -104,7 +107,7 @@ struct Entry {
 
 struct Parsed {
     tensors: Vec<Tensor>,
-    metadata: Option<Vec<(String, String)>>,
+    metadata: Option<Metadata>,
 }
 
 /// Reads the top-level object in order, refusing duplicate names, with errors that name the
@@ -127,16 +130,17 @@ impl<'de> Visitor<'de> for HeaderVisitor {
                 return Err(de::Error::custom(format!("duplicate entry {name:?}")));
             }
             if name == "__metadata__" {
-                let values: HashMap<String, String> = map
-                    .next_value()
-                    .map_err(|e| de::Error::custom(format!("__metadata__ must map strings to strings ({e})")))?;
+                let values: HashMap<String, String> = map.next_value().map_err(|e| {
+                    de::Error::custom(format!("__metadata__ must map strings to strings ({e})"))
+                })?;
                 let mut values: Vec<(String, String)> = values.into_iter().collect();
                 values.sort();
                 metadata = Some(values);
                 continue;
             }
-            let entry: Entry =
-                map.next_value().map_err(|e| de::Error::custom(format!("tensor {name:?}: {e}")))?;
+            let entry: Entry = map
+                .next_value()
+                .map_err(|e| de::Error::custom(format!("tensor {name:?}: {e}")))?;
             tensors.push(Tensor {
                 name,
                 dtype: entry.dtype,
@@ -156,9 +160,14 @@ impl<'de> Deserialize<'de> for Parsed {
 }
 
 /// Parses and validates a header's JSON, given the length of the data buffer after it.
-pub fn parse_header(json: &[u8], data_len: u64) -> Result<(Vec<Tensor>, Option<Vec<(String, String)>>), HeaderError> {
-    let text = std::str::from_utf8(json).map_err(|e| invalid(format!("the header is not UTF-8 ({e})")))?;
-    let parsed: Parsed = serde_json::from_str(text).map_err(|e| invalid(format!("invalid header JSON: {e}")))?;
+pub fn parse_header(
+    json: &[u8],
+    data_len: u64,
+) -> Result<(Vec<Tensor>, Option<Metadata>), HeaderError> {
+    let text =
+        std::str::from_utf8(json).map_err(|e| invalid(format!("the header is not UTF-8 ({e})")))?;
+    let parsed: Parsed =
+        serde_json::from_str(text).map_err(|e| invalid(format!("invalid header JSON: {e}")))?;
     let mut tensors = parsed.tensors;
     tensors.sort_by_key(|tensor| (tensor.begin, tensor.end));
     let mut expected_begin = 0u64;
@@ -186,7 +195,12 @@ pub fn parse_header(json: &[u8], data_len: u64) -> Result<(Vec<Tensor>, Option<V
             .shape
             .iter()
             .try_fold(tensor.dtype.bits(), |acc, &dim| acc.checked_mul(dim))
-            .ok_or_else(|| invalid(format!("tensor {name:?}: shape {:?} overflows", tensor.shape)))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "tensor {name:?}: shape {:?} overflows",
+                    tensor.shape
+                ))
+            })?;
         if bits % 8 != 0 {
             return Err(invalid(format!(
                 "tensor {name:?}: {} x {:?} does not fill whole bytes",
@@ -221,7 +235,9 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
     let file_len = file.metadata()?.len();
     let mut length = [0u8; 8];
     if file_len < 8 {
-        return Err(invalid(format!("the file has {file_len} bytes, fewer than the 8 of the header length")));
+        return Err(invalid(format!(
+            "the file has {file_len} bytes, fewer than the 8 of the header length"
+        )));
     }
     file.read_exact(&mut length)?;
     let header_len = u64::from_le_bytes(length);
@@ -235,10 +251,16 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
             "the header length {header_len} runs past the end of the file ({file_len} bytes)"
         )));
     }
-    let mut json = vec![0u8; usize::try_from(header_len).map_err(|_| invalid("header length too large"))?];
+    let mut json =
+        vec![0u8; usize::try_from(header_len).map_err(|_| invalid("header length too large"))?];
     file.read_exact(&mut json)?;
     let (tensors, metadata) = parse_header(&json, file_len - 8 - header_len)?;
-    Ok(Header { tensors, metadata, header_len, file_len })
+    Ok(Header {
+        tensors,
+        metadata,
+        header_len,
+        file_len,
+    })
 }
 
 /// Reads many headers on up to `threads` threads; results in the order of `paths`.
@@ -251,14 +273,25 @@ pub fn read_headers(paths: &[PathBuf], threads: usize) -> Vec<Result<Header, Hea
     std::thread::scope(|scope| {
         let workers: Vec<_> = paths
             .chunks(chunk)
-            .map(|part| (part, scope.spawn(move || part.iter().map(|path| read_header(path)).collect::<Vec<_>>())))
+            .map(|part| {
+                (
+                    part,
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|path| read_header(path))
+                            .collect::<Vec<_>>()
+                    }),
+                )
+            })
             .collect();
         workers
             .into_iter()
             .flat_map(|(part, worker)| {
                 // A panicking worker would be a bug here; its files are reported, not lost.
                 worker.join().unwrap_or_else(|_| {
-                    part.iter().map(|_| Err(invalid("internal error while reading the header"))).collect()
+                    part.iter()
+                        .map(|_| Err(invalid("internal error while reading the header")))
+                        .collect()
                 })
             })
             .collect()
@@ -277,7 +310,9 @@ mod tests {
     }
 
     fn parse(json: &str, data: u64) -> Result<Vec<Tensor>, String> {
-        parse_header(json.as_bytes(), data).map(|(t, _)| t).map_err(|e| e.to_string())
+        parse_header(json.as_bytes(), data)
+            .map(|(t, _)| t)
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -295,24 +330,57 @@ mod tests {
         let cases = [
             ("[1, 2]", "invalid header JSON"),
             ("{", "invalid header JSON"),
-            (r#"{"a":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}}"#, "unknown variant"),
-            (r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, "tensor \"a\""),
-            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, "needs 8"),
-            (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}"#, "outside the data buffer"),
-            (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#, "end before they begin"),
-            (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, "duplicate entry"),
-            (r#"{"__metadata__":{"a":1}}"#, "__metadata__ must map strings to strings"),
-            (r#"{"a":{"dtype":"F4","shape":[1],"data_offsets":[0,0]}}"#, "whole bytes"),
-            (r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#, "overflows"),
-            (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1}}"#, "unknown field"),
+            (
+                r#"{"a":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}}"#,
+                "unknown variant",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+                "tensor \"a\"",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+                "needs 8",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}"#,
+                "outside the data buffer",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
+                "end before they begin",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                "duplicate entry",
+            ),
+            (
+                r#"{"__metadata__":{"a":1}}"#,
+                "__metadata__ must map strings to strings",
+            ),
+            (
+                r#"{"a":{"dtype":"F4","shape":[1],"data_offsets":[0,0]}}"#,
+                "whole bytes",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#,
+                "overflows",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1}}"#,
+                "unknown field",
+            ),
         ];
         for (json, expected) in cases {
             let error = parse(json, 4).expect_err(json);
             assert!(error.contains(expected), "{json}: {error}");
         }
-        assert!(parse(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 8)
-            .expect_err("gap at the end")
-            .contains("cover 4 bytes"));
+        assert!(parse(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            8
+        )
+        .expect_err("gap at the end")
+        .contains("cover 4 bytes"));
     }
 
     #[test]
@@ -320,19 +388,38 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fastkeys-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let good = dir.join("good.safetensors");
-        std::fs::write(&good, file(r#"{"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#, 3)).expect("write");
+        std::fs::write(
+            &good,
+            file(
+                r#"{"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#,
+                3,
+            ),
+        )
+        .expect("write");
         let header = read_header(&good).expect("valid file");
         assert_eq!(header.tensors.len(), 1);
         let huge = dir.join("huge.safetensors");
         std::fs::write(&huge, u64::MAX.to_le_bytes()).expect("write");
-        assert!(read_header(&huge).expect_err("huge").to_string().contains("exceeds the limit"));
+        assert!(read_header(&huge)
+            .expect_err("huge")
+            .to_string()
+            .contains("exceeds the limit"));
         let past = dir.join("past.safetensors");
         std::fs::write(&past, 1000u64.to_le_bytes()).expect("write");
-        assert!(read_header(&past).expect_err("past").to_string().contains("runs past the end"));
+        assert!(read_header(&past)
+            .expect_err("past")
+            .to_string()
+            .contains("runs past the end"));
         let short = dir.join("short.safetensors");
         std::fs::write(&short, b"abc").expect("write");
-        assert!(read_header(&short).expect_err("short").to_string().contains("fewer than the 8"));
-        assert!(matches!(read_header(&dir.join("absent")), Err(HeaderError::Io(_))));
+        assert!(read_header(&short)
+            .expect_err("short")
+            .to_string()
+            .contains("fewer than the 8"));
+        assert!(matches!(
+            read_header(&dir.join("absent")),
+            Err(HeaderError::Io(_))
+        ));
         let all = read_headers(&[good.clone(), huge, good], 2);
         assert_eq!(all.len(), 3);
         assert!(all[0].is_ok() && all[1].is_err() && all[2].is_ok());

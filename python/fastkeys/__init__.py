@@ -11,8 +11,6 @@ Checkpoints are known from their headers alone: `read_keys`, `scan` (`Checkpoint
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
-
 from ._engine import IMPLEMENTATION
 from .matching import (
     KeyMatcher,
@@ -22,6 +20,8 @@ from .matching import (
     remove_adapter_name,
 )
 from .tuners import METHODS
+
+TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint, Tensor, read_keys, scan

@@ -113,7 +113,9 @@ def _methods_found(keys: Sequence[str]) -> dict[str, int]:
     """Keys per PEFT method prefix, by the segment rule (`randlora_A` is not `lora_`)."""
     from . import tuners
 
-    prefixes = sorted({m.prefix for m in tuners.METHODS.values() if not m.prompt_learning}, key=len, reverse=True)
+    prefixes = sorted(
+        {m.prefix for m in tuners.METHODS.values() if not m.prompt_learning}, key=len, reverse=True
+    )
     counts: dict[str, int] = {}
     for key in keys:
         for segment in key.split("."):
@@ -121,7 +123,7 @@ def _methods_found(keys: Sequence[str]) -> dict[str, int]:
             if prefix is not None:
                 counts[prefix] = counts.get(prefix, 0) + 1
                 break
-    names = {}
+    names: dict[str, list[str]] = {}
     for method in tuners.METHODS.values():
         if method.prefix in counts:
             names.setdefault(method.prefix, []).append(method.name)
@@ -161,7 +163,9 @@ def inspect_report(path: str) -> dict[str, object]:
 def _print_inspect(report: dict[str, object]) -> None:
     files = report["files"]
     assert isinstance(files, dict)
-    print(f"{report['path']}: {report['tensors']:,} tensors, {report['bytes']:,} bytes in {len(files)} file(s)")
+    print(
+        f"{report['path']}: {report['tensors']:,} tensors, {report['bytes']:,} bytes in {len(files)} file(s)"
+    )
     for file, count in files.items():
         print(f"  {count:>8,}  {file}")
     for label in ("dtypes", "methods", "adapters", "adapter_config", "metadata"):

@@ -170,7 +170,8 @@ def check_base(
     }
     findings: list[Finding] = []
     modules = _adapter_modules(list(adapter_ckpt), prefixes, exact)
-    unmatched = [module for module in modules if module and module not in weights]
+    # Model-level tensors (`base_model.vera_A`) belong to the tuner, not to a base module.
+    unmatched = [module for module in modules if module not in ("", "base_model") and module not in weights]
     for module in unmatched:
         key = next(iter(modules[module].values()))
         findings.append(Finding("missing_module", key, f"no module {module!r} in the base model"))
@@ -230,7 +231,7 @@ def _shape_findings(
                         Finding(
                             "shape",
                             key,
-                            f"expected [{', '.join(expected + ['...'])}] for a base weight "
+                            f"expected [{', '.join([*expected, '...'])}] for a base weight "
                             f"{list(base_shape)}, found {list(shape)}",
                         )
                     )
@@ -266,7 +267,8 @@ def _lokr_findings(tensors: dict[str, str], adapter: Checkpoint, out: int, inp: 
         Finding(
             "shape",
             key,
-            f"kron(w1 {list(w1)}, w2 {list(w2)}) is [{w1[0] * w2[0]}, {w1[1] * w2[1]}], the base weight [{out}, {inp}]",
+            f"kron(w1 {list(w1)}, w2 {list(w2)}) is [{w1[0] * w2[0]}, {w1[1] * w2[1]}], "
+            f"the base weight [{out}, {inp}]",
         )
     ]
 
