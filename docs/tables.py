@@ -120,7 +120,45 @@ def peft_table() -> str:
     return "\n".join(rows)
 
 
-TABLES = {"differences": differences_table, "peft": peft_table}
+def cli_examples() -> str:
+    """Real `fastkeys inspect` and `fastkeys check` output on a tiny model and adapters."""
+    import contextlib
+    import io
+    import tempfile
+
+    sys.path.insert(0, str(README.parent))
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastkeys import cli
+    from tests import peft_models
+
+    blocks = []
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        peft_models.tiny_llama().save_pretrained(root / "llama", max_shard_size="40KB")
+        peft_models.save_adapter(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), root / "adapter")
+        wide = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+        peft_models.save_adapter(
+            peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "qkv_proj"]),
+            root / "other-model-adapter",
+            model_factory=lambda: LlamaForCausalLM(wide),
+        )
+        for argv in (
+            ["inspect", "llama"],
+            ["inspect", "adapter"],
+            ["check", "llama", "adapter"],
+            ["check", "llama", "other-model-adapter"],
+        ):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.chdir(root):
+                status = cli.main(argv)
+            blocks.append(f"$ fastkeys {' '.join(argv)}\n{out.getvalue().rstrip()}\n(exit status {status})")
+    return "```\n" + "\n\n".join(blocks) + "\n```"
+
+
+TABLES = {"differences": differences_table, "peft": peft_table, "cli": cli_examples}
 
 
 def render(readme: str) -> str:

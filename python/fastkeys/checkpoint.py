@@ -103,7 +103,7 @@ def _read(files: list[str], progress: Callable[[int, int], None] | None) -> list
 
 
 def _index_files(index_path: Path) -> tuple[list[str], dict[str, str], dict[str, str]]:
-    """(shard files in order of first mention, weight_map, metadata) of a `*.safetensors.index.json`."""
+    """(shard files in name order, weight_map, metadata) of a `*.safetensors.index.json`."""
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -116,7 +116,7 @@ def _index_files(index_path: Path) -> tuple[list[str], dict[str, str], dict[str,
     metadata = index.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"{index_path}: 'metadata' must be an object")
-    shards = list(dict.fromkeys(weight_map.values()))
+    shards = sorted(set(weight_map.values()))
     files = [str(index_path.parent / shard) for shard in shards]
     for shard, file in zip(shards, files, strict=True):
         if not os.path.isfile(file):

@@ -71,7 +71,7 @@ untrained_target, prefix), the key or name it concerns, and what was expected.""
 
 # LoRA-family tensors whose shapes follow from the base weight [out, in] and a rank r:
 # tensor -> (dimension that must equal `out`/`in`, dimension that is the rank).
-_LINEAR_SHAPES = {
+_LINEAR_SHAPES: dict[str, tuple[str | int, str | int]] = {
     "lora_A": ("r", "in"),
     "lora_B": ("out", "r"),
     "lora_E": ("r", 1),
@@ -80,7 +80,10 @@ _LINEAR_SHAPES = {
     "hada_w2_a": ("out", "r"),
     "hada_w2_b": ("r", "in"),
 }
-_EMBEDDING_SHAPES = {"lora_embedding_A": ("r", "in"), "lora_embedding_B": ("out", "r")}
+_EMBEDDING_SHAPES: dict[str, tuple[str | int, str | int]] = {
+    "lora_embedding_A": ("r", "in"),
+    "lora_embedding_B": ("out", "r"),
+}
 _LORA_FAMILY = {"lora", "adalora", "loha", "lokr"}
 
 
@@ -218,24 +221,20 @@ def _shape_findings(
                     Finding("shape", key, f"expected [{out}] (the base's out features), found {list(shape)}")
                 )
             continue
-        expected = []
-        for size, want in zip(shape, rule, strict=True):
+        dims: dict[str | int, str | int] = {"out": out, "in": inp}
+        expected = [dims.get(want, want) for want in rule]
+        for size, want in zip(shape, expected, strict=True):
             if want == "r":
                 ranks.add(size)
-                expected.append("r")
-            else:
-                dim = {"out": out, "in": inp}.get(want, want)  # type: ignore[call-overload]
-                expected.append(str(dim))
-                if size != dim:
-                    findings.append(
-                        Finding(
-                            "shape",
-                            key,
-                            f"expected [{', '.join([*expected, '...'])}] for a base weight "
-                            f"{list(base_shape)}, found {list(shape)}",
-                        )
-                    )
-                    break
+        if any(want != "r" and size != want for size, want in zip(shape, expected, strict=True)):
+            shown = ", ".join(str(want) for want in expected)
+            findings.append(
+                Finding(
+                    "shape",
+                    key,
+                    f"expected [{shown}] for a base weight {list(base_shape)}, found {list(shape)}",
+                )
+            )
     findings += _lokr_findings(tensors, adapter, out, inp)
     if len(ranks) > 1:
         key = next(iter(tensors.values()))
