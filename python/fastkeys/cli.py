@@ -155,7 +155,12 @@ def inspect_report(path: str) -> dict[str, object]:
         "dtypes": dtypes,
         "methods": _methods_found(keys),
         "adapters": {name: len(found) for name, found in adapters.items()},
-        "adapter_config": {k: config[k] for k in ("peft_type", "r", "target_modules") if k in config},
+        # PEFT saves target_modules from a set: sorted, the report is stable.
+        "adapter_config": {
+            k: sorted(config[k]) if isinstance(config[k], list) else config[k]
+            for k in ("peft_type", "r", "target_modules")
+            if k in config
+        },
         "metadata": checkpoint.metadata,
     }
 
