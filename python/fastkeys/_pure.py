@@ -110,9 +110,34 @@ class KeyMatcher:
             return [key for key in keys if needle in key]
         return [key for key in keys if any(needle in key for needle in needles)]
 
+    def _single_name(self, keys: Sequence[str], needle: str) -> list[str]:
+        """`filter` for one adapter name: find `.name`, then check the segment before it. The
+        same rule as `_hit`, read from the name's side like the native name-first strategy."""
+        prefixes, exact, shared = self._prefixes, self._exact, self._shared
+        width = len(needle)
+        found = []
+        for key in keys:
+            dot = key.find(needle)
+            while dot >= 0:
+                end = dot + width
+                if end == len(key) or key[end] == ".":
+                    start = key.rfind(".", 0, dot) + 1
+                    segment = key[start:dot]
+                    if (segment.startswith(prefixes) or segment in exact) and not (
+                        segment in shared and start and not (start == 11 and key.startswith("base_model."))
+                    ):
+                        found.append(key)
+                        break
+                dot = key.find(needle, end)
+        return found
+
     def filter(self, keys: Iterable[str]) -> list[str]:
-        verdict = self._verdict
-        found = [key for key in self._candidates(_key_list(keys)) if verdict(key) is not None]
+        keys = _key_list(keys)
+        if self._adapters is not None and len(self._adapters) == 1:
+            found = self._single_name(keys, "." + next(iter(self._adapters)))
+        else:
+            verdict = self._verdict
+            found = [key for key in self._candidates(keys) if verdict(key) is not None]
         if self._ignore:
             found = [key for key in found if not self._ignored(key)]
         return found

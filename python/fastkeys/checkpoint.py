@@ -92,12 +92,17 @@ def read_keys(path: str | os.PathLike[str]) -> list[str]:
     return names  # type: ignore[no-any-return]
 
 
-def _read(files: list[str], progress: Callable[[int, int], None] | None) -> list[tuple[object, ...]]:
+HeaderReader = Callable[[list[str]], list[tuple[object, ...]]]
+
+
+def _read(
+    files: list[str], progress: Callable[[int, int], None] | None, read_headers: HeaderReader
+) -> list[tuple[object, ...]]:
     if progress is None or len(files) <= _BATCH:
-        return list(core.read_headers(files))
+        return list(read_headers(files))
     headers: list[tuple[object, ...]] = []
     for start in range(0, len(files), _BATCH):
-        headers += core.read_headers(files[start : start + _BATCH])
+        headers += read_headers(files[start : start + _BATCH])
         progress(len(headers), len(files))
     return headers
 
@@ -159,6 +164,12 @@ def scan(path: str | os.PathLike[str], *, progress: Callable[[int, int], None] |
 
     Raises FileNotFoundError/OSError for files that cannot be read and ValueError for malformed
     ones or an inconsistent index (a listed tensor its shard lacks, a tensor in two shards)."""
+    return _scan(path, progress, core.read_headers)
+
+
+def _scan(
+    path: str | os.PathLike[str], progress: Callable[[int, int], None] | None, read_headers: HeaderReader
+) -> Checkpoint:
     root = Path(path)
     adapter_config = None
     weight_map: dict[str, str] | None = None
@@ -174,7 +185,7 @@ def scan(path: str | os.PathLike[str], *, progress: Callable[[int, int], None] |
         files, index = [str(root)], None
     if index is not None:
         files, weight_map, metadata = _index_files(index)
-    headers = _read(files, progress)
+    headers = _read(files, progress, read_headers)
     tensors: dict[str, Tensor] = {}
     file_metadata: dict[str, dict[str, str]] = {}
     for file, (names, dtypes, shapes, sizes, file_meta, _size) in zip(files, headers, strict=True):

@@ -157,9 +157,9 @@ def inspect_report(path: str) -> dict[str, object]:
         "adapters": {name: len(found) for name, found in adapters.items()},
         # PEFT saves target_modules from a set: sorted, the report is stable.
         "adapter_config": {
-            k: sorted(config[k]) if isinstance(config[k], list) else config[k]
+            k: sorted(str(v) for v in value) if isinstance(value, list) else value
             for k in ("peft_type", "r", "target_modules")
-            if k in config
+            if (value := config.get(k)) is not None
         },
         "metadata": checkpoint.metadata,
     }
@@ -181,6 +181,11 @@ def _print_inspect(report: dict[str, object]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own options: fastkeys bench --help
+        from . import bench
+
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="fastkeys", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="the seed scenario and a timing, on synthetic keys")
@@ -200,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_parser.add_argument("base", help="the base model: file, index or directory")
     check_parser.add_argument("adapter", help="the adapter directory (with adapter_config.json)")
     check_parser.add_argument("--json", action="store_true", help="print JSON")
+    commands.add_parser("bench", help="the benchmark suite (see fastkeys bench --help)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.layers, args.adapters)
