@@ -21,6 +21,10 @@ $(VENV)/.dev-installed: requirements/dev.txt | $(BIN)/activate
 	$(PIP) install -q -r requirements/dev.txt
 	touch $@
 
+$(VENV)/.bench-installed: requirements/bench.txt | $(VENV)/.dev-installed
+	$(PIP) install -q -r requirements/bench.txt
+	touch $@
+
 $(VENV)/.peft-installed: requirements/peft.txt | $(VENV)/.dev-installed
 	$(PIP) install -q $$(grep -E '^torch==' requirements/peft.txt)
 	$(PIP) install -q -r requirements/peft.txt
@@ -44,6 +48,9 @@ test-python: $(VENV)/.peft-installed ## pytest against the pure-Python fallback
 	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q
 
 test: test-rust test-native test-python ## Everything CI runs: cargo test, then pytest under both implementations
+
+bench: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## The full benchmark suite: table, benches/results.json, docs/bench.png
+	$(PY) benches/run.py
 
 demo: build ## The seed scenario: what load_state_dict reports, what fastkeys keeps, and the timing
 	$(PY) -m fastkeys demo

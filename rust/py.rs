@@ -135,15 +135,17 @@ impl PyKeyMatcher {
     fn rename<'py>(
         &self,
         keys: &Bound<'py, PyAny>,
-        renamed: impl Fn(&[u8]) -> Option<Vec<u8>>,
+        renamed: impl Fn(&[u8], &mut Vec<u8>) -> bool,
     ) -> PyResult<Bound<'py, PyList>> {
         let py = keys.py();
         let out = PyList::empty(py);
+        let mut buffer = Vec::with_capacity(256);
         for_each_key(keys, |key| {
             let bytes = KeyBytes::of(key)?;
-            match renamed(bytes.bytes()) {
-                Some(new) => out.append(string_from_wtf8(py, &new)?),
-                None => out.append(key),
+            if renamed(bytes.bytes(), &mut buffer) {
+                out.append(string_from_wtf8(py, &buffer)?)
+            } else {
+                out.append(key)
             }
         })?;
         Ok(out)
@@ -258,14 +260,12 @@ impl PyKeyMatcher {
         adapter_name: &Bound<'py, PyString>,
     ) -> PyResult<Bound<'py, PyList>> {
         let name = KeyBytes::of(adapter_name)?;
-        self.rename(keys, |key| {
-            rename::insert_adapter_name(&self.matcher, key, name.bytes())
-        })
+        self.rename(keys, |key, out| rename::insert_adapter_name_into(&self.matcher, key, name.bytes(), out))
     }
 
     /// Model keys to checkpoint keys: the adapter-name segment of each match removed.
     fn remove_adapter_name<'py>(&self, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
-        self.rename(keys, |key| rename::remove_adapter_name(&self.matcher, key))
+        self.rename(keys, |key, out| rename::remove_adapter_name_into(&self.matcher, key, out))
     }
 
     fn __repr__(&self) -> String {

@@ -18,13 +18,22 @@ const MODULES_TO_SAVE: &[u8] = b"modules_to_save";
 /// `L.lora_A.weight`, `base_model.tinylora_v.0`). None when no such segment qualifies: the key
 /// is not an adapter tensor and stays as it is.
 pub fn insert_adapter_name(matcher: &Matcher, key: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    insert_adapter_name_into(matcher, key, name, &mut out).then_some(out)
+}
+
+/// `insert_adapter_name` into a buffer the caller reuses; false (buffer untouched) when the key
+/// stays as it is.
+pub fn insert_adapter_name_into(matcher: &Matcher, key: &[u8], name: &[u8], out: &mut Vec<u8>) -> bool {
     let last_dot = memchr::memrchr(b'.', key);
     let last = (last_dot.map_or(0, |dot| dot + 1), key.len());
     let second = last_dot.map(|dot| (memchr::memrchr(b'.', &key[..dot]).map_or(0, |p| p + 1), dot));
-    let (start, end) = std::iter::once(last).chain(second).find(|&(start, end)| {
+    let Some((start, end)) = std::iter::once(last).chain(second).find(|&(start, end)| {
         matcher.segment_qualifies(key, start, end) && &key[start..end] != MODULES_TO_SAVE
-    })?;
-    let mut out = Vec::with_capacity(key.len() + name.len() + 8);
+    }) else {
+        return false;
+    };
+    out.clear();
     out.extend_from_slice(&key[..end]);
     out.push(b'.');
     out.extend_from_slice(name);
@@ -32,13 +41,21 @@ pub fn insert_adapter_name(matcher: &Matcher, key: &[u8], name: &[u8]) -> Option
         out.extend_from_slice(b".weight");
     }
     out.extend_from_slice(&key[end..]);
-    Some(out)
+    true
 }
 
 /// The checkpoint key of a model key: the first match of the rule loses its adapter-name
 /// segment (and `modules_to_save` with it; DoRA's `.weight` too). None when nothing matches.
 pub fn remove_adapter_name(matcher: &Matcher, key: &[u8]) -> Option<Vec<u8>> {
-    let hit = matcher.find(key)?;
+    let mut out = Vec::new();
+    remove_adapter_name_into(matcher, key, &mut out).then_some(out)
+}
+
+/// `remove_adapter_name` into a buffer the caller reuses; false when nothing matches.
+pub fn remove_adapter_name_into(matcher: &Matcher, key: &[u8], out: &mut Vec<u8>) -> bool {
+    let Some(hit) = matcher.find(key) else {
+        return false;
+    };
     let segment = &key[hit.segment.clone()];
     let (cut_from, cut_to) = if segment == MODULES_TO_SAVE && hit.adapter.end < key.len() {
         (hit.segment.start, hit.adapter.end + 1)
@@ -50,10 +67,10 @@ pub fn remove_adapter_name(matcher: &Matcher, key: &[u8]) -> Option<Vec<u8>> {
         (hit.adapter.start - 1, hit.adapter.end)
     };
     let cut_to = cut_to.min(key.len());
-    let mut out = Vec::with_capacity(key.len());
+    out.clear();
     out.extend_from_slice(&key[..cut_from]);
     out.extend_from_slice(&key[cut_to..]);
-    Some(out)
+    true
 }
 
 #[cfg(test)]

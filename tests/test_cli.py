@@ -66,7 +66,10 @@ def test_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "no findings" in capsys.readouterr().out
     assert cli.main(["check", str(base), str(_adapter(tmp_path / "wide", out=16))]) == 1
     out = capsys.readouterr().out
-    assert "[shape] base_model.model.layers.0.q_proj.lora_B.weight: expected [8, r] for a base weight [8, 6]" in out
+    assert (
+        "[shape] base_model.model.layers.0.q_proj.lora_B.weight: expected [8, r] for a base weight [8, 6]"
+        in out
+    )
     assert (
         cli.main(["check", "--json", str(base), str(_adapter(tmp_path / "t", targets=["q_proj", "k_proj"]))])
         == 1

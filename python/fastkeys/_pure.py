@@ -116,7 +116,8 @@ class KeyMatcher:
         prefixes, exact, shared = self._prefixes, self._exact, self._shared
         width = len(needle)
         found = []
-        for key in keys:
+        # The C-level substring test rejects most keys before the loop below looks at them.
+        for key in [key for key in keys if needle in key]:
             dot = key.find(needle)
             while dot >= 0:
                 end = dot + width

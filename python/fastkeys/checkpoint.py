@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from ._engine import core
 
@@ -92,7 +93,7 @@ def read_keys(path: str | os.PathLike[str]) -> list[str]:
     return names  # type: ignore[no-any-return]
 
 
-HeaderReader = Callable[[list[str]], list[tuple[object, ...]]]
+HeaderReader = Callable[[list[str]], Any]
 
 
 def _read(
