@@ -8,7 +8,7 @@ RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
 .DEFAULT_GOAL := help
-.PHONY: help install build test test-rust test-native test-python demo docs lint bench clean
+.PHONY: help install build test test-rust test-native test-python test-wheels wheels fuzz demo docs lint bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,7 +47,17 @@ test-native: build $(VENV)/.peft-installed ## pytest against the compiled extens
 test-python: $(VENV)/.peft-installed ## pytest against the pure-Python fallback
 	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q
 
-test: test-rust test-native test-python ## Everything CI runs: cargo test, then pytest under both implementations
+wheels: $(VENV)/.dev-installed ## dist/: the abi3 wheel, the sdist and the pure-Python wheel; twine check --strict
+	rm -rf dist
+	$(BIN)/maturin build --release --quiet --out dist
+	$(BIN)/maturin sdist --quiet --out dist
+	$(PY) scripts/build_pure_wheel.py --out dist
+	$(BIN)/twine check --strict dist/*
+
+test-wheels: wheels ## Install each artifact into a fresh virtual environment and check it
+	$(PY) -m pytest -q tests/install
+
+test: test-rust test-native test-python test-wheels ## Everything CI runs: cargo test, pytest under both implementations, the wheels
 
 bench: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## The full benchmark suite: table, benches/results.json, docs/bench.png
 	$(PY) benches/run.py
@@ -59,8 +69,8 @@ docs: build $(VENV)/.peft-installed ## Regenerate the README's generated tables
 	$(PY) docs/tables.py
 
 lint: $(VENV)/.dev-installed ## ruff, mypy --strict, cargo fmt --check, cargo clippy -D warnings
-	$(BIN)/ruff check python tests benches docs
-	$(BIN)/ruff format --check python tests benches docs
+	$(BIN)/ruff check python tests benches docs scripts
+	$(BIN)/ruff format --check python tests benches docs scripts
 	$(BIN)/mypy --strict python/fastkeys
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings

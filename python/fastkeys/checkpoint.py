@@ -49,42 +49,80 @@ class Tensor:
 class Checkpoint(Mapping[str, Tensor]):
     """The tensors of a checkpoint by name, in file order (shard by shard), with their files and
     metadata. `adapter_config` holds `adapter_config.json` when the checkpoint is a directory
-    that has one."""
+    that has one.
+
+    Held as columns (names, dtypes, shapes, byte sizes, files); a `Tensor` is made when asked
+    for, so that scanning a million tensors does not build a million objects."""
 
     def __init__(
         self,
         path: str,
-        tensors: dict[str, Tensor],
+        columns: tuple[list[str], list[str], list[tuple[int, ...]], list[int], list[str]],
         files: list[str],
         metadata: dict[str, str],
         file_metadata: dict[str, dict[str, str]],
         adapter_config: dict[str, object] | None = None,
     ) -> None:
         self.path = path
-        self.tensors = tensors
+        self._names, self._dtypes, self._shapes, self._sizes, self._files = columns
+        self._index = dict(zip(self._names, range(len(self._names)), strict=True))
+        if len(self._index) != len(self._names):
+            seen: dict[str, str] = {}
+            for name, file in zip(self._names, self._files, strict=True):
+                if name in seen:
+                    raise ValueError(f"tensor {name!r} is in two shards: {seen[name]} and {file}")
+                seen[name] = file
         self.files = files
         self.metadata = metadata
         self.file_metadata = file_metadata
         self.adapter_config = adapter_config
 
     def __getitem__(self, name: str) -> Tensor:
-        return self.tensors[name]
+        i = self._index[name]
+        return Tensor(name, self._dtypes[i], self._shapes[i], self._sizes[i], self._files[i])
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self.tensors)
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
 
     def shard_of(self, name: str) -> str:
-        return self.tensors[name].file
+        return self._files[self._index[name]]
 
     @property
     def total_bytes(self) -> int:
-        return sum(tensor.nbytes for tensor in self.tensors.values())
+        return sum(self._sizes)
+
+    def dtype_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for dtype in self._dtypes:
+            counts[dtype] = counts.get(dtype, 0) + 1
+        return counts
+
+    def file_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.files, 0)
+        for file in self._files:
+            counts[file] += 1
+        return counts
+
+    def _check_index(self, weight_map: dict[str, str]) -> None:
+        """Every tensor the index lists is in the shard it names (set operations, in C)."""
+        actual = dict(zip(self._names, self._files, strict=True))
+        wrong = weight_map.items() - actual.items()
+        if not wrong:
+            return
+        name, file = min(wrong)
+        found = actual.get(name)
+        if found is None:
+            raise ValueError(f"the index lists tensor {name!r} in {file}, but that shard does not hold it")
+        raise ValueError(f"the index lists tensor {name!r} in {file}, but it is in {found}")
 
     def __repr__(self) -> str:
-        return f"Checkpoint({self.path!r}: {len(self.tensors)} tensors in {len(self.files)} files)"
+        return f"Checkpoint({self.path!r}: {len(self)} tensors in {len(self.files)} files)"
 
 
 def read_keys(path: str | os.PathLike[str]) -> list[str]:
@@ -96,12 +134,15 @@ def read_keys(path: str | os.PathLike[str]) -> list[str]:
 HeaderReader = Callable[[list[str]], Any]
 
 
+Header = tuple[list[str], list[str], list[tuple[int, ...]], list[int], "dict[str, str] | None", int]
+
+
 def _read(
     files: list[str], progress: Callable[[int, int], None] | None, read_headers: HeaderReader
-) -> list[tuple[object, ...]]:
+) -> list[Header]:
     if progress is None or len(files) <= _BATCH:
         return list(read_headers(files))
-    headers: list[tuple[object, ...]] = []
+    headers: list[Header] = []
     for start in range(0, len(files), _BATCH):
         headers += read_headers(files[start : start + _BATCH])
         progress(len(headers), len(files))
@@ -187,24 +228,27 @@ def _scan(
     if index is not None:
         files, weight_map, metadata = _index_files(index)
     headers = _read(files, progress, read_headers)
-    tensors: dict[str, Tensor] = {}
+    names: list[str] = []
+    dtypes: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    sizes: list[int] = []
+    file_column: list[str] = []
     file_metadata: dict[str, dict[str, str]] = {}
-    for file, (names, dtypes, shapes, sizes, file_meta, _size) in zip(files, headers, strict=True):
-        for name, dtype, shape, nbytes in zip(names, dtypes, shapes, sizes, strict=True):  # type: ignore[call-overload]
-            if name in tensors:
-                raise ValueError(f"tensor {name!r} is in two shards: {tensors[name].file} and {file}")
-            tensors[name] = Tensor(name, dtype, shape, nbytes, file)
+    for file, (file_names, file_dtypes, file_shapes, file_sizes, file_meta, _size) in zip(
+        files, headers, strict=True
+    ):
+        names += file_names
+        dtypes += file_dtypes
+        shapes += file_shapes
+        sizes += file_sizes
+        file_column += [file] * len(file_names)
         if file_meta is not None:
-            file_metadata[file] = file_meta  # type: ignore[assignment]
+            file_metadata[file] = file_meta
+    checkpoint = Checkpoint(
+        str(path), (names, dtypes, shapes, sizes, file_column), files, metadata, file_metadata, adapter_config
+    )
     if weight_map is not None:
-        for name, file in weight_map.items():
-            found = tensors.get(name)
-            if found is None:
-                raise ValueError(
-                    f"the index lists tensor {name!r} in {file}, but that shard does not hold it"
-                )
-            if found.file != file:
-                raise ValueError(f"the index lists tensor {name!r} in {file}, but it is in {found.file}")
+        checkpoint._check_index(weight_map)
     elif len(files) == 1 and files[0] in file_metadata:
-        metadata = file_metadata[files[0]]
-    return Checkpoint(str(path), tensors, files, metadata, file_metadata, adapter_config)
+        checkpoint.metadata = file_metadata[files[0]]
+    return checkpoint

@@ -142,17 +142,12 @@ def inspect_report(path: str) -> dict[str, object]:
         # Model state dicts carry adapter names; adapter checkpoints do not (PEFT adds them on load).
         grouped = KeyMatcher(prefixes, exact=exact, shared=tuners.SHARED_COPIES).group(keys)
         adapters = {name: found for name, found in grouped.items() if name not in ("weight", "bias")}
-    dtypes: dict[str, int] = {}
-    per_file: dict[str, int] = {}
-    for tensor in checkpoint.values():
-        dtypes[tensor.dtype] = dtypes.get(tensor.dtype, 0) + 1
-        per_file[tensor.file] = per_file.get(tensor.file, 0) + 1
     return {
         "path": path,
         "tensors": len(keys),
         "bytes": checkpoint.total_bytes,
-        "files": {file: per_file.get(file, 0) for file in checkpoint.files},
-        "dtypes": dtypes,
+        "files": checkpoint.file_counts(),
+        "dtypes": checkpoint.dtype_counts(),
         "methods": _methods_found(keys),
         "adapters": {name: len(found) for name, found in adapters.items()},
         # PEFT saves target_modules from a set: sorted, the report is stable.
