@@ -50,7 +50,7 @@ test-python: $(VENV)/.peft-installed ## pytest against the pure-Python fallback
 wheels: $(VENV)/.dev-installed ## dist/: the abi3 wheel, the sdist and the pure-Python wheel; twine check --strict
 	rm -rf dist
 	$(BIN)/maturin build --release --quiet --out dist
-	$(BIN)/maturin sdist --quiet --out dist
+	$(BIN)/maturin sdist --out dist
 	$(PY) scripts/build_pure_wheel.py --out dist
 	$(BIN)/twine check --strict dist/*
 
