@@ -47,6 +47,10 @@ test-native: build $(VENV)/.peft-installed ## pytest against the compiled extens
 test-python: $(VENV)/.peft-installed ## pytest against the pure-Python fallback
 	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q
 
+fuzz: build ## A long fuzzing run: proptest on the Rust core, hypothesis on both implementations
+	PROPTEST_CASES=200000 cargo test --release --quiet fuzz
+	FASTKEYS_FUZZ_EXAMPLES=20000 FASTKEYS_IMPLEMENTATION=rust $(PY) -m pytest -q tests/test_differential.py tests/test_checkpoint.py
+
 wheels: $(VENV)/.dev-installed ## dist/: the abi3 wheel, the sdist and the pure-Python wheel; twine check --strict
 	rm -rf dist
 	$(BIN)/maturin build --release --quiet --out dist
@@ -68,10 +72,11 @@ demo: build ## The seed scenario: what load_state_dict reports, what fastkeys ke
 docs: build $(VENV)/.peft-installed ## Regenerate the README's generated tables
 	$(PY) docs/tables.py
 
-lint: $(VENV)/.dev-installed ## ruff, mypy --strict, cargo fmt --check, cargo clippy -D warnings
+lint: build $(VENV)/.peft-installed ## ruff, mypy --strict (package and tests), stubtest, cargo fmt --check, clippy -D warnings
 	$(BIN)/ruff check python tests benches docs scripts
 	$(BIN)/ruff format --check python tests benches docs scripts
-	$(BIN)/mypy --strict python/fastkeys
+	$(BIN)/mypy --strict python/fastkeys tests
+	$(PY) -m mypy.stubtest fastkeys._native
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings
 

@@ -128,18 +128,25 @@ def cli_examples() -> str:
 
     sys.path.insert(0, str(README.parent))
     import peft
+    from tests import peft_models
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastkeys import cli
-    from tests import peft_models
 
     blocks = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         peft_models.tiny_llama().save_pretrained(root / "llama", max_shard_size="40KB")
         peft_models.save_adapter(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), root / "adapter")
-        wide = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+        wide = LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         peft_models.save_adapter(
             peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "qkv_proj"]),
             root / "other-model-adapter",

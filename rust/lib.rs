@@ -7,6 +7,9 @@ pub mod matcher;
 pub mod rename;
 pub mod safetensors;
 
+#[cfg(test)]
+mod fuzz;
+
 #[cfg(feature = "python")]
 mod py;
 #[cfg(feature = "python")]

@@ -260,12 +260,16 @@ impl PyKeyMatcher {
         adapter_name: &Bound<'py, PyString>,
     ) -> PyResult<Bound<'py, PyList>> {
         let name = KeyBytes::of(adapter_name)?;
-        self.rename(keys, |key, out| rename::insert_adapter_name_into(&self.matcher, key, name.bytes(), out))
+        self.rename(keys, |key, out| {
+            rename::insert_adapter_name_into(&self.matcher, key, name.bytes(), out)
+        })
     }
 
     /// Model keys to checkpoint keys: the adapter-name segment of each match removed.
     fn remove_adapter_name<'py>(&self, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
-        self.rename(keys, |key, out| rename::remove_adapter_name_into(&self.matcher, key, out))
+        self.rename(keys, |key, out| {
+            rename::remove_adapter_name_into(&self.matcher, key, out)
+        })
     }
 
     fn __repr__(&self) -> String {

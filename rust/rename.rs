@@ -24,7 +24,12 @@ pub fn insert_adapter_name(matcher: &Matcher, key: &[u8], name: &[u8]) -> Option
 
 /// `insert_adapter_name` into a buffer the caller reuses; false (buffer untouched) when the key
 /// stays as it is.
-pub fn insert_adapter_name_into(matcher: &Matcher, key: &[u8], name: &[u8], out: &mut Vec<u8>) -> bool {
+pub fn insert_adapter_name_into(
+    matcher: &Matcher,
+    key: &[u8],
+    name: &[u8],
+    out: &mut Vec<u8>,
+) -> bool {
     let last_dot = memchr::memrchr(b'.', key);
     let last = (last_dot.map_or(0, |dot| dot + 1), key.len());
     let second = last_dot.map(|dot| (memchr::memrchr(b'.', &key[..dot]).map_or(0, |p| p + 1), dot));

@@ -8,6 +8,13 @@ import pytest
 
 import fastkeys
 
+# `make fuzz` raises the example counts of the hypothesis tests (FASTKEYS_FUZZ_EXAMPLES).
+FUZZ_EXAMPLES = int(os.environ.get("FASTKEYS_FUZZ_EXAMPLES", "0"))
+
+
+def examples(default: int) -> int:
+    return FUZZ_EXAMPLES or default
+
 
 def pytest_report_header() -> str:
     return f"fastkeys implementation: {fastkeys.IMPLEMENTATION}"

@@ -47,7 +47,7 @@ def tiny_bert() -> Any:
             num_attention_heads=4,
             intermediate_size=64,
             max_position_embeddings=64,
-            num_labels=3,
+            num_labels=3,  # type: ignore[call-arg]  # a PretrainedConfig keyword
         )
     )
 
@@ -217,7 +217,7 @@ def survey(directory: Path, adapter_name: str, existing: dict[str, Path], scratc
     """Loads the complete checkpoint, then each one-tensor-short copy, and counts how often each
     filter gives exactly the right keys (none for the complete one, the newly missing otherwise)."""
     peft_type = peft_type_of(directory)
-    filters = {
+    filters: dict[str, Callable[[Any], list[str]]] = {
         "load_adapter": lambda raw: peft_load_adapter_filter(raw.missing_keys, adapter_name, peft_type),
         "from_pretrained": lambda raw: peft_from_pretrained_filter(raw.missing_keys, adapter_name, peft_type),
     }

@@ -16,13 +16,15 @@ from safetensors.numpy import save_file
 import fastkeys
 from fastkeys import read_keys, scan
 
+from .conftest import examples
+
 
 def write(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
     save_file(tensors, str(path), metadata=metadata)
     return path
 
 
-TENSORS = {
+TENSORS: dict[str, np.ndarray] = {
     "b.weight": np.zeros((2, 3), dtype=np.float16),
     "a.weight": np.ones((4,), dtype=np.float32),
     "c.bias": np.zeros((1, 1, 2), dtype=np.int8),
@@ -54,14 +56,14 @@ def test_no_metadata_and_empty_file(tmp_path: Path) -> None:
 
 
 def _sharded(tmp_path: Path) -> Path:
-    shards = {
+    shards: dict[str, dict[str, np.ndarray]] = {
         "model-00001-of-00002.safetensors": {
             "x.0.weight": np.zeros(2, np.float32),
             "x.1.weight": np.zeros(3, np.float32),
         },
         "model-00002-of-00002.safetensors": {"x.2.weight": np.zeros(4, np.float16)},
     }
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for file, tensors in shards.items():
         write(tmp_path / file, tensors, {"format": "np"})
         weight_map.update(dict.fromkeys(tensors, file))
@@ -224,7 +226,7 @@ def test_malformed_files_are_value_errors_naming_file_and_problem(
         scan(path)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=st.binary(max_size=64))
 def test_garbage_never_crashes(data: bytes, tmp_path_factory: pytest.TempPathFactory) -> None:
     path = tmp_path_factory.mktemp("fuzz") / "x.safetensors"

@@ -31,7 +31,9 @@ def _adapter(
 
 
 def _base(path: Path, out: int = 8, inp: int = 6) -> Path:
-    tensors = {f"layers.{i}.q_proj.weight": np.zeros((out, inp), np.float16) for i in range(2)}
+    tensors: dict[str, np.ndarray] = {
+        f"layers.{i}.q_proj.weight": np.zeros((out, inp), np.float16) for i in range(2)
+    }
     tensors["layers.0.norm.weight"] = np.zeros(inp, np.float16)
     save_file(tensors, str(path))
     return path

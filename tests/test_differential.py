@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from fastkeys import _pure, filter_missing
 from fastkeys._patterns import translate
 
+from .conftest import examples
+
 try:
     from fastkeys import _native
 except ImportError:  # pragma: no cover - only in a fallback-only install
@@ -115,7 +117,7 @@ def build(
     return module.KeyMatcher(prefixes, adapters, exact, shared, patterns)  # type: ignore[attr-defined]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     keys=st.lists(KEY, max_size=30),
     prefixes=st.lists(NAME, max_size=4),
@@ -141,7 +143,7 @@ def test_cores_agree(
     assert list(native.group(keys)) == list(pure.group(keys))  # type: ignore[attr-defined]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(key=KEY, pattern=PATTERN)
 def test_ignore_expressions_agree(key: str, pattern: str) -> None:
     for_rust, for_python = translate([pattern])
@@ -151,7 +153,7 @@ def test_ignore_expressions_agree(key: str, pattern: str) -> None:
     assert native.filter([probe]) == pure.filter([probe])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     keys=st.lists(KEY, max_size=20),
     adapter=NAME,

@@ -93,4 +93,4 @@ def test_refused_syntax_names_the_expression(pattern: str, reason: str) -> None:
 )
 def test_ignore_type_errors(ignore: object, message: str) -> None:
     with pytest.raises(TypeError, match=message):
-        filter_missing([Q], ignore=ignore)  # type: ignore[arg-type]
+        filter_missing([Q], ignore=ignore)  # type: ignore[call-overload]

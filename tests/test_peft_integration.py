@@ -10,6 +10,7 @@ fastkeys.peft.load_adapter, fastkeys.peft.from_pretrained and filter_missing on 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_ground_truth_every_method(method: str, saved: dict[str, Path], tmp_path: Path) -> None:
     directory = saved[method]
     config = fkpeft_config(directory)
-    loaders = {
+    loaders: dict[str, Callable[[Path], tuple[list[str], Any]]] = {
         # PEFT cannot mix methods in one model: the adapter already in place is of the same method.
         "load_adapter": lambda path: raw_load(path, "target", {"default": directory}),
         "from_pretrained": lambda path: pretrained_load(path, "target"),

@@ -90,10 +90,13 @@ def _peft_mapping(directory: Path, adapter_name: str) -> dict[str, str]:
     aux: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
-            for saved, loaded in module.adapter_state_dict_load_map(adapter_name).items():
+            wrapper: Any = module  # PEFT leaves this method untyped
+            for saved, loaded in wrapper.adapter_state_dict_load_map(adapter_name).items():
                 aux[f"{name}.{saved}"] = f"{name}.{loaded}"
     rest = [key for key in state if key not in aux]
-    remapped = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]._remap_adapter_state_dict_for_load(
+    tuner: Any = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
+    # Only the keys matter here: the values are never read.
+    remapped = tuner._remap_adapter_state_dict_for_load(
         model=model, config=config, adapter_name=adapter_name, state_dict=dict.fromkeys(rest)
     )
     mapping = dict(zip(rest, remapped, strict=True))

@@ -3,6 +3,11 @@
 from collections.abc import Iterable, Sequence
 from os import PathLike
 
+from typing_extensions import disjoint_base
+
+__all__ = ["KeyMatcher", "read_headers"]
+
+@disjoint_base
 class KeyMatcher:
     """The compiled engine behind `fastkeys.KeyMatcher`; arguments arrive validated."""
 
