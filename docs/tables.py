@@ -129,7 +129,6 @@ def cli_examples() -> str:
     sys.path.insert(0, str(README.parent))
     import peft
     from tests import peft_models
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastkeys import cli
 
@@ -138,19 +137,10 @@ def cli_examples() -> str:
         root = Path(scratch)
         peft_models.tiny_llama().save_pretrained(root / "llama", max_shard_size="40KB")
         peft_models.save_adapter(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), root / "adapter")
-        wide = LlamaConfig(
-            vocab_size=64,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
         peft_models.save_adapter(
             peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "qkv_proj"]),
             root / "other-model-adapter",
-            model_factory=lambda: LlamaForCausalLM(wide),
+            model_factory=lambda: peft_models.tiny_llama(hidden_size=48),
         )
         for argv in (
             ["inspect", "llama"],
@@ -165,7 +155,17 @@ def cli_examples() -> str:
     return "```\n" + "\n\n".join(blocks) + "\n```"
 
 
-TABLES = {"differences": differences_table, "peft": peft_table, "cli": cli_examples}
+def bench_table() -> str:
+    """benches/results.json (written by `make bench`) as the README's table and targets."""
+    import json
+
+    from fastkeys import bench
+
+    report = json.loads((README.parent / "benches" / "results.json").read_text(encoding="utf-8"))
+    return "```\n" + bench.format_report(report) + "\n```"
+
+
+TABLES = {"differences": differences_table, "peft": peft_table, "cli": cli_examples, "bench": bench_table}
 
 
 def render(readme: str) -> str:

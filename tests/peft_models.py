@@ -19,12 +19,13 @@ RESIZED_VOCAB = 72
 QV = ["q_proj", "v_proj"]
 
 
-def tiny_llama(resized: bool = False) -> Any:
+def tiny_llama(resized: bool = False, hidden_size: int = 32) -> Any:
+    """A 2-layer Llama built from a config (seeded); `resized` grows the vocabulary afterwards."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=VOCAB,
-            hidden_size=32,
+            hidden_size=hidden_size,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,

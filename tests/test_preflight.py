@@ -12,7 +12,6 @@ peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import fastkeys.peft as fkpeft  # noqa: E402
 from fastkeys import check_adapter, check_base, scan  # noqa: E402
@@ -89,11 +88,7 @@ def test_check_base_clean_on_the_matching_base(method: str, base_dir: Path, tmp_
 
 @pytest.mark.parametrize("method", ["lora", "dora", "adalora", "loha", "lokr"])
 def test_check_base_finds_a_differently_sized_base(method: str, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    bigger = LlamaForCausalLM(
-        LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    )  # fmt: skip
+    bigger = tiny_llama(hidden_size=48)
     base = _save_base(bigger, tmp_path / "bigger")
     adapter = save_adapter(METHOD_CONFIGS[method](), tmp_path / "adapter")
     findings = check_base(base, adapter)

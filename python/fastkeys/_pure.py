@@ -116,8 +116,10 @@ class KeyMatcher:
         prefixes, exact, shared = self._prefixes, self._exact, self._shared
         width = len(needle)
         found = []
-        # The C-level substring test rejects most keys before the loop below looks at them.
-        for key in [key for key in keys if needle in key]:
+        # The C-level substring test rejects most keys before the loop below looks at them. It
+        # looks for the bare name: a needle that starts with "." costs more, dots being common.
+        name = needle[1:]
+        for key in [key for key in keys if name in key]:
             dot = key.find(needle)
             while dot >= 0:
                 end = dot + width
