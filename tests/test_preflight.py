@@ -133,3 +133,17 @@ def test_check_base_needs_a_config(base_dir: Path, tmp_path: Path) -> None:
     (adapter / "adapter_config.json").unlink()
     with pytest.raises(ValueError, match=r"no adapter_config\.json"):
         check_base(base_dir, adapter)
+
+
+def test_check_base_follows_layers_to_transform(base_dir: Path, tmp_path: Path) -> None:
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
+    adapter = save_adapter(config, tmp_path / "adapter")
+    assert all(".layers.1." in key for key in checkpoint_keys(adapter))
+    assert check_base(base_dir, adapter) == []
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    saved["layers_to_transform"] = [0, 1]
+    (adapter / "adapter_config.json").write_text(json.dumps(saved))
+    assert {(f.kind, f.key) for f in check_base(base_dir, adapter)} == {
+        ("untrained_target", "model.layers.0.self_attn.q_proj"),
+        ("untrained_target", "model.layers.0.self_attn.v_proj"),
+    }

@@ -188,7 +188,7 @@ def check_base(
         findings += _shape_findings(module, tensors, weights[module], adapter_ckpt, family)
     targets = config.get("target_modules")
     if targets:
-        findings += _target_findings(targets, config.get("exclude_modules"), weights, modules)
+        findings += _target_findings(targets, config, weights, modules)
     return findings
 
 
@@ -272,9 +272,37 @@ def _lokr_findings(tensors: dict[str, str], adapter: Checkpoint, out: int, inp: 
     ]
 
 
+def _in_layers(config: dict[str, object], name: str) -> bool:
+    """PEFT's `layers_to_transform`/`layers_pattern` for list targets: the module's layer index
+    (the first numbered segment, or the one after a `layers_pattern`) must be listed."""
+    import re
+
+    wanted = config.get("layers_to_transform")
+    if wanted is None or wanted == []:
+        return True
+    patterns = config.get("layers_pattern") or []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    found = None
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    for pattern in patterns:  # type: ignore[attr-defined]
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        if found is not None:
+            break
+    if found is None:
+        return False
+    index = int(found.group("idx"))
+    return index == wanted if isinstance(wanted, int) else index in wanted  # type: ignore[operator]
+
+
 def _target_findings(
-    targets: object, excluded: object, weights: dict[str, tuple[int, ...]], modules: dict[str, dict[str, str]]
+    targets: object,
+    config: dict[str, object],
+    weights: dict[str, tuple[int, ...]],
+    modules: dict[str, dict[str, str]],
 ) -> list[Finding]:
+    excluded = config.get("exclude_modules")
     findings = []
     if targets == "all-linear":
         selected = [m for m, shape in weights.items() if len(shape) == 2 and _linear_like(m)]
@@ -296,6 +324,8 @@ def _target_findings(
                 )
             )
         selected = [m for m in weights if _selects(targets, m)]
+        if isinstance(targets, list):
+            selected = [m for m in selected if _in_layers(config, m)]
     if excluded:
         selected = [m for m in selected if not _selects(excluded, m)]
     trained = {module for module, tensors in modules.items() if any(tensors)}
