@@ -9,7 +9,8 @@ use crate::matcher::{Matcher, Verdict};
 use crate::rename;
 use crate::safetensors::{parse_header, read_header, Dtype};
 
-/// The rule as the fallback reads it: split on dots, walk the segments.
+/// The rule as the fallback reads it: split on dots, walk the segments (from the right: the
+/// last match wins).
 fn reference(
     key: &[u8],
     prefixes: &[Vec<u8>],
@@ -18,7 +19,7 @@ fn reference(
     shared: &[Vec<u8>],
 ) -> Option<usize> {
     let segments: Vec<&[u8]> = key.split(|&b| b == b'.').collect();
-    for i in 0..segments.len().saturating_sub(1) {
+    for i in (0..segments.len().saturating_sub(1)).rev() {
         let segment = segments[i];
         let qualifies =
             prefixes.iter().any(|p| segment.starts_with(p)) || exact.iter().any(|e| e == segment);

@@ -49,7 +49,7 @@ pub fn insert_adapter_name_into(
     true
 }
 
-/// The checkpoint key of a model key: the first match of the rule loses its adapter-name
+/// The checkpoint key of a model key: the (last) match of the rule loses its adapter-name
 /// segment (and `modules_to_save` with it; DoRA's `.weight` too). None when nothing matches.
 pub fn remove_adapter_name(matcher: &Matcher, key: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();

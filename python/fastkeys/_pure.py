@@ -78,8 +78,9 @@ class KeyMatcher:
         return self
 
     def _hit(self, segments: list[str]) -> tuple[int, int | str] | None:
-        """The first match: (index of the qualifying segment, the adapter's index or name)."""
-        for index in range(len(segments) - 1):
+        """The last match (the rightmost, as the native walk finds it): (index of the qualifying
+        segment, the adapter's index or name)."""
+        for index in range(len(segments) - 2, -1, -1):
             segment = segments[index]
             if not (segment.startswith(self._prefixes) or segment in self._exact):
                 continue
