@@ -216,3 +216,21 @@ def test_the_copy_of_peft_filter_is_faithful(method: str, saved: dict[str, Path]
         assert peft_result.missing_keys == peft_load_adapter_filter(
             records[-1].missing_keys, "default_1", peft_type
         )
+
+
+def test_load_adapter_passes_peft_arguments_through(saved: dict[str, Path]) -> None:
+    """Same arguments and side effects as PeftModel.load_adapter: config, trainability, meta-device
+    loading."""
+    model = peft.PeftModel.from_pretrained(tiny_llama(resized=True), saved["lora"], "default")
+    result = fkpeft.load_adapter(
+        model, str(saved["lora"]), "trained", is_trainable=True, low_cpu_mem_usage=True
+    )
+    assert result.missing_keys == []
+    assert model.peft_config["trained"].inference_mode is False
+    trained = [p for n, p in model.named_parameters() if ".trained." in n]
+    assert trained and all(p.requires_grad for p in trained)
+    assert all(p.device.type == "cpu" for p in trained)
+    frozen = fkpeft.load_adapter(model, str(saved["lora"]), "frozen")
+    assert frozen.missing_keys == []
+    assert model.peft_config["frozen"].inference_mode is True
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".frozen." in n)
