@@ -187,3 +187,17 @@ def test_errors_agree() -> None:
             matcher.filter(["a", b"b"])
         with pytest.raises(TypeError, match=r"^keys must be an iterable of str, not int$"):
             matcher.group(3)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    keys=st.lists(KEY, max_size=20),
+    prefixes=st.lists(NAME, max_size=3),
+    adapters=st.lists(NAME, min_size=1, max_size=12),
+    exact=st.lists(NAME, max_size=2),
+)
+def test_renaming_agrees(keys: list[str], prefixes: list[str], adapters: list[str], exact: list[str]) -> None:
+    native = build(_native, prefixes, adapters, exact, [], ([], []))
+    pure = build(_pure, prefixes, adapters, exact, [], ([], []))
+    assert native.insert_adapter_name(keys, adapters[0]) == pure.insert_adapter_name(keys, adapters[0])  # type: ignore[attr-defined]
+    assert native.remove_adapter_name(keys) == pure.remove_adapter_name(keys)  # type: ignore[attr-defined]
