@@ -9,6 +9,7 @@ start with it and are listed as exact names. Prompt-learning methods keep their 
 from __future__ import annotations
 
 import enum
+import functools
 import sys
 
 __all__ = [
@@ -127,12 +128,22 @@ def _registered_at_run_time() -> dict[str, Method]:
     mapping = getattr(mapping_module, "PEFT_TYPE_TO_PREFIX_MAPPING", None)
     if not isinstance(mapping, dict):
         return {}
-    extra: dict[str, Method] = {}
+    global _registry_seen
+    seen_mapping, seen_size, extra = _registry_seen
+    # filter_missing asks on every call; PEFT's registry only grows (re-registering a name is
+    # an error there), so its size tells whether anything changed since the last read.
+    if seen_mapping is mapping and seen_size == len(mapping):
+        return extra
+    extra = {}
     for peft_type, prefix in mapping.items():
         name = str(getattr(peft_type, "value", peft_type)).lower()
         if name not in METHODS and isinstance(prefix, str) and prefix and "." not in prefix:
             extra[name] = Method(name, prefix)
+    _registry_seen = (mapping, len(mapping), extra)
     return extra
+
+
+_registry_seen: tuple[object, int, dict[str, Method]] = (None, -1, {})
 
 
 def known_methods() -> dict[str, Method]:
@@ -161,8 +172,17 @@ def resolve(peft_type: object) -> Method | None:
 
 
 def patterns(method: Method | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The (prefixes, exact names) that select a method's tensors; None selects every method."""
-    chosen = [method] if method is not None else list(known_methods().values())
+    """The (prefixes, exact names) that select a method's tensors; None selects every method.
+    Computed once per method (and per state of PEFT's registry): filter_missing asks per call."""
+    if method is not None:
+        return _patterns((method,))
+    extra = _registered_at_run_time()
+    return _patterns(tuple(METHODS.values()) + tuple(extra.values()) if extra else ())
+
+
+@functools.lru_cache(maxsize=256)
+def _patterns(methods: tuple[Method, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    chosen = methods or tuple(METHODS.values())
     prefixes: dict[str, None] = {}
     exact: dict[str, None] = {}
     for each in chosen:
