@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from fastkeys import filter_missing, tuners
-from fastkeys.scenarios import peft_substring_filter
+from fastkeys.scenarios import peft_from_pretrained_filter, peft_substring_filter
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -47,20 +47,6 @@ DIFFERENCES = [
 ]
 
 
-def peft_from_pretrained(key: str, adapter_name: str, method: str) -> bool:
-    """PEFT 0.21's `from_pretrained`: `load_adapter`'s loop, then `is_shared_parameter`."""
-    prefix = tuners.METHODS[method].prefix
-    if not peft_substring_filter([key], adapter_name, prefix, method.upper()):
-        return False
-    if "vblora_vector_bank" in key or "prompt_encoder" in key or ".tinylora_v." in key:
-        return False
-    return not (
-        method == "unilora"
-        and ".unilora_theta_d." in key
-        and not key.startswith("base_model.unilora_theta_d.")
-    )
-
-
 def _yes(value: bool) -> str:
     return "yes" if value else "no"
 
@@ -73,7 +59,7 @@ def differences_table() -> str:
     for key, adapter, method, why in DIFFERENCES:
         prefix = tuners.METHODS[method].prefix
         load_adapter = bool(peft_substring_filter([key], adapter, prefix, method.upper()))
-        pretrained = peft_from_pretrained(key, adapter, method)
+        pretrained = bool(peft_from_pretrained_filter([key], adapter, prefix, method.upper()))
         ours = bool(filter_missing([key], adapter, method))
         shown = key.replace(LAYER, "…q_proj").replace(MLP, "…mlp.down_proj")
         rows.append(

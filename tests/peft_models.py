@@ -189,29 +189,19 @@ def load_or_refusal(load: Callable[..., Any], *args: Any) -> Any:
 
 def peft_load_adapter_filter(missing: list[str], adapter_name: str, peft_type: str) -> list[str]:
     """PEFT 0.21's filter in `load_adapter` (a faithful copy, checked against PEFT in the tests)."""
-    from fastkeys import tuners
-    from fastkeys.scenarios import peft_substring_filter
+    from fastkeys import scenarios, tuners
 
-    return peft_substring_filter(missing, adapter_name, tuners.METHODS[peft_type.lower()].prefix, peft_type)
+    return scenarios.peft_substring_filter(
+        missing, adapter_name, tuners.METHODS[peft_type.lower()].prefix, peft_type
+    )
 
 
 def peft_from_pretrained_filter(missing: list[str], adapter_name: str, peft_type: str) -> list[str]:
     """PEFT 0.21's `from_pretrained`: `load_adapter`'s filter, then its `is_shared_parameter`."""
-    kept = peft_load_adapter_filter(missing, adapter_name, peft_type)
-    return [
-        key
-        for key in kept
-        if not (
-            "vblora_vector_bank" in key
-            or "prompt_encoder" in key
-            or ".tinylora_v." in key
-            or (
-                peft_type == "UNILORA"
-                and ".unilora_theta_d." in key
-                and not key.startswith("base_model.unilora_theta_d.")
-            )
-        )
-    ]
+    from fastkeys import scenarios, tuners
+
+    prefix = tuners.METHODS[peft_type.lower()].prefix
+    return scenarios.peft_from_pretrained_filter(missing, adapter_name, prefix, peft_type)
 
 
 def survey(directory: Path, adapter_name: str, existing: dict[str, Path], scratch: Path) -> dict[str, int]:

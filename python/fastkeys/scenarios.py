@@ -13,6 +13,7 @@ __all__ = [
     "adapter_keys",
     "base_keys",
     "model_keys",
+    "peft_from_pretrained_filter",
     "peft_substring_filter",
 ]
 
@@ -73,3 +74,24 @@ def peft_substring_filter(
                 continue
             adapter_missing_keys.append(key)
     return adapter_missing_keys
+
+
+def peft_from_pretrained_filter(
+    missing_keys: Sequence[str], adapter_name: str, tuner_prefix: str, tuner: str = "LORA"
+) -> list[str]:
+    """What PEFT 0.21's `PeftModel.from_pretrained` warns about: `load_adapter`'s loop, then a
+    faithful copy of its `is_shared_parameter`."""
+    return [
+        key
+        for key in peft_substring_filter(missing_keys, adapter_name, tuner_prefix, tuner)
+        if not (
+            "vblora_vector_bank" in key
+            or "prompt_encoder" in key
+            or ".tinylora_v." in key
+            or (
+                tuner == "UNILORA"
+                and ".unilora_theta_d." in key
+                and not key.startswith("base_model.unilora_theta_d.")
+            )
+        )
+    ]
