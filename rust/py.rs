@@ -240,9 +240,7 @@ impl PyKeyMatcher {
                             return list.append(key);
                         }
                         let list = PyList::new(py, [key])?;
-                        let text = PyBytes::new(py, name)
-                            .call_method1("decode", ("utf-8", "surrogatepass"))?;
-                        groups.set_item(text, &list)?;
+                        groups.set_item(string_from_wtf8(py, name)?, &list)?;
                         lists.insert(name.to_vec(), list);
                     }
                     Ok(())
@@ -261,14 +259,14 @@ impl PyKeyMatcher {
     ) -> PyResult<Bound<'py, PyList>> {
         let name = KeyBytes::of(adapter_name)?;
         self.rename(keys, |key, out| {
-            rename::insert_adapter_name_into(&self.matcher, key, name.bytes(), out)
+            rename::insert_adapter_name(&self.matcher, key, name.bytes(), out)
         })
     }
 
     /// Model keys to checkpoint keys: the adapter-name segment of each match removed.
     fn remove_adapter_name<'py>(&self, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
         self.rename(keys, |key, out| {
-            rename::remove_adapter_name_into(&self.matcher, key, out)
+            rename::remove_adapter_name(&self.matcher, key, out)
         })
     }
 

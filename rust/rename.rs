@@ -13,23 +13,12 @@ const DORA_MAGNITUDE: &[u8] = b"lora_magnitude_vector";
 /// `M.modules_to_save.<name>.weight` in the model is saved as `M.weight`.
 const MODULES_TO_SAVE: &[u8] = b"modules_to_save";
 
-/// The model key of a checkpoint key: the adapter name goes after the segment that holds the
-/// adapter tensor, which is the last or the second-to-last one (`L.lora_embedding_A`,
-/// `L.lora_A.weight`, `base_model.tinylora_v.0`). None when no such segment qualifies: the key
-/// is not an adapter tensor and stays as it is.
-pub fn insert_adapter_name(matcher: &Matcher, key: &[u8], name: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    insert_adapter_name_into(matcher, key, name, &mut out).then_some(out)
-}
-
-/// `insert_adapter_name` into a buffer the caller reuses; false (buffer untouched) when the key
-/// stays as it is.
-pub fn insert_adapter_name_into(
-    matcher: &Matcher,
-    key: &[u8],
-    name: &[u8],
-    out: &mut Vec<u8>,
-) -> bool {
+/// The model key of a checkpoint key, written into `out` (a buffer the caller reuses): the
+/// adapter name goes after the segment that holds the adapter tensor, which is the last or the
+/// second-to-last one (`L.lora_embedding_A`, `L.lora_A.weight`, `base_model.tinylora_v.0`).
+/// False, with `out` untouched, when no such segment qualifies: the key is not an adapter tensor
+/// and stays as it is.
+pub fn insert_adapter_name(matcher: &Matcher, key: &[u8], name: &[u8], out: &mut Vec<u8>) -> bool {
     let last_dot = memchr::memrchr(b'.', key);
     let last = (last_dot.map_or(0, |dot| dot + 1), key.len());
     let second = last_dot.map(|dot| (memchr::memrchr(b'.', &key[..dot]).map_or(0, |p| p + 1), dot));
@@ -49,15 +38,10 @@ pub fn insert_adapter_name_into(
     true
 }
 
-/// The checkpoint key of a model key: the (last) match of the rule loses its adapter-name
-/// segment (and `modules_to_save` with it; DoRA's `.weight` too). None when nothing matches.
-pub fn remove_adapter_name(matcher: &Matcher, key: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    remove_adapter_name_into(matcher, key, &mut out).then_some(out)
-}
-
-/// `remove_adapter_name` into a buffer the caller reuses; false when nothing matches.
-pub fn remove_adapter_name_into(matcher: &Matcher, key: &[u8], out: &mut Vec<u8>) -> bool {
+/// The checkpoint key of a model key, written into `out`: the (last) match of the rule loses its
+/// adapter-name segment (and `modules_to_save` with it; DoRA's `.weight` too). False when
+/// nothing matches.
+pub fn remove_adapter_name(matcher: &Matcher, key: &[u8], out: &mut Vec<u8>) -> bool {
     let Some(hit) = matcher.find(key) else {
         return false;
     };
@@ -71,7 +55,6 @@ pub fn remove_adapter_name_into(matcher: &Matcher, key: &[u8], out: &mut Vec<u8>
     } else {
         (hit.adapter.start - 1, hit.adapter.end)
     };
-    let cut_to = cut_to.min(key.len());
     out.clear();
     out.extend_from_slice(&key[..cut_from]);
     out.extend_from_slice(&key[cut_to..]);
@@ -98,13 +81,24 @@ mod tests {
     }
 
     fn insert(key: &str, name: &str) -> String {
-        insert_adapter_name(&matcher(name), key.as_bytes(), name.as_bytes())
-            .map_or_else(|| key.to_owned(), |k| String::from_utf8(k).expect("utf8"))
+        let mut out = Vec::new();
+        let changed =
+            insert_adapter_name(&matcher(name), key.as_bytes(), name.as_bytes(), &mut out);
+        if changed {
+            String::from_utf8(out).expect("utf8")
+        } else {
+            key.to_owned()
+        }
     }
 
     fn remove(key: &str, name: &str) -> String {
-        remove_adapter_name(&matcher(name), key.as_bytes())
-            .map_or_else(|| key.to_owned(), |k| String::from_utf8(k).expect("utf8"))
+        let mut out = Vec::new();
+        let changed = remove_adapter_name(&matcher(name), key.as_bytes(), &mut out);
+        if changed {
+            String::from_utf8(out).expect("utf8")
+        } else {
+            key.to_owned()
+        }
     }
 
     #[test]
