@@ -69,10 +69,11 @@ class KeyMatcher:
             for name in adapter_names:
                 self._adapters.setdefault(name, len(self._adapters))
         self._ignore = [re.compile(pattern) for pattern in ignore]
-        # Substrings every matching key contains: "." + an adapter name, else a prefix.
+        # Substrings every matching key contains: an adapter name, else a prefix. (The bare name:
+        # a needle that starts with "." costs more, dots being everywhere in keys.)
         self._needles = None
         if self._adapters is not None and len(self._adapters) <= _MAX_NEEDLES:
-            self._needles = tuple("." + name for name in self._adapters)
+            self._needles = tuple(self._adapters)
         elif len(self._prefixes) + len(self._exact) <= _MAX_NEEDLES:
             self._needles = self._prefixes + tuple(self._exact)
         return self
@@ -111,16 +112,16 @@ class KeyMatcher:
             return [key for key in keys if needle in key]
         return [key for key in keys if any(needle in key for needle in needles)]
 
-    def _single_name(self, keys: Sequence[str], needle: str) -> list[str]:
+    def _single_name(self, keys: Sequence[str], name: str) -> list[str]:
         """`filter` for one adapter name: find `.name`, then check the segment before it. The
-        same rule as `_hit`, read from the name's side like the native name-first strategy."""
+        same rule as `_hit`, read from the name's side like the native name-first strategy, and
+        written out inline: this loop is the fallback's hot path."""
         prefixes, exact, shared = self._prefixes, self._exact, self._shared
+        needle = "." + name
         width = len(needle)
         found = []
-        # The C-level substring test rejects most keys before the loop below looks at them. It
-        # looks for the bare name: a needle that starts with "." costs more, dots being common.
-        name = needle[1:]
-        for key in [key for key in keys if name in key]:
+        # The C-level substring test rejects most keys before the loop looks at them.
+        for key in self._candidates(keys):
             dot = key.find(needle)
             while dot >= 0:
                 end = dot + width
@@ -138,7 +139,7 @@ class KeyMatcher:
     def filter(self, keys: Iterable[str]) -> list[str]:
         keys = _key_list(keys)
         if self._adapters is not None and len(self._adapters) == 1:
-            found = self._single_name(keys, "." + next(iter(self._adapters)))
+            found = self._single_name(keys, next(iter(self._adapters)))
         else:
             verdict = self._verdict
             found = [key for key in self._candidates(keys) if verdict(key) is not None]
