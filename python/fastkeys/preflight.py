@@ -87,20 +87,22 @@ _EMBEDDING_SHAPES: dict[str, tuple[str | int, str | int]] = {
 _LORA_FAMILY = {"lora", "adalora", "loha", "lokr"}
 
 
-def _adapter_modules(
-    keys: list[str], prefixes: tuple[str, ...], exact: tuple[str, ...]
-) -> dict[str, dict[str, str]]:
-    """module -> {tensor segment: checkpoint key}; keys with no adapter segment are saved modules
-    (modules_to_save), listed under their own module with the tensor segment ''."""
+# An adapter "name" no key holds: insert_adapter_name marks where each tensor segment ends.
+_MARK = "\x00"
+
+
+def _adapter_modules(keys: list[str], method: object) -> dict[str, dict[str, str]]:
+    """module -> {tensor segment: checkpoint key}, with the tensor segment found as
+    insert_adapter_name finds it; keys with none are saved modules (modules_to_save), listed under
+    their own module with the tensor segment ''."""
     modules: dict[str, dict[str, str]] = {}
-    for key in keys:
-        segments = key.removeprefix(_PEFT_PREFIX).split(".")
-        for index in (len(segments) - 1, len(segments) - 2):
-            if index >= 0 and (segments[index].startswith(prefixes) or segments[index] in exact):
-                modules.setdefault(".".join(segments[:index]), {})[segments[index]] = key
-                break
+    for key, marked in zip(keys, insert_adapter_name(keys, _MARK, method), strict=True):
+        if marked is key:
+            module, _, _ = key.removeprefix(_PEFT_PREFIX).rpartition(".")
+            modules.setdefault(module, {})[""] = key
         else:
-            modules.setdefault(".".join(segments[:-1]), {})[""] = key
+            module, _, tensor = marked.partition("." + _MARK)[0].removeprefix(_PEFT_PREFIX).rpartition(".")
+            modules.setdefault(module, {})[tensor] = key
     return modules
 
 
@@ -165,14 +167,13 @@ def check_base(
             f"{adapter_ckpt.path}: no adapter_config.json; check_base needs the adapter's config"
         )
     method = tuners.resolve(config.get("peft_type"))
-    prefixes, exact = tuners.patterns(method)
     weights = {
         name[: -len(".weight")]: tensor.shape
         for name, tensor in base_ckpt.items()
         if name.endswith(".weight")
     }
     findings: list[Finding] = []
-    modules = _adapter_modules(list(adapter_ckpt), prefixes, exact)
+    modules = _adapter_modules(list(adapter_ckpt), config.get("peft_type"))
     # Model-level tensors (`base_model.vera_A`) belong to the tuner, not to a base module.
     unmatched = [module for module in modules if module not in ("", "base_model") and module not in weights]
     for module in unmatched:
