@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._engine import core
 
@@ -19,31 +19,14 @@ __all__ = ["Checkpoint", "Tensor", "read_keys", "scan"]
 _BATCH = 16  # files per progress step
 
 
-class Tensor:
+class Tensor(NamedTuple):
     """A tensor as its header describes it."""
 
-    __slots__ = ("dtype", "file", "name", "nbytes", "shape")
-
-    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int, file: str) -> None:
-        self.name = name
-        self.dtype = dtype
-        self.shape = shape
-        self.nbytes = nbytes
-        self.file = file
-
-    def __repr__(self) -> str:
-        return f"Tensor({self.name!r}, {self.dtype}, {list(self.shape)}, {self.nbytes} bytes, {self.file!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Tensor) and (self.name, self.dtype, self.shape, self.nbytes, self.file) == (
-            other.name,
-            other.dtype,
-            other.shape,
-            other.nbytes,
-            other.file,
-        )
-
-    __hash__ = None  # type: ignore[assignment]
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str
 
 
 class Checkpoint(Mapping[str, Tensor]):
