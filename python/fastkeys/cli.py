@@ -110,17 +110,19 @@ def _progress() -> Callable[[int, int], None] | None:
 
 
 def _methods_found(keys: Sequence[str]) -> dict[str, int]:
-    """Keys per PEFT method prefix, by the segment rule (`randlora_A` is not `lora_`)."""
+    """Keys per PEFT method prefix, by the segment rule (`randlora_A` is not `lora_`) and, like
+    the matcher, the last qualifying segment of a key."""
     from . import tuners
 
-    prefixes = sorted(
-        {m.prefix for m in tuners.METHODS.values() if not m.prompt_learning}, key=len, reverse=True
+    prefixes = tuple(
+        sorted({m.prefix for m in tuners.METHODS.values() if not m.prompt_learning}, key=len, reverse=True)
     )
     counts: dict[str, int] = {}
     for key in keys:
-        for segment in key.split("."):
-            prefix = next((p for p in prefixes if segment.startswith(p)), None)
-            if prefix is not None:
+        for segment in reversed(key.split(".")):
+            # One C-level test per segment; which prefix it was is asked only on a hit.
+            if segment.startswith(prefixes):
+                prefix = next(p for p in prefixes if segment.startswith(p))
                 counts[prefix] = counts.get(prefix, 0) + 1
                 break
     names: dict[str, list[str]] = {}
