@@ -111,4 +111,4 @@ def test_python_dash_m_and_demo() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "fastkeys.filter_missing keeps 0: nothing is wrong" in done.stdout
-    assert "PEFT's substring loop" in done.stdout
+    assert "PEFT loop" in done.stdout and "fastkeys (python)" in done.stdout

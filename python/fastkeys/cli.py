@@ -3,29 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 from . import IMPLEMENTATION, filter_missing, scenarios
-
-
-def _best_of(runs: int, work: Callable[[], object]) -> float:
-    """The fastest of `runs` timings of `work`, in seconds, with the collector paused."""
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        best = float("inf")
-        for _ in range(runs):
-            start = time.perf_counter()
-            work()
-            best = min(best, time.perf_counter() - start)
-        return best
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _show(keys: Sequence[str], limit: int = 4) -> None:
@@ -70,30 +51,19 @@ def demo(layers: int = 32, serving_adapters: int = 900) -> None:
     target = names[len(names) // 2]
     print(
         f"\nServing: a Llama-70B-shaped model (80 layers) holding {serving_adapters} adapters; "
-        f"loading '{target}', {len(serving):,} missing keys. Best of 5:"
+        f"loading '{target}', {len(serving):,} missing keys. Median of 5 interleaved rounds:"
     )
-    from . import _pure
+    from . import bench
 
-    contenders: list[tuple[str, Callable[[], object]]] = []
-    try:
-        from . import _native
-    except ImportError:
+    contenders, _exact = bench.filter_contenders(serving, target, slow=False)
+    if "fastkeys (rust)" not in contenders:
         print("  (the compiled extension is not built: `make build`)")
-    else:
-        native = _native.KeyMatcher(["lora_"], [target], [], [], [])
-        contenders.append(("fastkeys (rust)", lambda: native.filter(serving)))
-    pure = _pure.KeyMatcher(["lora_"], [target], [], [], [])
-    contenders.append(("fastkeys (pure Python)", lambda: pure.filter(serving)))
-    contenders.append(
-        ("PEFT's substring loop", lambda: scenarios.peft_substring_filter(serving, target, "lora_"))
-    )
-    contenders.append(("[k for k in keys] (floor)", lambda: [k for k in serving]))
-    timings = [(label, _best_of(5, work)) for label, work in contenders]
-    reference = timings[0][1]
-    for label, seconds in timings:
+    seconds, _answers = bench._measure(contenders, rounds=5)
+    reference = next(iter(seconds.values()))
+    for label, taken in seconds.items():
         print(
-            f"  {label:<27} {seconds * 1e3:8.2f} ms  {seconds * 1e9 / len(serving):6.1f} ns/key"
-            f"  {seconds / reference:5.2f}x"
+            f"  {label:<27} {taken * 1e3:8.2f} ms  {taken * 1e9 / len(serving):6.1f} ns/key"
+            f"  {taken / reference:5.2f}x"
         )
 
 
