@@ -64,7 +64,7 @@ test-wheels: wheels ## Install each artifact into a fresh virtual environment an
 test: test-rust test-native test-python test-wheels ## Everything CI runs: cargo test, pytest under both implementations, the wheels
 
 bench: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## The full benchmark suite: table, benches/results.json, docs/bench.png
-	$(PY) benches/run.py
+	$(PY) -m benches.run --full
 
 demo: build ## The seed scenario: what load_state_dict reports, what fastkeys keeps, and the timing
 	$(PY) -m fastkeys demo

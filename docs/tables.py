@@ -145,10 +145,11 @@ def bench_table() -> str:
     """benches/results.json (written by `make bench`) as the README's table and targets."""
     import json
 
-    from fastkeys import bench
+    sys.path.insert(0, str(README.parent))
+    from benches import suite
 
     report = json.loads((README.parent / "benches" / "results.json").read_text(encoding="utf-8"))
-    return "```\n" + bench.format_report(report) + "\n```"
+    return "```\n" + suite.format_report(report) + "\n```"
 
 
 TABLES = {"differences": differences_table, "peft": peft_table, "cli": cli_examples, "bench": bench_table}

@@ -5,8 +5,9 @@ No timing is asserted here (these machines are shared and noisy); `make bench` m
 from __future__ import annotations
 
 import pytest
+from benches import suite as bench
 
-from fastkeys import bench, scenarios
+from fastkeys import scenarios
 
 
 def test_quick_suite_runs_and_every_exact_contender_agrees() -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import fastkeys
 from fastkeys import cli
 
 
@@ -111,4 +112,15 @@ def test_python_dash_m_and_demo() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "fastkeys.filter_missing keeps 0: nothing is wrong" in done.stdout
-    assert "PEFT loop" in done.stdout and "fastkeys (python)" in done.stdout
+    timing = done.stdout.split("Median of 5 interleaved rounds:", 1)[1].splitlines()
+    labels = [line.split("  ")[1].strip() for line in timing if "ns/key" in line]
+    assert labels == ["fastkeys.filter_missing", "PEFT's substring loop", "floor: [k for k in keys]"]
+    assert f"implementation: {fastkeys.IMPLEMENTATION}" in done.stdout
+
+
+def test_the_benchmark_suite_is_not_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """The suite lives in benches/ (a source checkout), not in the installed package."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["bench"])
+    assert stopped.value.code == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err

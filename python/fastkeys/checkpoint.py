@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from ._engine import core
 
@@ -114,20 +114,15 @@ def read_keys(path: str | os.PathLike[str]) -> list[str]:
     return names  # type: ignore[no-any-return]
 
 
-HeaderReader = Callable[[list[str]], Any]
-
-
 Header = tuple[list[str], list[str], list[tuple[int, ...]], list[int], "dict[str, str] | None", int]
 
 
-def _read(
-    files: list[str], progress: Callable[[int, int], None] | None, read_headers: HeaderReader
-) -> list[Header]:
+def _read(files: list[str], progress: Callable[[int, int], None] | None) -> list[Header]:
     if progress is None or len(files) <= _BATCH:
-        return list(read_headers(files))
+        return list(core.read_headers(files))
     headers: list[Header] = []
     for start in range(0, len(files), _BATCH):
-        headers += read_headers(files[start : start + _BATCH])
+        headers += core.read_headers(files[start : start + _BATCH])
         progress(len(headers), len(files))
     return headers
 
@@ -189,12 +184,6 @@ def scan(path: str | os.PathLike[str], *, progress: Callable[[int, int], None] |
 
     Raises FileNotFoundError/OSError for files that cannot be read and ValueError for malformed
     ones or an inconsistent index (a listed tensor its shard lacks, a tensor in two shards)."""
-    return _scan(path, progress, core.read_headers)
-
-
-def _scan(
-    path: str | os.PathLike[str], progress: Callable[[int, int], None] | None, read_headers: HeaderReader
-) -> Checkpoint:
     root = Path(path)
     adapter_config = None
     weight_map: dict[str, str] | None = None
@@ -210,7 +199,7 @@ def _scan(
         files, index = [str(root)], None
     if index is not None:
         files, weight_map, metadata = _index_files(index)
-    headers = _read(files, progress, read_headers)
+    headers = _read(files, progress)
     names: list[str] = []
     dtypes: list[str] = []
     shapes: list[tuple[int, ...]] = []

@@ -1,4 +1,4 @@
-"""The benchmark suite behind `fastkeys bench` and `make bench`.
+"""The benchmark suite behind `make bench` (`python -m benches.run`); not part of the package.
 
 Every scenario runs all of its contenders in one process, interleaved, for several rounds with
 the garbage collector paused, and reports the median. Before timing, every exact contender's
@@ -8,8 +8,8 @@ a Llama-70B-shaped model (80 layers; q, k, v, o, gate, up, down) with LoRA adapt
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import json
 import os
 import platform
 import re
@@ -19,11 +19,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from . import _pure, scenarios, tuners
+from fastkeys import _pure, checkpoint, scenarios, tuners
 
 LAYERS = 80
 PREFIX = "lora_"
@@ -38,7 +37,7 @@ def _installed(module: str) -> bool:
 
 def _native() -> Any:
     try:
-        from . import _native
+        from fastkeys import _native
     except ImportError:
         return None
     return _native
@@ -348,11 +347,26 @@ def run(
     return {"machine": _machine(), "rounds": rounds, "results": results}
 
 
+@contextlib.contextmanager
+def _engine(module: Any) -> Iterator[None]:
+    """`fastkeys.scan` reading headers with the given engine, whichever one the process chose:
+    both are timed in one run, through the function users call."""
+    chosen = checkpoint.core
+    checkpoint.core = module
+    try:
+        yield
+    finally:
+        checkpoint.core = chosen
+
+
+def _scan_with(module: Any, path: str) -> checkpoint.Checkpoint:
+    with _engine(module):
+        return checkpoint.scan(path)
+
+
 def _headers(shards: int, per_shard: int, rounds: int) -> dict[str, Any]:
     import numpy as np
     from safetensors.numpy import save_file
-
-    from .checkpoint import _scan
 
     with tempfile.TemporaryDirectory() as scratch:
         files = []
@@ -366,8 +380,8 @@ def _headers(shards: int, per_shard: int, rounds: int) -> dict[str, Any]:
         contenders: dict[str, Contender] = {}
         native = _native()
         if native is not None:
-            contenders["fastkeys (rust)"] = lambda: _scan(scratch, None, native.read_headers)
-        contenders["fastkeys (python)"] = lambda: _scan(scratch, None, _pure.read_headers)
+            contenders["fastkeys (rust)"] = lambda: _scan_with(native, scratch)
+        contenders["fastkeys (python)"] = lambda: _scan_with(_pure, scratch)
         contenders["safe_open loop"] = lambda: safe_open_loop(files)
 
         def summary(found: Any) -> list[tuple[str, str, list[int]]]:
@@ -541,25 +555,3 @@ def format_report(report: dict[str, Any]) -> str:
         shown = "n/a" if value is None else f"{value:.3g}"
         lines.append(f"  [{'met ' if met else 'MISS'}] {description}: {shown}")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="fastkeys bench", description=__doc__)
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes, one round: check that contenders agree"
-    )
-    parser.add_argument(
-        "--full", action="store_true", help="also the scale curve (10k-5M keys), headers on 256 shards"
-    )
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    args = parser.parse_args(argv)
-    report = run(
-        quick=args.quick, full=args.full, rounds=args.rounds, log=lambda s: print(f"... {s}", file=sys.stderr)
-    )
-    print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0
