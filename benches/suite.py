@@ -45,8 +45,10 @@ def _native() -> Any:
 
 def _matcher(module: Any, names: Sequence[str]) -> Any:
     """The core matcher `filter_missing(..., peft_type="lora")` builds, from a given core."""
-    prefixes, exact = tuners.patterns(tuners.resolve("lora"))
-    return module.KeyMatcher(list(prefixes), list(names), list(exact), list(tuners.SHARED_COPIES), [])
+    prefixes, exact, shared, suffixes = tuners.patterns(tuners.resolve("lora"))
+    return module.KeyMatcher(
+        list(prefixes), list(names), list(exact), list(shared), [], list(tuners.WRAPPERS), list(suffixes)
+    )
 
 
 # --- the alternatives -----------------------------------------------------------------------

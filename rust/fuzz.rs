@@ -148,8 +148,12 @@ proptest! {
             let got = match prefix_first.classify(key, || None) { Verdict::Named(i) => Some(i), _ => None };
             prop_assert_eq!(got.map(|i| padded.iter().position(|n| *n == padded[i]).unwrap_or(i)), expected);
             let mut out = Vec::new();
-            rename::insert_adapter_name(&name_first, key, &names[0], &mut out);
-            if rename::remove_adapter_name(&name_first, key, &mut out) {
+            let renames = rename::Renames::new(
+                [b"modules_to_save".as_slice()],
+                [(b"lora_magnitude_vector".as_slice(), b"weight".as_slice())],
+            ).expect("valid");
+            rename::insert_adapter_name(&name_first, &renames, key, &names[0], &mut out);
+            if rename::remove_adapter_name(&name_first, &renames, key, &mut out) {
                 prop_assert!(out.len() < key.len());
             }
         }

@@ -231,7 +231,7 @@ pub struct Matcher {
     ignore: Option<RegexSet>,
 }
 
-fn check_names<'a>(
+pub(crate) fn check_names<'a>(
     what: &'static str,
     names: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<Vec<Box<[u8]>>, BuildError> {

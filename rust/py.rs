@@ -13,13 +13,14 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::matcher::{wtf8_lossy, Matcher, Verdict};
-use crate::rename;
+use crate::rename::{self, Renames};
 
 /// The compiled engine behind `fastkeys.KeyMatcher`. Arguments arrive validated by the Python
 /// layer (`fastkeys._validate`); the core checks them again and never panics on bad ones.
 #[pyclass(module = "fastkeys._native", name = "KeyMatcher", subclass, frozen)]
 pub struct PyKeyMatcher {
     matcher: Matcher,
+    renames: Renames,
     /// The adapter names as given, reused as the keys of `group`'s dict.
     adapter_names: Option<Vec<Py<PyString>>>,
 }
@@ -159,13 +160,16 @@ impl PyKeyMatcher {
 #[pymethods]
 impl PyKeyMatcher {
     #[new]
-    #[pyo3(signature = (prefixes, adapter_names, exact, shared, ignore))]
+    #[pyo3(signature = (prefixes, adapter_names, exact, shared, ignore, wrappers, suffixes))]
+    #[allow(clippy::too_many_arguments)] // the Python constructor's arguments, one by one
     fn new(
         prefixes: Vec<Bound<'_, PyString>>,
         adapter_names: Option<Vec<Bound<'_, PyString>>>,
         exact: Vec<Bound<'_, PyString>>,
         shared: Vec<Bound<'_, PyString>>,
         ignore: Vec<String>,
+        wrappers: Vec<Bound<'_, PyString>>,
+        suffixes: Vec<(Bound<'_, PyString>, Bound<'_, PyString>)>,
     ) -> PyResult<Self> {
         let prefix_bytes = name_bytes("prefixes", &prefixes)?;
         let exact_bytes = name_bytes("exact", &exact)?;
@@ -185,10 +189,23 @@ impl PyKeyMatcher {
             &ignore,
         )
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let wrapper_bytes = name_bytes("wrappers", &wrappers)?;
+        let (segments, parameters): (Vec<_>, Vec<_>) = suffixes.into_iter().unzip();
+        let segment_bytes = name_bytes("suffixes", &segments)?;
+        let parameter_bytes = name_bytes("suffixes", &parameters)?;
+        let renames = Renames::new(
+            wrapper_bytes.iter().map(KeyBytes::bytes),
+            segment_bytes
+                .iter()
+                .map(KeyBytes::bytes)
+                .zip(parameter_bytes.iter().map(KeyBytes::bytes)),
+        )
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
         let adapter_names =
             adapter_names.map(|names| names.into_iter().map(Bound::unbind).collect());
         Ok(PyKeyMatcher {
             matcher,
+            renames,
             adapter_names,
         })
     }
@@ -259,14 +276,14 @@ impl PyKeyMatcher {
     ) -> PyResult<Bound<'py, PyList>> {
         let name = KeyBytes::of(adapter_name)?;
         self.rename(keys, |key, out| {
-            rename::insert_adapter_name(&self.matcher, key, name.bytes(), out)
+            rename::insert_adapter_name(&self.matcher, &self.renames, key, name.bytes(), out)
         })
     }
 
     /// Model keys to checkpoint keys: the adapter-name segment of each match removed.
     fn remove_adapter_name<'py>(&self, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
         self.rename(keys, |key, out| {
-            rename::remove_adapter_name(&self.matcher, key, out)
+            rename::remove_adapter_name(&self.matcher, &self.renames, key, out)
         })
     }
 

@@ -5,25 +5,67 @@
 //! adapter name. Both directions use the matcher's segment rule, so a module whose name contains
 //! a prefix, a tensor name or the adapter name is never touched by accident.
 
-use crate::matcher::Matcher;
+use crate::matcher::{check_names, BuildError, Matcher};
 
-/// DoRA's magnitude is saved as `L.lora_magnitude_vector` but lives at
-/// `L.lora_magnitude_vector.<name>.weight` in the model (PEFT's LoRA remaps it both ways).
-const DORA_MAGNITUDE: &[u8] = b"lora_magnitude_vector";
-/// `M.modules_to_save.<name>.weight` in the model is saved as `M.weight`.
-const MODULES_TO_SAVE: &[u8] = b"modules_to_save";
+/// A name within one segment, owned.
+type Name = Box<[u8]>;
+
+/// The key rewrites a PEFT method's save and load perform beyond the adapter name, as data
+/// (`fastkeys.tuners` owns them; see each method's record there).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Renames {
+    /// Segments that wrap a whole module copy: `M.modules_to_save.<name>.weight` in the model is
+    /// saved as `M.weight`, so the segment goes together with the name.
+    wrappers: Vec<Name>,
+    /// (segment, parameter): the model holds `L.<segment>.<name>.<parameter>` where the
+    /// checkpoint holds `L.<segment>` (DoRA's `lora_magnitude_vector` and `weight`).
+    suffixes: Vec<(Name, Name)>,
+}
+
+impl Renames {
+    pub fn new<'a>(
+        wrappers: impl IntoIterator<Item = &'a [u8]>,
+        suffixes: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<Self, BuildError> {
+        let (segments, parameters): (Vec<&[u8]>, Vec<&[u8]>) = suffixes.into_iter().unzip();
+        Ok(Renames {
+            wrappers: check_names("wrappers", wrappers)?,
+            suffixes: check_names("suffixes", segments)?
+                .into_iter()
+                .zip(check_names("suffixes", parameters)?)
+                .collect(),
+        })
+    }
+
+    fn is_wrapper(&self, segment: &[u8]) -> bool {
+        self.wrappers.iter().any(|wrapper| **wrapper == *segment)
+    }
+
+    fn suffix_of(&self, segment: &[u8]) -> Option<&[u8]> {
+        self.suffixes
+            .iter()
+            .find(|(name, _)| **name == *segment)
+            .map(|(_, parameter)| &**parameter)
+    }
+}
 
 /// The model key of a checkpoint key, written into `out` (a buffer the caller reuses): the
 /// adapter name goes after the segment that holds the adapter tensor, which is the last or the
 /// second-to-last one (`L.lora_embedding_A`, `L.lora_A.weight`, `base_model.tinylora_v.0`).
 /// False, with `out` untouched, when no such segment qualifies: the key is not an adapter tensor
-/// and stays as it is.
-pub fn insert_adapter_name(matcher: &Matcher, key: &[u8], name: &[u8], out: &mut Vec<u8>) -> bool {
+/// and stays as it is. A wrapper segment never takes the name: its checkpoint keys do not show it.
+pub fn insert_adapter_name(
+    matcher: &Matcher,
+    renames: &Renames,
+    key: &[u8],
+    name: &[u8],
+    out: &mut Vec<u8>,
+) -> bool {
     let last_dot = memchr::memrchr(b'.', key);
     let last = (last_dot.map_or(0, |dot| dot + 1), key.len());
     let second = last_dot.map(|dot| (memchr::memrchr(b'.', &key[..dot]).map_or(0, |p| p + 1), dot));
     let Some((start, end)) = std::iter::once(last).chain(second).find(|&(start, end)| {
-        matcher.segment_qualifies(key, start, end) && &key[start..end] != MODULES_TO_SAVE
+        matcher.segment_qualifies(key, start, end) && !renames.is_wrapper(&key[start..end])
     }) else {
         return false;
     };
@@ -31,26 +73,37 @@ pub fn insert_adapter_name(matcher: &Matcher, key: &[u8], name: &[u8], out: &mut
     out.extend_from_slice(&key[..end]);
     out.push(b'.');
     out.extend_from_slice(name);
-    if end == key.len() && &key[start..end] == DORA_MAGNITUDE {
-        out.extend_from_slice(b".weight");
+    if end == key.len() {
+        if let Some(parameter) = renames.suffix_of(&key[start..end]) {
+            out.push(b'.');
+            out.extend_from_slice(parameter);
+        }
     }
     out.extend_from_slice(&key[end..]);
     true
 }
 
 /// The checkpoint key of a model key, written into `out`: the (last) match of the rule loses its
-/// adapter-name segment (and `modules_to_save` with it; DoRA's `.weight` too). False when
-/// nothing matches.
-pub fn remove_adapter_name(matcher: &Matcher, key: &[u8], out: &mut Vec<u8>) -> bool {
+/// adapter-name segment (a wrapper segment with it; a suffixed segment's parameter too). False
+/// when nothing matches.
+pub fn remove_adapter_name(
+    matcher: &Matcher,
+    renames: &Renames,
+    key: &[u8],
+    out: &mut Vec<u8>,
+) -> bool {
     let Some(hit) = matcher.find(key) else {
         return false;
     };
     let segment = &key[hit.segment.clone()];
-    let (cut_from, cut_to) = if segment == MODULES_TO_SAVE && hit.adapter.end < key.len() {
+    let tail = &key[hit.adapter.end..];
+    let (cut_from, cut_to) = if renames.is_wrapper(segment) && hit.adapter.end < key.len() {
         (hit.segment.start, hit.adapter.end + 1)
-    } else if segment == MODULES_TO_SAVE {
+    } else if renames.is_wrapper(segment) {
         (hit.segment.start.saturating_sub(1), key.len())
-    } else if segment == DORA_MAGNITUDE && &key[hit.adapter.end..] == b".weight" {
+    } else if renames.suffix_of(segment).is_some_and(|parameter| {
+        tail.len() == parameter.len() + 1 && tail.ends_with(parameter) && tail[0] == b'.'
+    }) {
         (hit.adapter.start - 1, key.len())
     } else {
         (hit.adapter.start - 1, hit.adapter.end)
@@ -80,10 +133,23 @@ mod tests {
         .expect("valid")
     }
 
+    fn renames() -> Renames {
+        Renames::new(
+            [b"modules_to_save".as_slice()],
+            [(b"lora_magnitude_vector".as_slice(), b"weight".as_slice())],
+        )
+        .expect("valid")
+    }
+
     fn insert(key: &str, name: &str) -> String {
         let mut out = Vec::new();
-        let changed =
-            insert_adapter_name(&matcher(name), key.as_bytes(), name.as_bytes(), &mut out);
+        let changed = insert_adapter_name(
+            &matcher(name),
+            &renames(),
+            key.as_bytes(),
+            name.as_bytes(),
+            &mut out,
+        );
         if changed {
             String::from_utf8(out).expect("utf8")
         } else {
@@ -93,7 +159,7 @@ mod tests {
 
     fn remove(key: &str, name: &str) -> String {
         let mut out = Vec::new();
-        let changed = remove_adapter_name(&matcher(name), key.as_bytes(), &mut out);
+        let changed = remove_adapter_name(&matcher(name), &renames(), key.as_bytes(), &mut out);
         if changed {
             String::from_utf8(out).expect("utf8")
         } else {
@@ -159,5 +225,49 @@ mod tests {
                 assert_eq!(insert(expected, "default"), key, "round trip of {key}");
             }
         }
+    }
+
+    #[test]
+    fn renames_are_data() {
+        let key = b"m.q.lora_magnitude_vector";
+        let mut out = Vec::new();
+        // Without the suffix rule the magnitude is an ordinary tensor segment.
+        assert!(insert_adapter_name(
+            &matcher("x"),
+            &Renames::default(),
+            key,
+            b"x",
+            &mut out
+        ));
+        assert_eq!(out, b"m.q.lora_magnitude_vector.x");
+        // Without the wrapper rule only the name goes.
+        let wrapped = b"m.score.modules_to_save.x.weight";
+        assert!(remove_adapter_name(
+            &matcher("x"),
+            &Renames::default(),
+            wrapped,
+            &mut out
+        ));
+        assert_eq!(out, b"m.score.modules_to_save.weight");
+        // A suffix whose parameter is not the key's tail leaves the tail alone.
+        assert_eq!(
+            remove("m.q.lora_magnitude_vector.default.bias", "default"),
+            "m.q.lora_magnitude_vector.bias"
+        );
+        assert_eq!(
+            remove("m.q.lora_magnitude_vector.default.xweight", "default"),
+            "m.q.lora_magnitude_vector.xweight"
+        );
+    }
+
+    #[test]
+    fn bad_rename_names_are_errors() {
+        let dotted = Renames::new([b"a.b".as_slice()], []).unwrap_err();
+        assert_eq!(
+            dotted.to_string(),
+            "wrappers: \"a.b\" contains a dot; a name must lie within one segment"
+        );
+        let empty = Renames::new([], [(b"magnitude".as_slice(), b"".as_slice())]).unwrap_err();
+        assert_eq!(empty.to_string(), "suffixes: names must not be empty");
     }
 }

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastkeys import _pure, filter_missing
+from fastkeys._contract import Engine, Matcher
 from fastkeys._patterns import translate
 
 from .conftest import examples
@@ -106,15 +107,18 @@ def _quantified(atom: str, quantifier: str) -> str:
 
 
 def build(
-    module: object,
+    module: Engine,
     prefixes: list[str],
     adapters: list[str] | None,
     exact: list[str],
     shared: list[str],
     ignore: tuple[list[str], list[str]],
-) -> object:
+    wrappers: list[str] | None = None,
+    suffixes: dict[str, str] | None = None,
+) -> Matcher:
     patterns = ignore[0] if module is _native else ignore[1]
-    return module.KeyMatcher(prefixes, adapters, exact, shared, patterns)  # type: ignore[attr-defined]
+    pairs = list((suffixes or {}).items())
+    return module.KeyMatcher(prefixes, adapters, exact, shared, patterns, wrappers or [], pairs)
 
 
 @settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -137,18 +141,18 @@ def test_cores_agree(
     translated = translate(ignore)
     native = build(_native, prefixes, adapters, exact, shared, translated)
     pure = build(_pure, prefixes, adapters, exact, shared, translated)
-    assert native.filter(keys) == pure.filter(keys)  # type: ignore[attr-defined]
-    assert native.group(keys) == pure.group(keys)  # type: ignore[attr-defined]
+    assert native.filter(keys) == pure.filter(keys)
+    assert native.group(keys) == pure.group(keys)
     # Same order of groups too.
-    assert list(native.group(keys)) == list(pure.group(keys))  # type: ignore[attr-defined]
+    assert list(native.group(keys)) == list(pure.group(keys))
 
 
 @settings(max_examples=examples(300), deadline=None)
 @given(key=KEY, pattern=PATTERN)
 def test_ignore_expressions_agree(key: str, pattern: str) -> None:
     for_rust, for_python = translate([pattern])
-    native = _native.KeyMatcher([], None, ["x"], [], for_rust)
-    pure = _pure.KeyMatcher([], None, ["x"], [], for_python)
+    native = _native.KeyMatcher([], None, ["x"], [], for_rust, [], [])
+    pure = _pure.KeyMatcher([], None, ["x"], [], for_python, [], [])
     probe = f"x.{key}"  # always matches "x" exactly, so only the expression decides
     assert native.filter([probe]) == pure.filter([probe])
 
@@ -166,14 +170,14 @@ def test_filter_missing_agrees_with_a_direct_reading_of_the_rule(
 
     if "." in adapter:
         return
-    prefixes, exact = tuners.patterns(tuners.resolve(peft_type))
+    prefixes, exact, shared, _suffixes = tuners.patterns(tuners.resolve(peft_type))
 
     def relevant(key: str) -> bool:
         parts = key.split(".")
         for i in range(len(parts) - 1):
             hit = parts[i].startswith(prefixes) or parts[i] in exact
             model_level = i == 0 or (i == 1 and parts[0] == "base_model")
-            if hit and parts[i + 1] == adapter and (model_level or parts[i] not in tuners.SHARED_COPIES):
+            if hit and parts[i + 1] == adapter and (model_level or parts[i] not in shared):
                 return True
         return False
 
@@ -182,7 +186,7 @@ def test_filter_missing_agrees_with_a_direct_reading_of_the_rule(
 
 def test_errors_agree() -> None:
     for module in (_native, _pure):
-        matcher = module.KeyMatcher(["lora_"], None, [], [], [])
+        matcher = module.KeyMatcher(["lora_"], None, [], [], [], [], [])
         with pytest.raises(TypeError, match=r"^keys\[1\] must be str, not bytes$"):
             matcher.filter(["a", b"b"])
         with pytest.raises(TypeError, match=r"^keys must be an iterable of str, not int$"):
@@ -195,9 +199,20 @@ def test_errors_agree() -> None:
     prefixes=st.lists(NAME, max_size=3),
     adapters=st.lists(NAME, min_size=1, max_size=12),
     exact=st.lists(NAME, max_size=2),
+    wrappers=st.lists(NAME, max_size=2),
+    suffixes=st.dictionaries(NAME, NAME, max_size=2),
 )
-def test_renaming_agrees(keys: list[str], prefixes: list[str], adapters: list[str], exact: list[str]) -> None:
-    native = build(_native, prefixes, adapters, exact, [], ([], []))
-    pure = build(_pure, prefixes, adapters, exact, [], ([], []))
-    assert native.insert_adapter_name(keys, adapters[0]) == pure.insert_adapter_name(keys, adapters[0])  # type: ignore[attr-defined]
-    assert native.remove_adapter_name(keys) == pure.remove_adapter_name(keys)  # type: ignore[attr-defined]
+def test_renaming_agrees(
+    keys: list[str],
+    prefixes: list[str],
+    adapters: list[str],
+    exact: list[str],
+    wrappers: list[str],
+    suffixes: dict[str, str],
+) -> None:
+    # Wrapper and suffixed segments are drawn from the same words as the keys' segments, so
+    # that they occur in keys.
+    native = build(_native, prefixes, adapters, exact, [], ([], []), wrappers, suffixes)
+    pure = build(_pure, prefixes, adapters, exact, [], ([], []), wrappers, suffixes)
+    assert native.insert_adapter_name(keys, adapters[0]) == pure.insert_adapter_name(keys, adapters[0])
+    assert native.remove_adapter_name(keys) == pure.remove_adapter_name(keys)

@@ -7,12 +7,15 @@ ImportError if it is missing); unset means the extension when it imports, else t
 from __future__ import annotations
 
 import os
-from types import ModuleType
 
 __all__ = ["IMPLEMENTATION", "core"]
 
+TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
+if TYPE_CHECKING:
+    from ._contract import Engine
 
-def _choose() -> tuple[str, ModuleType]:
+
+def _choose() -> tuple[str, Engine]:
     wanted = os.environ.get("FASTKEYS_IMPLEMENTATION", "").strip().lower()
     if wanted not in ("", "rust", "python"):
         raise ImportError(f"FASTKEYS_IMPLEMENTATION must be 'rust', 'python' or unset, not {wanted!r}")

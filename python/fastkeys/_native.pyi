@@ -3,7 +3,7 @@
 from collections.abc import Iterable, Sequence
 from os import PathLike
 
-from typing_extensions import disjoint_base
+from typing_extensions import Self, disjoint_base
 
 __all__ = ["KeyMatcher", "read_headers"]
 
@@ -18,7 +18,9 @@ class KeyMatcher:
         exact: Sequence[str],
         shared: Sequence[str],
         ignore: Sequence[str],
-    ) -> KeyMatcher: ...
+        wrappers: Sequence[str],
+        suffixes: Sequence[tuple[str, str]],
+    ) -> Self: ...
     def filter(self, keys: Iterable[str]) -> list[str]: ...
     def group(self, keys: Iterable[str]) -> dict[str, list[str]]: ...
     def insert_adapter_name(self, keys: Iterable[str], adapter_name: str) -> list[str]: ...

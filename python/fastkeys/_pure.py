@@ -12,12 +12,14 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = ["KeyMatcher", "read_headers"]
 
-# See rust/rename.rs: DoRA's magnitude drops `.weight` in checkpoints; modules_to_save wrappers
-# drop `modules_to_save.<name>`.
-_DORA_MAGNITUDE = "lora_magnitude_vector"
-_MODULES_TO_SAVE = "modules_to_save"
+# The segment at whose level a PEFT model keeps its model-level tensors (`base_model.vera_A`).
+_MODEL_ROOT = "base_model"
 
 # With at most this many needles, testing each one with `in` beats running the rule.
 _MAX_NEEDLES = 4
@@ -43,13 +45,15 @@ def _key_list(keys: Iterable[str]) -> Sequence[str]:
 class KeyMatcher:
     """See `fastkeys.KeyMatcher`."""
 
-    __slots__ = ("_adapters", "_exact", "_ignore", "_needles", "_prefixes", "_shared")
+    __slots__ = ("_adapters", "_exact", "_ignore", "_needles", "_prefixes", "_shared", "_suffixes", "_wrappers")
     _prefixes: tuple[str, ...]
     _exact: frozenset[str]
     _shared: frozenset[str]
     _adapters: dict[str, int] | None
     _ignore: list[re.Pattern[str]]
     _needles: tuple[str, ...] | None
+    _wrappers: frozenset[str]
+    _suffixes: dict[str, str]
 
     def __new__(
         cls,
@@ -58,8 +62,14 @@ class KeyMatcher:
         exact: Sequence[str],
         shared: Sequence[str],
         ignore: Sequence[str],
-    ) -> KeyMatcher:
+        wrappers: Sequence[str],
+        suffixes: Sequence[tuple[str, str]],
+    ) -> Self:
         self = object.__new__(cls)
+        self._wrappers = frozenset(wrappers)
+        self._suffixes = {}
+        for segment, parameter in suffixes:
+            self._suffixes.setdefault(segment, parameter)
         self._prefixes = tuple(prefixes)
         self._exact = frozenset(exact)
         self._shared = frozenset(shared)
@@ -85,8 +95,8 @@ class KeyMatcher:
             segment = segments[index]
             if not (segment.startswith(self._prefixes) or segment in self._exact):
                 continue
-            if segment in self._shared and index > 0 and not (index == 1 and segments[0] == "base_model"):
-                continue  # a layer's reference to a model-level shared tensor
+            if self._is_layer_copy(segment, index, segments[0]):
+                continue
             following = segments[index + 1]
             if self._adapters is None:
                 return index, following
@@ -94,6 +104,11 @@ class KeyMatcher:
             if found is not None:
                 return index, found
         return None
+
+    def _is_layer_copy(self, segment: str, index: int, first: str) -> bool:
+        """A shared segment below the model level (neither the first segment, `index` 0, nor right
+        after a leading `base_model`) is a layer's reference to a model-level tensor."""
+        return segment in self._shared and index > 0 and not (index == 1 and first == _MODEL_ROOT)
 
     def _verdict(self, key: str) -> int | str | None:
         """The adapter's index (named adapters) or name (any adapter), or None."""
@@ -117,6 +132,7 @@ class KeyMatcher:
         same rule as `_hit`, read from the name's side like the native name-first strategy, and
         written out inline: this loop is the fallback's hot path."""
         prefixes, exact, shared = self._prefixes, self._exact, self._shared
+        is_layer_copy = self._is_layer_copy
         needle = "." + name
         width = len(needle)
         found = []
@@ -128,8 +144,9 @@ class KeyMatcher:
                 if end == len(key) or key[end] == ".":
                     start = key.rfind(".", 0, dot) + 1
                     segment = key[start:dot]
+                    # The segment's index matters only when it is shared: counted only then.
                     if (segment.startswith(prefixes) or segment in exact) and not (
-                        segment in shared and start and not (start == 11 and key.startswith("base_model."))
+                        segment in shared and is_layer_copy(segment, key.count(".", 0, start), key[: key.find(".")])
                     ):
                         found.append(key)
                         break
@@ -170,8 +187,9 @@ class KeyMatcher:
             spans.append((key.rfind(".", 0, last_dot) + 1, last_dot))
         for start, end in spans:
             segment = key[start:end]
-            if (segment.startswith(self._prefixes) or segment in self._exact) and segment != _MODULES_TO_SAVE:
-                tail = ".weight" if end == len(key) and segment == _DORA_MAGNITUDE else ""
+            if (segment.startswith(self._prefixes) or segment in self._exact) and segment not in self._wrappers:
+                parameter = self._suffixes.get(segment) if end == len(key) else None
+                tail = "" if parameter is None else "." + parameter
                 return f"{key[:end]}.{name}{tail}{key[end:]}"
         return key
 
@@ -181,9 +199,10 @@ class KeyMatcher:
         if hit is None:
             return key
         index = hit[0]
-        if segments[index] == _MODULES_TO_SAVE:
+        parameter = self._suffixes.get(segments[index])
+        if segments[index] in self._wrappers:
             del segments[index : index + 2]
-        elif segments[index] == _DORA_MAGNITUDE and segments[index + 2 :] == ["weight"]:
+        elif parameter is not None and segments[index + 2 :] == [parameter]:
             del segments[index + 1 :]
         else:
             del segments[index + 1]

@@ -104,27 +104,43 @@ def _progress() -> Callable[[int, int], None] | None:
     return show
 
 
-def _methods_found(keys: Sequence[str]) -> dict[str, int]:
-    """Keys per PEFT method prefix, by the segment rule (`randlora_A` is not `lora_`) and, like
-    the matcher, the last qualifying segment of a key."""
-    from . import tuners
+# An adapter "name" no key holds: insert_adapter_name marks where each tensor segment ends.
+_MARK = "\x00"
 
-    prefixes = tuple(
-        sorted({m.prefix for m in tuners.METHODS.values() if not m.prompt_learning}, key=len, reverse=True)
-    )
-    counts: dict[str, int] = {}
-    for key in keys:
-        for segment in reversed(key.split(".")):
-            # One C-level test per segment; which prefix it was is asked only on a hit.
-            if segment.startswith(prefixes):
-                prefix = next(p for p in prefixes if segment.startswith(p))
-                counts[prefix] = counts.get(prefix, 0) + 1
-                break
-    names: dict[str, list[str]] = {}
+
+def _methods_found(keys: Sequence[str]) -> dict[str, int]:
+    """Keys per PEFT method (methods that share a prefix together: `lora/adalora`), found by the
+    matcher: model keys lose their adapter name, then `insert_adapter_name` marks the tensor
+    segment of each adapter tensor; each distinct segment is given to the method whose matcher
+    takes it (longest prefix first, as `randlora_A` is not `lora_`)."""
+    from . import KeyMatcher, tuners
+
+    prefixes, exact, shared, suffixes = tuners.patterns(None)
+    every = KeyMatcher(prefixes, exact=exact, shared=shared, wrappers=tuners.WRAPPERS, suffixes=dict(suffixes))
+    segments: dict[str, int] = {}
+    unnamed = every.remove_adapter_name(keys)
+    for key, marked in zip(unnamed, every.insert_adapter_name(unnamed, _MARK), strict=True):
+        if marked is not key:  # unchanged keys come back as the same object
+            tensor = marked.partition("." + _MARK)[0].rpartition(".")[2]
+            segments[tensor] = segments.get(tensor, 0) + 1
+    groups: dict[str, list[tuners.Method]] = {}
     for method in tuners.METHODS.values():
-        if method.prefix in counts:
-            names.setdefault(method.prefix, []).append(method.name)
-    return {"/".join(names[prefix]): count for prefix, count in sorted(counts.items(), key=lambda kv: -kv[1])}
+        if not method.prompt_learning:
+            groups.setdefault(method.prefix, []).append(method)
+    owners = [
+        (
+            "/".join(method.name for method in methods),
+            KeyMatcher([prefix], exact=[name for method in methods for name in method.exact]),
+        )
+        for prefix, methods in sorted(groups.items(), key=lambda item: -len(item[0]))
+    ]
+    counts: dict[str, int] = {}
+    for tensor, count in segments.items():
+        for label, matcher in owners:
+            if matcher.filter([f"{tensor}.{_MARK}"]):
+                counts[label] = counts.get(label, 0) + count
+                break
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def inspect_report(path: str) -> dict[str, object]:
@@ -132,12 +148,12 @@ def inspect_report(path: str) -> dict[str, object]:
 
     checkpoint = scan(path, progress=_progress())
     keys = list(checkpoint)
-    prefixes, exact = tuners.patterns(None)
+    prefixes, exact, shared, _suffixes = tuners.patterns(None)
     config = checkpoint.adapter_config or {}
     adapters: dict[str, list[str]] = {}
     if not config:
         # Model state dicts carry adapter names; adapter checkpoints do not (PEFT adds them on load).
-        grouped = KeyMatcher(prefixes, exact=exact, shared=tuners.SHARED_COPIES).group(keys)
+        grouped = KeyMatcher(prefixes, exact=exact, shared=shared).group(keys)
         adapters = {name: found for name, found in grouped.items() if name not in ("weight", "bias")}
     return {
         "path": path,

@@ -29,7 +29,25 @@ class MissingAdapterKeysWarning(UserWarning):
         self.missing_keys = list(missing_keys)
 
 
-class KeyMatcher(core.KeyMatcher):  # type: ignore[misc,name-defined]
+# `typing` costs a third of `import fastkeys`: the checkers read it, the interpreter does not.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeVar, overload
+
+    from typing_extensions import Self
+
+    # The checkers see the stub's methods, with their types, whichever engine runs.
+    from ._native import KeyMatcher as _Core
+
+    Result = TypeVar("Result")
+else:
+    _Core = core.KeyMatcher
+
+    def overload(function: object) -> object:
+        return function
+
+
+class KeyMatcher(_Core):
     """A compiled, reusable key filter, safe to share between threads.
 
     A key matches when one of its dotted segments starts with one of `prefixes` (or equals one of
@@ -39,7 +57,11 @@ class KeyMatcher(core.KeyMatcher):  # type: ignore[misc,name-defined]
     match any `ignore` expression (searched anywhere in the key) are dropped.
 
     `filter(keys)` returns the matching keys in input order (the caller's own str objects);
-    `group(keys)` returns them per adapter name.
+    `group(keys)` returns them per adapter name. `insert_adapter_name(keys, name)` and
+    `remove_adapter_name(keys)` convert between checkpoint and model keys; `wrappers` are
+    segments dropped together with the name (`modules_to_save`), `suffixes` maps a segment to the
+    parameter its checkpoint key lacks (`{"lora_magnitude_vector": "weight"}`, DoRA).
+    `fastkeys.tuners` holds these rules for every PEFT method.
     """
 
     __slots__ = ()
@@ -52,24 +74,43 @@ class KeyMatcher(core.KeyMatcher):  # type: ignore[misc,name-defined]
         exact: Iterable[str] = (),
         shared: Iterable[str] = (),
         ignore: Iterable[str] | None = None,
-    ) -> KeyMatcher:
+        wrappers: Iterable[str] = (),
+        suffixes: Mapping[str, str] | None = None,
+    ) -> Self:
         names = None if adapter_names is None else _validate.names("adapter_names", adapter_names)
         for_rust, for_python = translate(ignore)
-        return super().__new__(  # type: ignore[no-any-return]
+        if suffixes is not None and not isinstance(suffixes, Mapping):
+            raise TypeError(
+                f"suffixes must map a segment to a parameter name (a dict), not {type(suffixes).__name__}"
+            )
+        pairs = [
+            (_validate.name("a suffixes key", segment), _validate.name(f"suffixes[{segment!r}]", parameter))
+            for segment, parameter in (suffixes or {}).items()
+        ]
+        return super().__new__(
             cls,
             _validate.names("prefixes", prefixes),
             names,
             _validate.names("exact", exact),
             _validate.names("shared", shared),
             for_rust if IMPLEMENTATION == "rust" else for_python,
+            _validate.names("wrappers", wrappers),
+            pairs,
         )
 
 
 @functools.lru_cache(maxsize=512)
-def _matcher_for(
-    prefixes: tuple[str, ...], exact: tuple[str, ...], adapter_name: str, ignore: tuple[str, ...]
-) -> KeyMatcher:
-    return KeyMatcher(prefixes, [adapter_name], exact=exact, shared=tuners.SHARED_COPIES, ignore=ignore)
+def _matcher_for(patterns: tuners.Patterns, adapter_name: str, ignore: tuple[str, ...]) -> KeyMatcher:
+    prefixes, exact, shared, suffixes = patterns
+    return KeyMatcher(
+        prefixes,
+        [adapter_name],
+        exact=exact,
+        shared=shared,
+        ignore=ignore,
+        wrappers=tuners.WRAPPERS,
+        suffixes=dict(suffixes),
+    )
 
 
 def _config_peft_type(config: object) -> object:
@@ -112,18 +153,6 @@ def _ignore_key(ignore: Iterable[str] | None) -> tuple[str, ...]:
     if not all(isinstance(item, str) for item in items):
         translate(items)
     return items
-
-
-# `typing` costs a third of `import fastkeys`: the checkers read it, the interpreter does not.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any, TypeVar, overload
-
-    Result = TypeVar("Result")
-else:
-
-    def overload(function: object) -> object:
-        return function
 
 
 def _with_missing_keys(result: Result, kept: list[str]) -> Result:
@@ -178,8 +207,7 @@ def filter_missing(  # noqa: F811
     """
     _validate.name("adapter_name", adapter_name)
     method = _method_for(peft_type, config)
-    prefixes, exact = tuners.patterns(method)
-    matcher = _matcher_for(prefixes, exact, adapter_name, _ignore_key(ignore))
+    matcher = _matcher_for(tuners.patterns(method), adapter_name, _ignore_key(ignore))
     if hasattr(missing, "missing_keys") and not isinstance(missing, (str, bytes)):
         return _with_missing_keys(missing, matcher.filter(missing.missing_keys))
     return matcher.filter(missing)
@@ -187,8 +215,7 @@ def filter_missing(  # noqa: F811
 
 def _renamer(adapter_name: str, peft_type: object) -> KeyMatcher:
     _validate.name("adapter_name", adapter_name)
-    prefixes, exact = tuners.patterns(tuners.resolve(peft_type))
-    return _matcher_for(prefixes, exact, adapter_name, ())
+    return _matcher_for(tuners.patterns(tuners.resolve(peft_type)), adapter_name, ())
 
 
 def insert_adapter_name(keys: Iterable[str], adapter_name: str, peft_type: object = None) -> list[str]:
@@ -198,10 +225,10 @@ def insert_adapter_name(keys: Iterable[str], adapter_name: str, peft_type: objec
     (or is a shared tensor's name); DoRA's `lora_magnitude_vector` also gains `.weight`. Other keys
     come back unchanged (the caller's own objects). `modules_to_save` keys cannot be told from base
     keys by name: `check_adapter` maps them against the model's keys."""
-    return _renamer(adapter_name, peft_type).insert_adapter_name(keys, adapter_name)  # type: ignore[no-any-return]
+    return _renamer(adapter_name, peft_type).insert_adapter_name(keys, adapter_name)
 
 
 def remove_adapter_name(keys: Iterable[str], adapter_name: str, peft_type: object = None) -> list[str]:
     """Model keys to checkpoint keys: the adapter-name segment of each adapter tensor removed
     (`modules_to_save.<name>` too; DoRA's magnitude loses `.weight`). Other keys are unchanged."""
-    return _renamer(adapter_name, peft_type).remove_adapter_name(keys)  # type: ignore[no-any-return]
+    return _renamer(adapter_name, peft_type).remove_adapter_name(keys)

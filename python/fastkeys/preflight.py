@@ -6,6 +6,7 @@ import collections
 import os
 from collections.abc import Iterable
 
+from . import tuners
 from .checkpoint import Checkpoint, scan
 from .matching import filter_missing, insert_adapter_name
 
@@ -68,24 +69,6 @@ def check_adapter(
 Finding = collections.namedtuple("Finding", ["kind", "key", "message"])
 Finding.__doc__ = """One problem `check_base` found: `kind` (missing_module, shape, unmatched_target,
 untrained_target, prefix), the key or name it concerns, and what was expected."""
-
-# LoRA-family tensors whose shapes follow from the base weight [out, in] and a rank r:
-# tensor -> (dimension that must equal `out`/`in`, dimension that is the rank).
-_LINEAR_SHAPES: dict[str, tuple[str | int, str | int]] = {
-    "lora_A": ("r", "in"),
-    "lora_B": ("out", "r"),
-    "lora_E": ("r", 1),
-    "hada_w1_a": ("out", "r"),
-    "hada_w1_b": ("r", "in"),
-    "hada_w2_a": ("out", "r"),
-    "hada_w2_b": ("r", "in"),
-}
-_EMBEDDING_SHAPES: dict[str, tuple[str | int, str | int]] = {
-    "lora_embedding_A": ("r", "in"),
-    "lora_embedding_B": ("out", "r"),
-}
-_LORA_FAMILY = {"lora", "adalora", "loha", "lokr"}
-
 
 # An adapter "name" no key holds: insert_adapter_name marks where each tensor segment ends.
 _MARK = "\x00"
@@ -157,8 +140,6 @@ def check_base(
     (lora, DoRA, adalora, loha, lokr) shapes must agree with the base weight (`lora_A` is
     `[r, in]`, `lora_B` `[out, r]` for a Linear `[out, in]`); each of `target_modules` must match
     a base module; and every base module they select must have weights in the adapter."""
-    from . import tuners
-
     base_ckpt = base if isinstance(base, Checkpoint) else scan(base)
     adapter_ckpt = adapter if isinstance(adapter, Checkpoint) else scan(adapter)
     config = adapter_ckpt.adapter_config
@@ -182,11 +163,10 @@ def check_base(
     hint = _prefix_hint(unmatched, set(weights))
     if hint is not None:
         findings.insert(0, hint)
-    family = method is not None and method.name in _LORA_FAMILY
     for module, tensors in modules.items():
         if module not in weights:
             continue
-        findings += _shape_findings(module, tensors, weights[module], adapter_ckpt, family)
+        findings += _shape_findings(module, tensors, weights[module], adapter_ckpt, method)
     targets = config.get("target_modules")
     if targets:
         findings += _target_findings(targets, config, weights, modules)
@@ -194,7 +174,11 @@ def check_base(
 
 
 def _shape_findings(
-    module: str, tensors: dict[str, str], base_shape: tuple[int, ...], adapter: Checkpoint, family: bool
+    module: str,
+    tensors: dict[str, str],
+    base_shape: tuple[int, ...],
+    adapter: Checkpoint,
+    method: tuners.Method | None,
 ) -> list[Finding]:
     findings = []
     if "" in tensors:  # a saved copy of the module (modules_to_save)
@@ -205,22 +189,26 @@ def _shape_findings(
                     "shape", tensors[""], f"saved module has shape {list(saved)}, the base {list(base_shape)}"
                 )
             )
-    if not family or len(base_shape) != 2:
+    # The method's record says which tensors have known shapes (the LoRA family's).
+    if method is None or not (method.shapes or method.kronecker) or len(base_shape) != 2:
         return findings
     out, inp = base_shape
-    is_embedding = any(name in _EMBEDDING_SHAPES for name in tensors)
-    rules = _EMBEDDING_SHAPES if is_embedding else _LINEAR_SHAPES
+    # Only an embedding-specific tensor name tells an Embedding from a Linear.
+    is_embedding = any(name in method.embedding_shapes and name not in method.shapes for name in tensors)
+    rules = method.embedding_shapes if is_embedding else method.shapes
     if is_embedding:
         out, inp = inp, out  # Embedding weight is [num_embeddings, dim]
     ranks: set[int] = set()
     for name, key in tensors.items():
         rule = rules.get(name)
         shape = adapter[key].shape
-        if rule is None or len(shape) != 2:
-            if name == "lora_magnitude_vector" and shape != (out,):
+        if rule is not None and len(rule) == 1:  # a vector over the base's out features (DoRA)
+            if shape != (out,):
                 findings.append(
                     Finding("shape", key, f"expected [{out}] (the base's out features), found {list(shape)}")
                 )
+            continue
+        if rule is None or len(shape) != 2:
             continue
         dims: dict[str | int, str | int] = {"out": out, "in": inp}
         expected = [dims.get(want, want) for want in rule]
@@ -236,7 +224,8 @@ def _shape_findings(
                     f"expected [{shown}] for a base weight {list(base_shape)}, found {list(shape)}",
                 )
             )
-    findings += _lokr_findings(tensors, adapter, out, inp)
+    if method.kronecker is not None:
+        findings += _lokr_findings(tensors, adapter, out, inp, method.kronecker)
     if len(ranks) > 1:
         key = next(iter(tensors.values()))
         findings.append(
@@ -245,24 +234,27 @@ def _shape_findings(
     return findings
 
 
-def _lokr_findings(tensors: dict[str, str], adapter: Checkpoint, out: int, inp: int) -> list[Finding]:
-    """LoKr: kron(w1, w2) must be [out, in]; w1 is `lokr_w1` or `lokr_w1_a @ lokr_w1_b`, likewise w2."""
+def _lokr_findings(
+    tensors: dict[str, str], adapter: Checkpoint, out: int, inp: int, factors: tuple[str, str]
+) -> list[Finding]:
+    """LoKr: kron(w1, w2) must be [out, in]; w1 is `lokr_w1` or `lokr_w1_a @ lokr_w1_b`, likewise
+    w2 (the factor names come from the method's record)."""
 
-    def factor(which: str) -> tuple[int, int] | None:
-        if f"lokr_{which}" in tensors:
-            shape = adapter[tensors[f"lokr_{which}"]].shape
+    def factor(name: str) -> tuple[int, int] | None:
+        if name in tensors:
+            shape = adapter[tensors[name]].shape
             return (shape[0], shape[1]) if len(shape) == 2 else None
-        if f"lokr_{which}_a" in tensors and f"lokr_{which}_b" in tensors:
-            a, b = adapter[tensors[f"lokr_{which}_a"]].shape, adapter[tensors[f"lokr_{which}_b"]].shape
+        if f"{name}_a" in tensors and f"{name}_b" in tensors:
+            a, b = adapter[tensors[f"{name}_a"]].shape, adapter[tensors[f"{name}_b"]].shape
             return (a[0], b[-1]) if len(a) == 2 and len(b) == 2 else None
         return None
 
-    w1, w2 = factor("w1"), factor("w2")
+    w1, w2 = factor(factors[0]), factor(factors[1])
     if w1 is None or w2 is None:
         return []
     if (w1[0] * w2[0], w1[1] * w2[1]) == (out, inp):
         return []
-    key = next(v for k, v in tensors.items() if k.startswith("lokr_w1"))
+    key = next(v for k, v in tensors.items() if k.startswith(factors[0]))
     return [
         Finding(
             "shape",

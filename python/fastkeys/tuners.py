@@ -1,9 +1,13 @@
-"""The PEFT methods as data: one place, read by whichever implementation runs.
+"""The PEFT methods as data: one record per method, read by every part of fastkeys.
 
-Taken from PEFT 0.21 (`register_peft_method` calls and each tuner's `prefix`). A method's adapter
-tensors live in segments that start with its prefix; a few model-level shared tensors do not
-start with it and are listed as exact names. Prompt-learning methods keep their tensors under
-`prompt_encoder`, which is never reported as missing by a load, so they contribute no prefix.
+Taken from PEFT 0.21 (`register_peft_method` calls, each tuner's `prefix` and layer classes). A
+method's adapter tensors live in segments that start with its prefix; a few model-level shared
+tensors do not start with it and are listed as exact names. Prompt-learning methods keep their
+tensors under `prompt_encoder`, which is never reported as missing by a load, so they contribute
+no prefix. The matcher (native or pure) receives the selection and the renames as data
+(`patterns`); preflight reads the shape rules; the CLI asks the matcher which method a key has.
+
+Adding a method is one `Method(...)` line below, and its tests.
 """
 
 from __future__ import annotations
@@ -16,34 +20,77 @@ __all__ = [
     "ALWAYS",
     "METHODS",
     "SHARED_COPIES",
+    "WRAPPERS",
     "Method",
     "known_methods",
+    "patterns",
     "resolve",
 ]
 
+# A dimension of an expected tensor shape: "out" and "in" of the base weight ([out, in] for a
+# Linear; an Embedding's [num, dim] is read as in=num, out=dim), "r" the adapter's rank (the same
+# in every tensor of a module), or a fixed size.
+Dim = str | int
+Shapes = dict[str, tuple[Dim, ...]]
+
 
 class Method:
-    """One PEFT method: its name (PeftType in lower case), the prefix of its tensor names and
-    the model-level shared tensors whose names do not start with the prefix."""
+    """One PEFT method and all of its tensor rules.
 
-    __slots__ = ("exact", "name", "prefix", "prompt_learning")
+    `name`: PeftType in lower case. `prefix`: the start of its tensor segments (`lora_`).
+    `exact`: model-level tensors whose names lack the prefix (`vera_A`). `shared`: tensors that
+    live once at model level (`base_model.vera_A.<name>`) and that every layer also shows as a
+    reference (`...q_proj.vera_A.<name>`); the references are never saved. `suffixes`: (segment,
+    parameter) pairs saved without their parameter (DoRA's `L.lora_magnitude_vector` is
+    `L.lora_magnitude_vector.<name>.weight` in the model). `shapes` / `embedding_shapes`: tensor
+    segment -> expected shape on a Linear / Embedding base weight, checked by `check_base`.
+    `kronecker`: the two factors (LoKr's `lokr_w1`, `lokr_w2`; each may be saved as the product
+    of `<factor>_a` and `<factor>_b`) whose Kronecker product has the base weight's shape.
+    """
+
+    __slots__ = (
+        "embedding_shapes",
+        "exact",
+        "kronecker",
+        "name",
+        "prefix",
+        "prompt_learning",
+        "shapes",
+        "shared",
+        "suffixes",
+    )
 
     def __init__(
-        self, name: str, prefix: str, exact: tuple[str, ...] = (), prompt_learning: bool = False
+        self,
+        name: str,
+        prefix: str,
+        *,
+        exact: tuple[str, ...] = (),
+        shared: tuple[str, ...] = (),
+        prompt_learning: bool = False,
+        suffixes: tuple[tuple[str, str], ...] = (),
+        shapes: Shapes | None = None,
+        embedding_shapes: Shapes | None = None,
+        kronecker: tuple[str, str] | None = None,
     ) -> None:
         self.name = name
         self.prefix = prefix
         self.exact = exact
+        self.shared = shared
         self.prompt_learning = prompt_learning
+        self.suffixes = suffixes
+        self.shapes: Shapes = shapes or {}
+        self.embedding_shapes: Shapes = embedding_shapes or {}
+        self.kronecker = kronecker
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, field) for field in self.__slots__)
 
     def __repr__(self) -> str:
         return f"Method({self.name!r}, prefix={self.prefix!r}, exact={self.exact!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Method) and (
-            (self.name, self.prefix, self.exact, self.prompt_learning)
-            == (other.name, other.prefix, other.exact, other.prompt_learning)
-        )
+        return isinstance(other, Method) and self._fields() == other._fields()
 
     def __hash__(self) -> int:
         return hash((self.name, self.prefix, self.exact))
@@ -53,9 +100,28 @@ def _methods(*methods: Method) -> dict[str, Method]:
     return {method.name: method for method in methods}
 
 
+# LoRA's tensors on a Linear [out, in] and on an Embedding; DoRA's magnitude spans `out`.
+_LORA_SHAPES: Shapes = {"lora_A": ("r", "in"), "lora_B": ("out", "r"), "lora_magnitude_vector": ("out",)}
+_LORA_EMBEDDING_SHAPES: Shapes = {
+    "lora_embedding_A": ("r", "in"),
+    "lora_embedding_B": ("out", "r"),
+    "lora_magnitude_vector": ("out",),
+}
+
 METHODS: dict[str, Method] = _methods(
-    Method("lora", "lora_"),
-    Method("adalora", "lora_"),
+    Method(
+        "lora",
+        "lora_",
+        suffixes=(("lora_magnitude_vector", "weight"),),
+        shapes=_LORA_SHAPES,
+        embedding_shapes=_LORA_EMBEDDING_SHAPES,
+    ),
+    Method(
+        "adalora",
+        "lora_",
+        shapes={"lora_A": ("r", "in"), "lora_B": ("out", "r"), "lora_E": ("r", 1)},
+        embedding_shapes=_LORA_EMBEDDING_SHAPES,
+    ),
     Method("adamss", "adamss_"),
     Method("adaption_prompt", "adaption_prompt_"),
     Method("beft", "beft_"),
@@ -72,25 +138,34 @@ METHODS: dict[str, Method] = _methods(
     Method("ia3", "ia3_"),
     Method("lily", "lily_"),
     Method("ln_tuning", "ln_tuning_"),
-    Method("loha", "hada_"),
-    Method("lokr", "lokr_"),
+    Method(
+        "loha",
+        "hada_",
+        shapes={
+            "hada_w1_a": ("out", "r"),
+            "hada_w1_b": ("r", "in"),
+            "hada_w2_a": ("out", "r"),
+            "hada_w2_b": ("r", "in"),
+        },
+    ),
+    Method("lokr", "lokr_", kronecker=("lokr_w1", "lokr_w2")),
     Method("miss", "miss_"),
     Method("oft", "oft_"),
     Method("osf", "osf_"),
     Method("peanut", "peanut_"),
     Method("poly", "poly_"),
     Method("psoft", "psoft_"),
-    Method("pvera", "pvera_lambda_", exact=("pvera_A", "pvera_B")),
+    Method("pvera", "pvera_lambda_", exact=("pvera_A", "pvera_B"), shared=("pvera_A", "pvera_B")),
     Method("randlora", "randlora_"),
     Method("road", "road_"),
     Method("shadow", "shadow_"),
     Method("shira", "shira_"),
     Method("supertuning", "supertuning_"),
-    Method("tinylora", "tinylora_"),
+    Method("tinylora", "tinylora_", shared=("tinylora_v",)),
     Method("trainable_tokens", "trainable_tokens_"),
-    Method("unilora", "unilora_"),
-    Method("vblora", "vblora_"),
-    Method("vera", "vera_lambda_", exact=("vera_A", "vera_B")),
+    Method("unilora", "unilora_", shared=("unilora_theta_d",)),
+    Method("vblora", "vblora_", shared=("vblora_vector_bank",)),
+    Method("vera", "vera_lambda_", exact=("vera_A", "vera_B"), shared=("vera_A", "vera_B")),
     Method("waveft", "waveft_"),
     Method("xlora", "xlora_"),
     Method("cartridge", "cartridge_", prompt_learning=True),
@@ -104,19 +179,12 @@ METHODS: dict[str, Method] = _methods(
 # Segments that hold adapter tensors under every method (PEFT's ModulesToSaveWrapper and
 # TrainableTokensWrapper, which any method can carry).
 ALWAYS: tuple[str, ...] = ("modules_to_save", "trainable_tokens_delta")
+# Of those, the ones that wrap a whole module copy: `M.modules_to_save.<name>.weight` in the model
+# is saved as `M.weight`, so the segment is dropped together with the adapter name.
+WRAPPERS: tuple[str, ...] = ("modules_to_save",)
 
-# Shared tensors that live once at model level (`base_model.vera_A.default`) and that every
-# layer also shows as a reference (`...q_proj.vera_A.default`); the references are never saved,
-# so they are harmless when missing.
-SHARED_COPIES: tuple[str, ...] = (
-    "vera_A",
-    "vera_B",
-    "pvera_A",
-    "pvera_B",
-    "vblora_vector_bank",
-    "tinylora_v",
-    "unilora_theta_d",
-)
+# Every method's shared tensors (see Method.shared).
+SHARED_COPIES: tuple[str, ...] = tuple(name for method in METHODS.values() for name in method.shared)
 
 
 def _registered_at_run_time() -> dict[str, Method]:
@@ -171,9 +239,14 @@ def resolve(peft_type: object) -> Method | None:
     return method
 
 
-def patterns(method: Method | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The (prefixes, exact names) that select a method's tensors; None selects every method.
-    Computed once per method (and per state of PEFT's registry): filter_missing asks per call."""
+# (prefixes, exact names, shared names, suffixes) that select and rename some methods' tensors:
+# what a matcher is built from (with ALWAYS among the exact names and WRAPPERS as wrappers).
+Patterns = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]]
+
+
+def patterns(method: Method | None) -> Patterns:
+    """What selects and renames a method's tensors; None selects every method. Computed once
+    per method (and per state of PEFT's registry): filter_missing asks per call."""
     if method is not None:
         return _patterns((method,))
     extra = _registered_at_run_time()
@@ -181,13 +254,17 @@ def patterns(method: Method | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _patterns(methods: tuple[Method, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _patterns(methods: tuple[Method, ...]) -> Patterns:
     chosen = methods or tuple(METHODS.values())
     prefixes: dict[str, None] = {}
     exact: dict[str, None] = {}
+    shared: dict[str, None] = {}
+    suffixes: dict[tuple[str, str], None] = {}
     for each in chosen:
         if not each.prompt_learning:
             prefixes[each.prefix] = None
             exact.update(dict.fromkeys(each.exact))
+            shared.update(dict.fromkeys(each.shared))
+            suffixes.update(dict.fromkeys(each.suffixes))
     exact.update(dict.fromkeys(ALWAYS))
-    return tuple(prefixes), tuple(exact)
+    return tuple(prefixes), tuple(exact), tuple(shared), tuple(suffixes)
