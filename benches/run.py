@@ -14,19 +14,20 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from benches import suite
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def plot(report: dict[str, object], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scale = [r for r in report["results"] if r["scenario"] == "scale"]  # type: ignore[attr-defined,index]
+    scale = [r for r in report["results"] if r["scenario"] == "scale"]
     if not scale:
         return
     figure, axes = plt.subplots(figsize=(8, 5))
@@ -38,7 +39,7 @@ def plot(report: dict[str, object], path: Path) -> None:
             label=label,
             linewidth=2.5 if label.startswith("fastkeys (rust)") else 1.5,
         )
-    machine = report["machine"]  # type: ignore[index]
+    machine = report["machine"]
     axes.set_xscale("log")
     axes.set_xlabel("missing keys (serving shape: 80 layers x adapters)")
     axes.set_ylabel("ns per key (median)")

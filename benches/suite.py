@@ -353,12 +353,13 @@ def run(
 def _engine(module: Any) -> Iterator[None]:
     """`fastkeys.scan` reading headers with the given engine, whichever one the process chose:
     both are timed in one run, through the function users call."""
-    chosen = checkpoint.core
-    checkpoint.core = module
+    namespace = vars(checkpoint)
+    chosen = namespace["core"]
+    namespace["core"] = module
     try:
         yield
     finally:
-        checkpoint.core = chosen
+        namespace["core"] = chosen
 
 
 def _scan_with(module: Any, path: str) -> checkpoint.Checkpoint:

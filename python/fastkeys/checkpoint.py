@@ -111,7 +111,7 @@ class Checkpoint(Mapping[str, Tensor]):
 def read_keys(path: str | os.PathLike[str]) -> list[str]:
     """The tensor names of one `.safetensors` file, in file (data offset) order."""
     ((names, *_),) = core.read_headers([path])
-    return names  # type: ignore[no-any-return]
+    return names
 
 
 Header = tuple[list[str], list[str], list[tuple[int, ...]], list[int], "dict[str, str] | None", int]

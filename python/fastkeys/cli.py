@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from . import IMPLEMENTATION, filter_missing, scenarios
 
@@ -68,7 +68,7 @@ def demo(layers: int = 32, serving_adapters: int = 900) -> None:
     print("  (the full benchmark suite: `make bench` in a source checkout, see docs/benchmarks.md)")
 
 
-def _median_seconds(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def _median_seconds(contenders: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median wall time per contender, interleaved round by round so that a noisy neighbour
     slows them all alike, with the garbage collector paused (it would charge one contender for
     another's garbage)."""
