@@ -46,7 +46,7 @@ class Engine(Protocol):
     """The module an implementation is."""
 
     @property
-    def KeyMatcher(self) -> MatcherFactory: ...  # noqa: N802 (the class the module exports)
+    def KeyMatcher(self) -> MatcherFactory: ...  # the class the module exports
 
     def read_headers(
         self, paths: Sequence[str | PathLike[str]], threads: int | None = None

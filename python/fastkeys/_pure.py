@@ -45,7 +45,16 @@ def _key_list(keys: Iterable[str]) -> Sequence[str]:
 class KeyMatcher:
     """See `fastkeys.KeyMatcher`."""
 
-    __slots__ = ("_adapters", "_exact", "_ignore", "_needles", "_prefixes", "_shared", "_suffixes", "_wrappers")
+    __slots__ = (
+        "_adapters",
+        "_exact",
+        "_ignore",
+        "_needles",
+        "_prefixes",
+        "_shared",
+        "_suffixes",
+        "_wrappers",
+    )
     _prefixes: tuple[str, ...]
     _exact: frozenset[str]
     _shared: frozenset[str]
@@ -146,7 +155,8 @@ class KeyMatcher:
                     segment = key[start:dot]
                     # The segment's index matters only when it is shared: counted only then.
                     if (segment.startswith(prefixes) or segment in exact) and not (
-                        segment in shared and is_layer_copy(segment, key.count(".", 0, start), key[: key.find(".")])
+                        segment in shared
+                        and is_layer_copy(segment, key.count(".", 0, start), key[: key.find(".")])
                     ):
                         found.append(key)
                         break
@@ -187,7 +197,8 @@ class KeyMatcher:
             spans.append((key.rfind(".", 0, last_dot) + 1, last_dot))
         for start, end in spans:
             segment = key[start:end]
-            if (segment.startswith(self._prefixes) or segment in self._exact) and segment not in self._wrappers:
+            qualifies = segment.startswith(self._prefixes) or segment in self._exact
+            if qualifies and segment not in self._wrappers:
                 parameter = self._suffixes.get(segment) if end == len(key) else None
                 tail = "" if parameter is None else "." + parameter
                 return f"{key[:end]}.{name}{tail}{key[end:]}"

@@ -116,7 +116,9 @@ def _methods_found(keys: Sequence[str]) -> dict[str, int]:
     from . import KeyMatcher, tuners
 
     prefixes, exact, shared, suffixes = tuners.patterns(None)
-    every = KeyMatcher(prefixes, exact=exact, shared=shared, wrappers=tuners.WRAPPERS, suffixes=dict(suffixes))
+    every = KeyMatcher(
+        prefixes, exact=exact, shared=shared, wrappers=tuners.WRAPPERS, suffixes=dict(suffixes)
+    )
     segments: dict[str, int] = {}
     unnamed = every.remove_adapter_name(keys)
     for key, marked in zip(unnamed, every.insert_adapter_name(unnamed, _MARK), strict=True):
