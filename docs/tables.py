@@ -70,11 +70,11 @@ def differences_table() -> str:
 
 
 def peft_table() -> str:
-    """Real PEFT models (tests/peft_models.py): PEFT's filters and fastkeys on the same loads."""
+    """Real PEFT models (fixtures/peft_models.py): PEFT's filters and fastkeys on the same loads."""
     import tempfile
 
     sys.path.insert(0, str(README.parent))
-    from tests import peft_models
+    from fixtures import peft_models
 
     rows = [
         "| case | tensors | complete checkpoint: keys kept by PEFT `load_adapter` / `from_pretrained` / "
@@ -114,7 +114,7 @@ def cli_examples() -> str:
 
     sys.path.insert(0, str(README.parent))
     import peft
-    from tests import peft_models
+    from fixtures import peft_models
 
     from fastkeys import cli
 
