@@ -114,9 +114,9 @@ def cli_examples() -> str:
 
     sys.path.insert(0, str(README.parent))
     import peft
-    from fixtures import peft_models
 
     from fastkeys import cli
+    from fixtures import peft_models
 
     blocks = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -5,8 +5,8 @@ No timing is asserted here (these machines are shared and noisy); `make bench` m
 from __future__ import annotations
 
 import pytest
-from benches import suite as bench
 
+from benches import suite as bench
 from fastkeys import scenarios
 
 

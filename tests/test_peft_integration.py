@@ -20,6 +20,8 @@ pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
+import fastkeys.peft as fkpeft  # noqa: E402
+from fastkeys import MissingAdapterKeysWarning, filter_missing  # noqa: E402
 from fixtures.peft_models import (  # noqa: E402
     METHOD_CONFIGS,
     TRICKY_NAMES,
@@ -34,9 +36,6 @@ from fixtures.peft_models import (  # noqa: E402
     tricky_lora_config,
     without,
 )
-
-import fastkeys.peft as fkpeft  # noqa: E402
-from fastkeys import MissingAdapterKeysWarning, filter_missing  # noqa: E402
 
 pytestmark = pytest.mark.peft
 

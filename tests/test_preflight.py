@@ -11,6 +11,10 @@ import pytest
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import fastkeys.peft as fkpeft  # noqa: E402
+from fastkeys import check_adapter, check_base, scan  # noqa: E402
 from fixtures.peft_models import (  # noqa: E402
     METHOD_CONFIGS,
     checkpoint_keys,
@@ -19,10 +23,6 @@ from fixtures.peft_models import (  # noqa: E402
     tiny_llama,
     without,
 )
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-import fastkeys.peft as fkpeft  # noqa: E402
-from fastkeys import check_adapter, check_base, scan  # noqa: E402
 
 CHECKED = ["lora", "dora", "loha", "ia3", "vera", "vblora", "tinylora", "unilora", "trainable_tokens",
            "lora+modules_to_save", "lora+trainable_token_indices"]  # fmt: skip

@@ -6,11 +6,13 @@ method needs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
-from fixtures.headers import write_adapter, write_safetensors
 
 from fastkeys import check_base, filter_missing, insert_adapter_name, remove_adapter_name, tuners
 from fastkeys.cli import _methods_found
+from fixtures.headers import write_adapter, write_safetensors
 
 
 @pytest.mark.parametrize("method", list(tuners.METHODS.values()), ids=list(tuners.METHODS))
