@@ -61,21 +61,21 @@ wheels: $(VENV)/.dev-installed ## dist/: the abi3 wheel, the sdist and the pure-
 test-wheels: wheels ## Install each artifact into a fresh virtual environment and check it
 	$(PY) -m pytest -q tests/install
 
-test: test-rust test-native test-python test-wheels ## Everything CI runs: cargo test, pytest under both implementations, the wheels
+test: lint test-rust test-native test-python test-wheels ## Everything CI runs: the strict checks, cargo test, pytest under both implementations (with the import budget), the wheels
 
-bench: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## The full benchmark suite: table, benches/results.json, docs/bench.png
+bench: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## The full benchmark suite (benches/): table, benches/results.json, docs/bench.png
 	$(PY) -m benches.run --full
 
 demo: build ## The seed scenario: what load_state_dict reports, what fastkeys keeps, and the timing
 	$(PY) -m fastkeys demo
 
-docs: build $(VENV)/.peft-installed ## Regenerate the README's generated tables
+docs: build $(VENV)/.peft-installed ## Regenerate the generated tables of README.md and docs/*.md
 	$(PY) docs/tables.py
 
-lint: build $(VENV)/.peft-installed ## ruff, mypy --strict (package and tests), stubtest, cargo fmt --check, clippy -D warnings
-	$(BIN)/ruff check python tests benches docs scripts
-	$(BIN)/ruff format --check python tests benches docs scripts
-	$(BIN)/mypy --strict python/fastkeys tests
+lint: build $(VENV)/.peft-installed ## ruff, mypy --strict (package, tests, benches, fixtures), stubtest, cargo fmt --check, clippy -D warnings
+	$(BIN)/ruff check python tests benches fixtures docs scripts
+	$(BIN)/ruff format --check python tests benches fixtures docs scripts
+	$(BIN)/mypy --strict python/fastkeys tests benches fixtures
 	$(PY) -m mypy.stubtest fastkeys._native
 	cargo fmt --check
 	cargo clippy --all-targets --features python -- -D warnings

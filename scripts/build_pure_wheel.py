@@ -2,7 +2,8 @@
 
 maturin builds only the compiled (abi3) wheel; this wheel is what pip installs where no compiled
 one fits. It holds the package without the extension, so `fastkeys.IMPLEMENTATION` is "python".
-Its metadata is read from pyproject.toml, so both wheels describe the same release.
+Its metadata is read from pyproject.toml and its version from Cargo.toml, as maturin does, so
+both wheels describe the same release.
 
     python scripts/build_pure_wheel.py [--out dist]
 """
@@ -51,6 +52,10 @@ def _record_line(name: str, data: bytes) -> str:
 
 def build(out: Path) -> Path:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    # The version has one home, Cargo.toml, as for the compiled wheel (pyproject: dynamic).
+    project["version"] = tomllib.loads((ROOT / "Cargo.toml").read_text(encoding="utf-8"))["package"][
+        "version"
+    ]
     name, version = project["name"], project["version"]
     dist_info = f"{name}-{version}.dist-info"
     files: dict[str, bytes] = {}

@@ -5,10 +5,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import re
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -312,6 +314,31 @@ def test_import_brings_neither_torch_nor_peft() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# What `import fastkeys` must not load: measured, each costs a noticeable share of the import
+# (typing a third, copy with weakref a fifth, importlib.metadata more than fastkeys itself), or
+# belongs to the heavy libraries fastkeys works beside. A deterministic budget: the time itself
+# is measured by the benchmark suite (`make bench`, the "import" scenario), not asserted here.
+IMPORT_FORBIDDEN = (
+    "typing", "dataclasses", "copy", "inspect", "pathlib", "importlib.metadata", "argparse",
+    "subprocess", "tempfile", "torch", "peft", "transformers", "diffusers", "numpy", "safetensors",
+)  # fmt: skip
+
+
+def test_import_stays_within_its_module_budget() -> None:
+    done = _run(
+        "import sys, fastkeys; fastkeys.filter_missing(['a.lora_A.default'], 'default', 'lora');"
+        f"print(sorted(m for m in {IMPORT_FORBIDDEN!r} if m in sys.modules))"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_version_comes_from_cargo_toml() -> None:
+    cargo = (Path(__file__).parents[1] / "Cargo.toml").read_text(encoding="utf-8")
+    found = re.search(r'^version = "([^"]+)"$', cargo, re.M)  # the [package] table comes first
+    assert found is not None and fastkeys.__version__ == found.group(1)
 
 
 BLOCK_NATIVE = (

@@ -24,6 +24,8 @@ from .tuners import METHODS
 TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
 
 if TYPE_CHECKING:
+    __version__: str
+
     from .checkpoint import Checkpoint, Tensor, read_keys, scan
     from .preflight import AdapterCheck, Finding, check_adapter, check_base
 
@@ -44,7 +46,6 @@ __all__ = [
     "remove_adapter_name",
     "scan",
 ]
-__version__ = "0.1.0"
 
 _LAZY = {
     "Checkpoint": "checkpoint",
@@ -59,6 +60,13 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
+    if name == "__version__":
+        # From the installed distribution's metadata, which both wheels (compiled and pure) get
+        # from Cargo.toml's version; read on first use because importlib.metadata is slow to import.
+        from importlib.metadata import version
+
+        globals()[name] = value = version("fastkeys")
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'fastkeys' has no attribute {name!r}")

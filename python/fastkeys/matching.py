@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Iterable, Mapping
 
@@ -165,6 +164,8 @@ def _with_missing_keys(result: Result, kept: list[str]) -> Result:
         import dataclasses  # only here: it costs a third of `import fastkeys`
 
         return dataclasses.replace(result, missing_keys=value)  # type: ignore[type-var]
+    import copy  # only here: with weakref, a fifth of `import fastkeys`
+
     duplicate = copy.copy(result)
     duplicate.missing_keys = value  # type: ignore[attr-defined]
     return duplicate

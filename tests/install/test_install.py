@@ -64,6 +64,8 @@ def test_the_pure_wheel_runs_python_without_cargo(tmp_path: Path) -> None:
         python, "-m", "pip", "install", "-q", "--no-index", str(_artifact("*-py3-none-any.whl")), env=no_cargo
     )
     assert _probe(python) == ["python", *EXPECTED]
+    version = _run(python, "-c", "import fastkeys; print(fastkeys.__version__)").strip()
+    assert version == _artifact("*-py3-none-any.whl").name.split("-")[1]
     # The demo's timer needs nothing beyond the package.
     demo = _run(python.parent / "fastkeys", "demo", "--layers", "2", "--adapters", "3")
     assert "implementation: python" in demo and "fastkeys.filter_missing" in demo
