@@ -1,11 +1,12 @@
-"""Writes the README's generated tables: `python docs/tables.py` (or `make docs`).
+"""Writes the generated tables of README.md and docs/*.md: `python docs/tables.py` (or `make docs`).
 
-Each table sits between `<!-- name:start -->` and `<!-- name:end -->` markers in README.md;
-`tests/test_readme.py` fails when a table is out of date.
+Each table sits between `<!-- name:start -->` and `<!-- name:end -->` markers in the pages that
+`PAGES` lists; `tests/test_readme.py` fails when a table is out of date or a page lacks one.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 from fastkeys import filter_missing, tuners
 from fastkeys.scenarios import peft_from_pretrained_filter, peft_substring_filter
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
 MLP = "base_model.model.model.layers.0.mlp.down_proj"
 
@@ -69,6 +71,7 @@ def differences_table() -> str:
     return "\n".join(rows)
 
 
+@functools.cache  # builds real models: once per run, whichever pages show it
 def peft_table() -> str:
     """Real PEFT models (fixtures/peft_models.py): PEFT's filters and fastkeys on the same loads."""
     import tempfile
@@ -106,6 +109,7 @@ def peft_table() -> str:
     return "\n".join(rows)
 
 
+@functools.cache
 def cli_examples() -> str:
     """Real `fastkeys inspect` and `fastkeys check` output on a tiny model and adapters."""
     import contextlib
@@ -143,31 +147,82 @@ def cli_examples() -> str:
 
 def bench_table() -> str:
     """benches/results.json (written by `make bench`) as the README's table and targets."""
-    import json
-
-    sys.path.insert(0, str(README.parent))
+    sys.path.insert(0, str(ROOT))
     from benches import suite
 
-    report = json.loads((README.parent / "benches" / "results.json").read_text(encoding="utf-8"))
-    return "```\n" + suite.format_report(report) + "\n```"
+    return "```\n" + suite.format_report(_bench_report()) + "\n```"
 
 
-TABLES = {"differences": differences_table, "peft": peft_table, "cli": cli_examples, "bench": bench_table}
+def _bench_report() -> dict[str, object]:
+    import json
+
+    report: dict[str, object] = json.loads((ROOT / "benches" / "results.json").read_text(encoding="utf-8"))
+    return report
 
 
-def render(readme: str) -> str:
-    for name, make in TABLES.items():
+def bench_summary() -> str:
+    """The user page's short table: fastkeys' time per key and its ratio to the alternatives."""
+    report = _bench_report()
+    results = {r["scenario"]: r for r in report["results"]}  # type: ignore[attr-defined]
+    rows = [
+        "| scenario | keys | fastkeys (rust) | PEFT's loop | best pure Python | fastkeys (python) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scenario, what in (
+        ("serving", "900 adapters loaded, one more loading"),
+        ("dense", "every key carries the adapter's name"),
+        ("group", "`KeyMatcher.group` over 901 adapters"),
+    ):
+        times = results[scenario]["ns_per_key"]
+        rust = times["fastkeys (rust)"]
+
+        def ratio(label: str, rust: float = rust, times: dict[str, float] = times) -> str:
+            return f"{times[label] / rust:.1f}x slower" if label in times else "-"
+
+        rows.append(
+            f"| {scenario}: {what} | {results[scenario]['keys']:,} | {rust:.0f} ns/key | "
+            f"{ratio('PEFT loop')} | {ratio('best pure Python')} | {ratio('fastkeys (python)')} |"
+        )
+    return "\n".join(rows)
+
+
+TABLES = {
+    "differences": differences_table,
+    "peft": peft_table,
+    "cli": cli_examples,
+    "bench": bench_table,
+    "bench-summary": bench_summary,
+}
+# The pages and the tables each must show. README.md keeps its tables until docs/README-new.md
+# replaces it.
+PAGES = {
+    README: ("differences", "peft", "cli", "bench"),
+    ROOT / "docs" / "README-new.md": ("bench-summary",),
+    ROOT / "docs" / "differences.md": ("differences", "peft"),
+    ROOT / "docs" / "benchmarks.md": ("bench",),
+    ROOT / "docs" / "cli.md": ("cli",),
+}
+
+
+def render(text: str, names: tuple[str, ...] = tuple(TABLES), page: str = "README.md") -> str:
+    for name in names:
         pattern = re.compile(rf"(<!-- {name}:start -->).*?(<!-- {name}:end -->)", re.S)
-        if not pattern.search(readme):
-            raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> markers")
-        table = make()
-        readme = pattern.sub(lambda found, t=table: f"{found.group(1)}\n{t}\n{found.group(2)}", readme)
-    return readme
+        if not pattern.search(text):
+            raise SystemExit(f"{page} has no <!-- {name}:start --> ... <!-- {name}:end --> markers")
+        table = TABLES[name]()
+        text = pattern.sub(lambda found, t=table: f"{found.group(1)}\n{t}\n{found.group(2)}", text)
+    return text
 
 
 if __name__ == "__main__":
-    text = README.read_text(encoding="utf-8")
-    updated = render(text)
-    if "--check" in sys.argv:
-        sys.exit(0 if updated == text else "README.md tables are out of date: run `make docs`")
-    README.write_text(updated, encoding="utf-8")
+    stale = []
+    for path, names in PAGES.items():
+        text = path.read_text(encoding="utf-8")
+        updated = render(text, names, str(path.relative_to(ROOT)))
+        if "--check" in sys.argv:
+            if updated != text:
+                stale.append(str(path.relative_to(ROOT)))
+        else:
+            path.write_text(updated, encoding="utf-8")
+    if stale:
+        sys.exit(f"out of date: {', '.join(stale)}: run `make docs`")

@@ -1,20 +1,36 @@
-"""README's generated tables match what the code does today."""
+"""The generated tables of README.md and docs/*.md match what the code does today."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
+from types import ModuleType
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_tables_are_current() -> None:
+def _tables() -> ModuleType:
     spec = importlib.util.spec_from_file_location("fastkeys_docs_tables", ROOT / "docs" / "tables.py")
     assert spec is not None and spec.loader is not None
     tables = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tables)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert tables.render(readme) == readme, "README.md tables are out of date: run `make docs`"
+    return tables
+
+
+def test_generated_tables_are_current() -> None:
+    tables = _tables()
+    for path, names in tables.PAGES.items():
+        text = path.read_text(encoding="utf-8")
+        assert tables.render(text, names, path.name) == text, f"{path.name} is out of date: run `make docs`"
+
+
+def test_a_page_without_its_markers_is_refused() -> None:
+    tables = _tables()
+    with pytest.raises(SystemExit, match=r"^differences.md has no <!-- peft:start -->"):
+        tables.render("<!-- differences:start --><!-- differences:end -->", ("peft",), "differences.md")
 
 
 def test_readme_quickstart_shows_the_front_door_first() -> None:
@@ -22,3 +38,12 @@ def test_readme_quickstart_shows_the_front_door_first() -> None:
     quickstart = readme.split("## Quickstart", 1)[1]
     commands = [line.split()[0:2] for line in quickstart.splitlines() if line.startswith("make ")]
     assert commands[:2] == [["make", "demo"], ["make", "test"]]
+
+
+def test_the_user_page_is_short_and_its_links_resolve() -> None:
+    page = ROOT / "docs" / "README-new.md"
+    text = page.read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 250
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        # Written for the repository root, where it will replace README.md.
+        assert (ROOT / target).exists(), target
