@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fastkeys import check_base, filter_missing, insert_adapter_name, remove_adapter_name, tuners
+from fastkeys import KeyMatcher, check_base, filter_missing, insert_adapter_name, remove_adapter_name, tuners
 from fastkeys.cli import _methods_found
 from fixtures.headers import write_adapter, write_safetensors
 
@@ -115,3 +115,47 @@ def test_the_method_count_takes_exact_names_and_the_last_tensor_segment() -> Non
         "m.q.base_layer.weight",
     ]
     assert _methods_found(keys) == {"vera": 2, "lora/adalora": 2, "randlora": 1}
+
+
+def test_a_matcher_renames_only_with_the_rules_it_is_given() -> None:
+    model = ["m.q.lora_magnitude_vector.x.weight", "m.score.modules_to_save.x.weight"]
+    plain = KeyMatcher(["lora_"], ["x"], exact=["modules_to_save"])
+    assert plain.remove_adapter_name(model) == [
+        "m.q.lora_magnitude_vector.weight",
+        "m.score.modules_to_save.weight",
+    ]
+    ruled = KeyMatcher(
+        ["lora_"],
+        ["x"],
+        exact=["modules_to_save"],
+        wrappers=["modules_to_save"],
+        suffixes={"lora_magnitude_vector": "weight"},
+    )
+    assert ruled.remove_adapter_name(model) == ["m.q.lora_magnitude_vector", "m.score.weight"]
+    assert ruled.insert_adapter_name(["m.q.lora_magnitude_vector", "m.score.weight"], "x") == [
+        "m.q.lora_magnitude_vector.x.weight",
+        "m.score.weight",  # a wrapped module's checkpoint key does not show the wrapper
+    ]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"wrappers": "modules_to_save"}, TypeError, "wrappers must be an iterable of str, not a single str"),
+        ({"wrappers": ["a.b"]}, ValueError, "wrappers[0] 'a.b' contains a dot"),
+        (
+            {"suffixes": ["weight"]},
+            TypeError,
+            "suffixes must map a segment to a parameter name (a dict), not list",
+        ),
+        ({"suffixes": {"m": ""}}, ValueError, "suffixes['m'] must not be empty"),
+        ({"suffixes": {"a.b": "weight"}}, ValueError, "a suffixes key 'a.b' contains a dot"),
+        ({"suffixes": {1: "weight"}}, TypeError, "a suffixes key must be str, not int"),
+    ],
+)
+def test_bad_rename_rules_are_refused(
+    arguments: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as raised:
+        KeyMatcher(["lora_"], **arguments)  # type: ignore[arg-type]
+    assert str(raised.value).startswith(message)
