@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 
 from fastkeys import filter_missing, tuners
-from fastkeys.scenarios import peft_from_pretrained_filter, peft_substring_filter
+from fastkeys.scenarios import peft_substring_filter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fixtures.peft_filters import peft_from_pretrained_filter
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

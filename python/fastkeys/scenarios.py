@@ -1,6 +1,7 @@
 """Synthetic but realistic key sets (no downloads), and PEFT's own filter as the reference.
 
-Used by `fastkeys demo`, the benchmarks and the tests. Key shapes follow a Llama model wrapped by
+Used by `fastkeys demo`, the benchmarks and the tests (`fixtures.peft_filters` holds the copy of
+PEFT's `from_pretrained` filter that only the tests and docs need). Key shapes follow a Llama model wrapped by
 PEFT: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.{adapter}.weight`.
 """
 
@@ -13,7 +14,6 @@ __all__ = [
     "adapter_keys",
     "base_keys",
     "model_keys",
-    "peft_from_pretrained_filter",
     "peft_substring_filter",
 ]
 
@@ -74,24 +74,3 @@ def peft_substring_filter(
                 continue
             adapter_missing_keys.append(key)
     return adapter_missing_keys
-
-
-def peft_from_pretrained_filter(
-    missing_keys: Sequence[str], adapter_name: str, tuner_prefix: str, tuner: str = "LORA"
-) -> list[str]:
-    """What PEFT 0.21's `PeftModel.from_pretrained` warns about: `load_adapter`'s loop, then a
-    faithful copy of its `is_shared_parameter`."""
-    return [
-        key
-        for key in peft_substring_filter(missing_keys, adapter_name, tuner_prefix, tuner)
-        if not (
-            "vblora_vector_bank" in key
-            or "prompt_encoder" in key
-            or ".tinylora_v." in key
-            or (
-                tuner == "UNILORA"
-                and ".unilora_theta_d." in key
-                and not key.startswith("base_model.unilora_theta_d.")
-            )
-        )
-    ]
