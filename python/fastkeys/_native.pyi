@@ -5,7 +5,7 @@ from os import PathLike
 
 from typing_extensions import disjoint_base
 
-__all__ = ["KeyMatcher", "read_headers"]
+__all__ = ["KeyMatcher", "Regex", "read_headers"]
 
 @disjoint_base
 class KeyMatcher:
@@ -27,3 +27,11 @@ class KeyMatcher:
 def read_headers(
     paths: Sequence[str | PathLike[str]], threads: int | None = None
 ) -> list[tuple[list[str], list[str], list[tuple[int, ...]], list[int], dict[str, str] | None, int]]: ...
+
+@disjoint_base
+class Regex:
+    """An expression checked and written by `fastkeys._patterns`, matched in linear time."""
+
+    def __new__(cls, pattern: str) -> Regex: ...
+    def search(self, text: str) -> bool: ...
+    def group(self, text: str) -> str | None: ...

@@ -7,12 +7,20 @@ substring test before the rule runs.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 
-__all__ = ["KeyMatcher", "read_headers"]
+TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
+if TYPE_CHECKING:
+    from typing import BinaryIO
+
+from ._linear import Regex
+
+__all__ = ["KeyMatcher", "Regex", "read_headers"]
 
 # See rust/rename.rs: DoRA's magnitude drops `.weight` in checkpoints; modules_to_save wrappers
 # drop `modules_to_save.<name>`.
@@ -48,7 +56,7 @@ class KeyMatcher:
     _exact: frozenset[str]
     _shared: frozenset[str]
     _adapters: dict[str, int] | None
-    _ignore: list[re.Pattern[str]]
+    _ignore: list[Regex]
     _needles: tuple[str, ...] | None
 
     def __new__(
@@ -68,7 +76,8 @@ class KeyMatcher:
             self._adapters = {}
             for name in adapter_names:
                 self._adapters.setdefault(name, len(self._adapters))
-        self._ignore = [re.compile(pattern) for pattern in ignore]
+        # Matched by the linear engine: `re` would backtrack on `(a+)+$` (see fastkeys._linear).
+        self._ignore = [Regex(pattern) for pattern in ignore]
         # Substrings every matching key contains: an adapter name, else a prefix. (The bare name:
         # a needle that starts with "." costs more, dots being everywhere in keys.)
         self._needles = None
@@ -227,6 +236,11 @@ def _is_u64(value: object) -> bool:
 
 def _entry(name: str, value: object) -> tuple[str, tuple[int, ...], int, int]:
     where = f"tensor {_quote(name)}"
+    if isinstance(value, list) and not isinstance(value, _Pairs):
+        # serde reads a struct from a sequence of its fields in order, and so does the reference.
+        if len(value) != len(_ENTRY_FIELDS):
+            raise _Invalid(f"{where}: invalid length {len(value)}, expected struct Entry with 3 elements")
+        value = _Pairs(zip(_ENTRY_FIELDS, value))
     if not isinstance(value, _Pairs):
         raise _Invalid(f"{where}: invalid type: expected struct Entry")
     fields: dict[str, object] = {}
@@ -255,6 +269,24 @@ class _Pairs(list):  # type: ignore[type-arg]
     """A JSON object as the list of its (key, value) pairs, to see order and duplicates."""
 
 
+def _pairs(pairs: list[tuple[str, object]]) -> _Pairs:
+    # serde_json refuses a lone surrogate escape (`"\\ud800"`) in any string; `json` decodes it.
+    for key, value in pairs:
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Invalid("invalid header JSON: a string holds a lone surrogate escape") from None
+    return _Pairs(pairs)
+
+
+def _json_int(text: str) -> int | float:
+    # serde_json reads `-0` as the float -0.0 and integers beyond 64 bits as floats: not a u64.
+    if text == "-0" or len(text) > 20:
+        return float(text)
+    return int(text)
+
+
 def parse_header(
     raw: bytes, data_len: int
 ) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], dict[str, str] | None]:
@@ -263,7 +295,7 @@ def parse_header(
     except UnicodeDecodeError as error:
         raise _Invalid(f"the header is not UTF-8 ({error})") from None
     try:
-        top = json.loads(text, object_pairs_hook=_Pairs)
+        top = json.loads(text, object_pairs_hook=_pairs, parse_int=_json_int)
     except (json.JSONDecodeError, RecursionError) as error:
         raise _Invalid(f"invalid header JSON: {error}") from None
     if not isinstance(top, _Pairs):
@@ -279,6 +311,8 @@ def parse_header(
             raise _Invalid(f"invalid header JSON: duplicate entry {_quote(name)}")
         seen.add(name)
         if name == "__metadata__":
+            if value is None:  # no metadata, as the reference reads it (an Option)
+                continue
             if not isinstance(value, _Pairs) or not all(isinstance(v, str) for _, v in value):
                 raise _Invalid("invalid header JSON: __metadata__ must map strings to strings")
             metadata = dict(value)
@@ -306,8 +340,9 @@ def parse_header(
         bits = DTYPE_BITS[dtype]
         for dim in shape:
             bits *= dim
-        if bits >= _U64:
-            raise _Invalid(f"{where}: shape {list(shape)} overflows")
+            # Checked at every step, as the native fold does: [2**32, 2**32, 2**32, 0] overflows.
+            if bits >= _U64:
+                raise _Invalid(f"{where}: shape {list(shape)} overflows")
         if bits % 8:
             raise _Invalid(f"{where}: {dtype} x {list(shape)} does not fill whole bytes")
         if end - begin != bits // 8:
@@ -321,17 +356,43 @@ def parse_header(
     return tensors, metadata
 
 
-def _read_header(path: str | os.PathLike[str]) -> Header:
-    with open(path, "rb") as file:
+def open_regular(path: str) -> BinaryIO:
+    """`path` opened for reading, if it is a regular file. A FIFO opens at once with O_NONBLOCK
+    and is then refused by its type, so a hostile path never blocks; reads from a regular file
+    ignore the flag. A directory is IsADirectoryError; a FIFO, socket or device ValueError."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise _Invalid("not a regular file (a FIFO, socket or device); only regular files are read")
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_exactly(file: BinaryIO, size: int) -> bytes:
+    data = file.read(size)
+    if len(data) != size:
+        raise _Invalid("the file ended inside its header: it changed while being read")
+    return data
+
+
+def _read_header(path: str) -> Header:
+    with open_regular(path) as file:
         file_len = os.fstat(file.fileno()).st_size
         if file_len < 8:
             raise _Invalid(f"the file has {file_len} bytes, fewer than the 8 of the header length")
-        header_len = int.from_bytes(file.read(8), "little")
+        # The length is never shown: it is the file's first 8 bytes, whatever the file is.
+        header_len = int.from_bytes(_read_exactly(file, 8), "little")
         if header_len > MAX_HEADER_LEN:
-            raise _Invalid(f"the header length {header_len} exceeds the limit of {MAX_HEADER_LEN} bytes")
+            raise _Invalid(f"the header length exceeds the limit of {MAX_HEADER_LEN} bytes")
         if header_len > file_len - 8:
-            raise _Invalid(f"the header length {header_len} runs past the end of the file ({file_len} bytes)")
-        raw = file.read(header_len)
+            raise _Invalid(f"the header length runs past the end of the file ({file_len} bytes)")
+        raw = _read_exactly(file, header_len)
     tensors, metadata = parse_header(raw, file_len - 8 - header_len)
     return (
         [t[0] for t in tensors],
@@ -347,8 +408,12 @@ def read_headers(paths: Sequence[str | os.PathLike[str]], threads: int | None = 
     """See `fastkeys._native.read_headers` (`threads` is accepted and ignored: one thread)."""
     out = []
     for path in paths:
+        # os.fspath refuses an int, which `open` would take for a file descriptor (and close).
+        text = os.fspath(path)
+        if not isinstance(text, str):
+            raise TypeError(f"paths must be str or os.PathLike[str], not {type(text).__name__}")
         try:
-            out.append(_read_header(path))
+            out.append(_read_header(text))
         except _Invalid as error:
-            raise ValueError(f"{os.fspath(path)}: {error}") from None
+            raise ValueError(f"{text}: {error}") from None
     return out
