@@ -31,21 +31,32 @@ _MODULES_TO_SAVE = "modules_to_save"
 _MAX_NEEDLES = 4
 
 
-def _key_list(keys: Iterable[str]) -> Sequence[str]:
-    """The keys as a sequence of str; TypeError naming the first element that is not one."""
+def _key_list(keys: Iterable[str]) -> tuple[Sequence[str], dict[int, str] | None]:
+    """The keys as a sequence of exact str, TypeError naming the first element that is not a
+    str. A str subclass is read by its string value (its own methods could answer otherwise, as
+    the native side never asks them): it is copied to a str, and the second item maps each copy's
+    id back to the caller's object, for the results; None when there is none."""
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"keys must be an iterable of str, not a single {type(keys).__name__}")
     if not isinstance(keys, (list, tuple)):
         try:
             iterator = iter(keys)
-        except TypeError:
+        except Exception:  # as the native side: whatever `__iter__` raises, keys is unusable
             raise TypeError(f"keys must be an iterable of str, not {type(keys).__name__}") from None
         keys = list(iterator)
-    for kind in set(map(type, keys)):
+    kinds = set(map(type, keys))
+    for kind in kinds:
         if not issubclass(kind, str):
             index = next(i for i, key in enumerate(keys) if type(key) is kind)
             raise TypeError(f"keys[{index}] must be str, not {kind.__name__}")
-    return keys
+    if kinds <= {str}:
+        return keys, None
+    plain = [key if type(key) is str else str.__str__(key) for key in keys]
+    return plain, {id(copy): key for copy, key in zip(plain, keys, strict=True) if copy is not key}
+
+
+def _originals(found: list[str], back: dict[int, str] | None) -> list[str]:
+    return found if back is None else [back.get(id(key), key) for key in found]
 
 
 class KeyMatcher:
@@ -68,24 +79,39 @@ class KeyMatcher:
         ignore: Sequence[str],
     ) -> KeyMatcher:
         self = object.__new__(cls)
-        self._prefixes = tuple(prefixes)
-        self._exact = frozenset(exact)
-        self._shared = frozenset(shared)
-        self._adapters = None
+        # Immutable like the native class: attributes are set here, once, past `__setattr__`.
+        init = object.__setattr__
+        plain = [str.__str__(name) for name in prefixes]  # by string value, as for keys
+        init(self, "_prefixes", tuple(plain))
+        init(self, "_exact", frozenset(str.__str__(name) for name in exact))
+        init(self, "_shared", frozenset(str.__str__(name) for name in shared))
+        adapters = None
         if adapter_names is not None:
-            self._adapters = {}
+            adapters = {}
             for name in adapter_names:
-                self._adapters.setdefault(name, len(self._adapters))
+                adapters.setdefault(str.__str__(name), len(adapters))
+        init(self, "_adapters", adapters)
         # Matched by the linear engine: `re` would backtrack on `(a+)+$` (see fastkeys._linear).
-        self._ignore = [Regex(pattern) for pattern in ignore]
+        init(self, "_ignore", [Regex(pattern) for pattern in ignore])
         # Substrings every matching key contains: an adapter name, else a prefix. (The bare name:
         # a needle that starts with "." costs more, dots being everywhere in keys.)
-        self._needles = None
-        if self._adapters is not None and len(self._adapters) <= _MAX_NEEDLES:
-            self._needles = tuple(self._adapters)
+        needles = None
+        if adapters is not None and len(adapters) <= _MAX_NEEDLES:
+            needles = tuple(adapters)
         elif len(self._prefixes) + len(self._exact) <= _MAX_NEEDLES:
-            self._needles = self._prefixes + tuple(self._exact)
+            needles = self._prefixes + tuple(self._exact)
+        init(self, "_needles", needles)
         return self
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        # As the native class: a compiled matcher is not pickled (nor copied); build another.
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
 
     def _hit(self, segments: list[str]) -> tuple[int, int | str] | None:
         """The last match (the rightmost, as the native walk finds it): (index of the qualifying
@@ -146,7 +172,7 @@ class KeyMatcher:
         return found
 
     def filter(self, keys: Iterable[str]) -> list[str]:
-        keys = _key_list(keys)
+        keys, back = _key_list(keys)
         if self._adapters is not None and len(self._adapters) == 1:
             found = self._single_name(keys, next(iter(self._adapters)))
         else:
@@ -154,7 +180,7 @@ class KeyMatcher:
             found = [key for key in self._candidates(keys) if verdict(key) is not None]
         if self._ignore:
             found = [key for key in found if not self._ignored(key)]
-        return found
+        return _originals(found, back)
 
     def group(self, keys: Iterable[str]) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}
@@ -162,14 +188,16 @@ class KeyMatcher:
         if self._adapters is not None:
             for name in self._adapters:
                 lists.append(groups.setdefault(name, []))
-        for key in self._candidates(_key_list(keys)):
+        plain, back = _key_list(keys)
+        for key in self._candidates(plain):
             verdict = self._verdict(key)
             if verdict is None or (self._ignore and self._ignored(key)):
                 continue
+            original = key if back is None else back.get(id(key), key)
             if isinstance(verdict, int):
-                lists[verdict].append(key)
+                lists[verdict].append(original)
             else:
-                groups.setdefault(verdict, []).append(key)
+                groups.setdefault(verdict, []).append(original)
         return groups
 
     def _insert(self, key: str, name: str) -> str:
@@ -199,10 +227,13 @@ class KeyMatcher:
         return ".".join(segments)
 
     def insert_adapter_name(self, keys: Iterable[str], adapter_name: str) -> list[str]:
-        return [self._insert(key, adapter_name) for key in _key_list(keys)]
+        plain, back = _key_list(keys)
+        name = str.__str__(adapter_name)
+        return _originals([self._insert(key, name) for key in plain], back)
 
     def remove_adapter_name(self, keys: Iterable[str]) -> list[str]:
-        return [self._remove(key) for key in _key_list(keys)]
+        plain, back = _key_list(keys)
+        return _originals([self._remove(key) for key in plain], back)
 
     def __repr__(self) -> str:
         return "KeyMatcher(<compiled>)"
