@@ -104,8 +104,8 @@ fn invalid(message: impl Into<String>) -> HeaderError {
     HeaderError::Invalid(message.into())
 }
 
+/// Unknown fields are ignored, as the reference ignores them.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Entry {
     dtype: Dtype,
     shape: Vec<u64>,
@@ -412,14 +412,18 @@ mod tests {
                 r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#,
                 "overflows",
             ),
-            (
-                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1}}"#,
-                "unknown field",
-            ),
         ];
         for (json, expected) in cases {
             let error = parse(json, 4).expect_err(json);
             assert!(error.contains(expected), "{json}: {error}");
+        }
+        // As the reference: unknown fields ignored, an entry may be the array of its fields,
+        // `__metadata__` may be null.
+        for json in [
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":[1]}}"#,
+            r#"{"a":["F32",[1],[0,4]],"__metadata__":null}"#,
+        ] {
+            assert_eq!(parse(json, 4).expect(json).len(), 1);
         }
         assert!(parse(
             r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,

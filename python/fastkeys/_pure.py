@@ -277,9 +277,7 @@ def _entry(name: str, value: object) -> tuple[str, tuple[int, ...], int, int]:
     fields: dict[str, object] = {}
     for field, item in value:
         if field not in _ENTRY_FIELDS:
-            raise _Invalid(
-                f"{where}: unknown field `{field}`, expected one of `dtype`, `shape`, `data_offsets`"
-            )
+            continue  # ignored, as the reference (and serde without deny_unknown_fields) does
         if field in fields:
             raise _Invalid(f"{where}: duplicate field `{field}`")
         fields[field] = item
