@@ -67,7 +67,9 @@ def entry(draw: st.DrawFn, begin: int) -> tuple[object, int]:
     end = begin + size + draw(st.sampled_from([0, 0, 0, 1, -1]))
     offsets: object = [begin, end]
     if draw(st.integers(0, 9)) == 0:
-        offsets = draw(st.sampled_from([[Raw("-0"), end], [begin], [begin, end, end], "x", [begin, Raw("1.0")]]))
+        offsets = draw(
+            st.sampled_from([[Raw("-0"), end], [begin], [begin, end, end], "x", [begin, Raw("1.0")]])
+        )
     fields = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
     form = draw(st.integers(0, 9))
     if form == 0:
@@ -90,6 +92,7 @@ def header_file(draw: st.DrawFn) -> tuple[bytes, bool]:
     begin = 0
     for _ in range(draw(st.integers(0, 3))):
         name = draw(NAME)
+        value: object
         if name == "__metadata__":
             value = draw(
                 st.sampled_from([{"format": "pt"}, Raw("null"), {"a": 1}, [], {}, {"k": Raw('"\\udfff"')}])

@@ -18,11 +18,15 @@ from __future__ import annotations
 import sys
 
 if sys.version_info >= (3, 11):
-    from re import _constants as _c  # type: ignore[attr-defined]
-    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+    from re import _constants as _c
+    from re import _parser as _sre_parse
 else:  # pragma: no cover (3.10)
     import sre_constants as _c
     import sre_parse as _sre_parse
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Regex"]
 
@@ -51,18 +55,18 @@ class _Set:
         return found != self.negate
 
 
-def _test(op: object, av: object, dotall: bool) -> _Set:
+def _test(op: object, av: Any, dotall: bool) -> _Set:
     if op is _c.LITERAL:
-        return _Set(frozenset(chr(av)), (), False)  # type: ignore[arg-type]
+        return _Set(frozenset(chr(av)), (), False)
     if op is _c.NOT_LITERAL:
-        return _Set(frozenset(chr(av)), (), True)  # type: ignore[arg-type]
+        return _Set(frozenset(chr(av)), (), True)
     if op is _c.ANY:
         return _Set(frozenset() if dotall else frozenset("\n"), (), True)
     if op is _c.IN:
         chars: set[str] = set()
         ranges: list[tuple[int, int]] = []
         negate = False
-        for item, value in av:  # type: ignore[attr-defined]
+        for item, value in av:
             if item is _c.NEGATE:
                 negate = True
             elif item is _c.LITERAL:
@@ -77,7 +81,7 @@ def _test(op: object, av: object, dotall: bool) -> _Set:
 
 class _Compiler:
     def __init__(self, capture: int) -> None:
-        self.program: list[tuple[object, ...]] = []
+        self.program: list[tuple[Any, ...]] = []
         self.capture = capture
 
     def emit(self, *instruction: object) -> int:
@@ -87,15 +91,15 @@ class _Compiler:
     def patch(self, at: int, *instruction: object) -> None:
         self.program[at] = instruction
 
-    def sequence(self, items: list[tuple[object, object]], dotall: bool) -> None:
+    def sequence(self, items: Any, dotall: bool) -> None:
         for op, av in items:
             self.node(op, av, dotall)
 
-    def node(self, op: object, av: object, dotall: bool) -> None:
+    def node(self, op: object, av: Any, dotall: bool) -> None:
         if op in (_c.LITERAL, _c.NOT_LITERAL, _c.ANY, _c.IN):
             self.emit(_CHAR, _test(op, av, dotall))
         elif op is _c.SUBPATTERN:
-            group, add_flags, del_flags, body = av  # type: ignore[misc]
+            group, add_flags, del_flags, body = av
             if add_flags & _c.SRE_FLAG_DOTALL:
                 dotall = True
             if del_flags & _c.SRE_FLAG_DOTALL:
@@ -106,7 +110,7 @@ class _Compiler:
             if group == self.capture:
                 self.emit(_SAVE, 1)
         elif op is _c.BRANCH:
-            _, branches = av  # type: ignore[misc]
+            _, branches = av
             jumps = []
             for index, branch in enumerate(branches):
                 if index < len(branches) - 1:
@@ -119,7 +123,7 @@ class _Compiler:
             for jump in jumps:
                 self.patch(jump, _JUMP, len(self.program))
         elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT):
-            low, high, body = av  # type: ignore[misc]
+            low, high, body = av
             greedy = op is _c.MAX_REPEAT
             for _ in range(low):
                 self.sequence(body, dotall)
@@ -167,7 +171,7 @@ class Regex:
     def __init__(self, pattern: str) -> None:
         parsed = _sre_parse.parse(pattern, 0)
         compiler = _Compiler(capture=1)
-        compiler.sequence(list(parsed), bool(parsed.state.flags & _c.SRE_FLAG_DOTALL))
+        compiler.sequence(parsed, bool(parsed.state.flags & _c.SRE_FLAG_DOTALL))
         compiler.emit(_MATCH)
         self._program = tuple(compiler.program)
 
@@ -201,10 +205,10 @@ class Regex:
                 instruction = program[pc]
                 kind = instruction[0]
                 if kind == _JUMP:
-                    stack.append((instruction[1], groups))  # type: ignore[arg-type]
+                    stack.append((instruction[1], groups))
                 elif kind == _SPLIT:
-                    stack.append((instruction[2], groups))  # type: ignore[arg-type]
-                    stack.append((instruction[1], groups))  # type: ignore[arg-type]
+                    stack.append((instruction[2], groups))
+                    stack.append((instruction[1], groups))
                 elif kind == _ASSERT:
                     if _holds(instruction[1], text, pos):
                         stack.append((pc + 1, groups))
@@ -226,7 +230,7 @@ class Regex:
                         return groups  # any match answers `search`
                     found = groups
                     break  # the threads after this one have lower priority
-                if ch and instruction[1](ch):  # type: ignore[operator]
+                if ch and instruction[1](ch):
                     add(following, pc + 1, groups, pos + 1)
             if found is None and pos < size:
                 add(following, 0, no_span, pos + 1)  # the next start, at the lowest priority

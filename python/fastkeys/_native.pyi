@@ -2,6 +2,7 @@
 
 from collections.abc import Iterable, Sequence
 from os import PathLike
+from typing import final
 
 from typing_extensions import disjoint_base
 
@@ -28,7 +29,7 @@ def read_headers(
     paths: Sequence[str | PathLike[str]], threads: int | None = None
 ) -> list[tuple[list[str], list[str], list[tuple[int, ...]], list[int], dict[str, str] | None, int]]: ...
 
-@disjoint_base
+@final
 class Regex:
     """An expression checked and written by `fastkeys._patterns`, matched in linear time."""
 

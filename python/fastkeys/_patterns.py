@@ -254,11 +254,11 @@ def _read_group_open(reader: _Reader, fold: bool, at_start: bool) -> tuple[str, 
     flags = _syntax()[1].match(reader.text, reader.pos - 1)
     if flags is None:
         raise _Refused("unknown group syntax after '(?'")
-    on, off, end = flags.group(1) or "", flags.group(2) or "", flags.group(3)
+    on, off, closing = flags.group(1) or "", flags.group(2) or "", flags.group(3)
     for flag in on + off:
         if flag not in "is":
             raise _Refused(f"the flag {flag!r} is not supported (only i and s are)")
-    bare = end == ")"
+    bare = closing == ")"
     if bare and (off or not at_start):
         raise _Refused("flags go at the start of the expression, (?i)..., or on a group, (?i:...)")
     reader.pos = flags.end()

@@ -10,15 +10,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import stat
 from collections.abc import Iterable, Sequence
+
+from ._linear import Regex
 
 TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
 if TYPE_CHECKING:
     from typing import BinaryIO
-
-from ._linear import Regex
 
 __all__ = ["KeyMatcher", "Regex", "read_headers"]
 
@@ -85,7 +84,7 @@ class KeyMatcher:
         init(self, "_prefixes", tuple(plain))
         init(self, "_exact", frozenset(str.__str__(name) for name in exact))
         init(self, "_shared", frozenset(str.__str__(name) for name in shared))
-        adapters = None
+        adapters: dict[str, int] | None = None
         if adapter_names is not None:
             adapters = {}
             for name in adapter_names:
@@ -271,7 +270,7 @@ def _entry(name: str, value: object) -> tuple[str, tuple[int, ...], int, int]:
         # serde reads a struct from a sequence of its fields in order, and so does the reference.
         if len(value) != len(_ENTRY_FIELDS):
             raise _Invalid(f"{where}: invalid length {len(value)}, expected struct Entry with 3 elements")
-        value = _Pairs(zip(_ENTRY_FIELDS, value))
+        value = _Pairs(zip(_ENTRY_FIELDS, value, strict=True))
     if not isinstance(value, _Pairs):
         raise _Invalid(f"{where}: invalid type: expected struct Entry")
     fields: dict[str, object] = {}
@@ -389,7 +388,9 @@ def open_regular(path: str) -> BinaryIO:
     """`path` opened for reading, if it is a regular file. A FIFO opens at once with O_NONBLOCK
     and is then refused by its type, so a hostile path never blocks; reads from a regular file
     ignore the flag. A directory is IsADirectoryError; a FIFO, socket or device ValueError."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    )
     fd = os.open(path, flags)
     try:
         mode = os.fstat(fd).st_mode

@@ -147,7 +147,9 @@ def _read_json(path: Path, limit: int) -> object:
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     if max(size, len(data)) > limit:
-        raise ValueError(f"{path}: {max(size, len(data))} bytes, more than the limit of {limit} for a JSON file")
+        raise ValueError(
+            f"{path}: {max(size, len(data))} bytes, more than the limit of {limit} for a JSON file"
+        )
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -209,7 +211,9 @@ def _read(
 def _index_files(index_path: Path) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """(shard files in name order, weight_map, metadata) of a `*.safetensors.index.json`."""
     index = _read_json(index_path, MAX_INDEX_BYTES)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path}: must be a JSON object with a 'weight_map', not {_kind(index)}")
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
@@ -252,7 +256,9 @@ def _directory_files(directory: Path) -> tuple[list[str], Path | None]:
         )
     if indexes:
         return [], indexes[0]
-    files = sorted(_regular_file(directory, path.name, str(directory)) for path in directory.glob("*.safetensors"))
+    files = sorted(
+        _regular_file(directory, path.name, str(directory)) for path in directory.glob("*.safetensors")
+    )
     if not files:
         raise FileNotFoundError(2, "no .safetensors files in the directory", str(directory))
     return files, None
@@ -287,17 +293,19 @@ def _adapter_config(path: Path) -> dict[str, object]:
         if value is None:
             continue
         element = int if field == "layers_to_transform" else str
-        if not isinstance(value, kinds) or isinstance(value, bool) or (
-            isinstance(value, list) and not all(type(item) is element for item in value)
+        if (
+            not isinstance(value, kinds)
+            or isinstance(value, bool)
+            or (isinstance(value, list) and not all(type(item) is element for item in value))
         ):
             wanted = " or ".join("a list of " + element.__name__ if k is list else k.__name__ for k in kinds)
             raise ValueError(f"{path}: {field!r} must be {wanted}, not {_kind(value)}")
-        patterns = [value] if isinstance(value, str) else value
-        if field in ("target_modules", "exclude_modules") and isinstance(value, str):
-            linear(value, f"{path}: {field}")
-        elif field == "layers_pattern":
-            for pattern in patterns:
-                linear(pattern, f"{path}: {field}")
+        # Regular expressions: a string target_modules or exclude_modules, every layers_pattern.
+        if field == "layers_pattern" or (
+            field in ("target_modules", "exclude_modules") and isinstance(value, str)
+        ):
+            for pattern in value if isinstance(value, list) else [value]:
+                linear(str(pattern), f"{path}: {field}")
     return config
 
 
