@@ -9,8 +9,11 @@ instruction, so a match costs O(len(text) x len(program)) whatever the expressio
 kept in priority order, which gives the leftmost-first answer (and group span) that a
 backtracking engine gives, as Rust's `regex` crate does on the native side.
 
-This is the mirror of `fastkeys._native.Regex`; it is exact, not fast (about 1 us per
-character and thread in CPython).
+`search` (all that `ignore` and `target_modules` need) runs the same NFA as a lazily built DFA:
+a state is the set of instructions alive before a character, the transitions are made on first
+use and cached (at most `_CACHE` states, then the cache starts afresh, so memory stays bounded
+and time linear), and a key then costs one dict lookup per character. `group` (only
+`layers_pattern` needs it) runs the Pike VM. This is the mirror of `fastkeys._native.Regex`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 __all__ = ["Regex"]
+
+_CACHE = 4096  # DFA states kept per expression
+_MATCHED = -1  # the transition that completes a match
 
 _WORD = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
 
@@ -148,25 +154,101 @@ class _Compiler:
         self.patch(at, _SPLIT, *((take, skip) if greedy else (skip, take)))
 
 
-def _holds(kind: object, text: str, pos: int) -> bool:
+def _holds_at(kind: object, start: bool, end: bool, before: bool, after: bool) -> bool:
+    """An assertion at a position: at the start of the text, at its end, after and before a
+    word character."""
     if kind in (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING):
-        return pos == 0
+        return start
     if kind is _c.AT_END_STRING:
-        return pos == len(text)
-    if kind is _c.AT_END:
-        return pos == len(text) or (pos == len(text) - 1 and text[pos] == "\n")
-    before = pos > 0 and text[pos - 1] in _WORD
-    after = pos < len(text) and text[pos] in _WORD
+        return end
     if kind in (_c.AT_BOUNDARY, _c.AT_UNI_BOUNDARY):
         return before != after
-    return before == after  # AT_NON_BOUNDARY
+    if kind in (_c.AT_NON_BOUNDARY, _c.AT_UNI_NON_BOUNDARY):
+        return before == after
+    raise ValueError(f"unsupported assertion {kind}")  # `translate` writes `$` as `\\Z`
+
+
+def _holds(kind: object, text: str, pos: int) -> bool:
+    before = pos > 0 and text[pos - 1] in _WORD
+    after = pos < len(text) and text[pos] in _WORD
+    return _holds_at(kind, pos == 0, pos == len(text), before, after)
+
+
+class _Dfa:
+    """The lazily built DFA of a program. A state: (instructions to start from before the next
+    character, whether the previous character is a word character, whether none was read yet).
+    Threads may share one: a new state or transition is only ever added, and a full cache is
+    replaced by a new `_Dfa` while a search in progress keeps the one it started with."""
+
+    __slots__ = ("ids", "next", "program", "states")
+
+    def __init__(self, program: tuple[tuple[Any, ...], ...]) -> None:
+        self.program = program
+        self.states: list[tuple[frozenset[int], bool, bool]] = []
+        self.ids: dict[tuple[frozenset[int], bool, bool], int] = {}
+        self.next: list[dict[str, int]] = []
+        self.state(frozenset([0]), False, True)
+
+    def state(self, pending: frozenset[int], word: bool, start: bool) -> int:
+        key = (pending, word, start)
+        found = self.ids.get(key)
+        if found is None:
+            self.states.append(key)
+            self.next.append({})
+            found = self.ids.setdefault(key, len(self.states) - 1)
+        return found
+
+    def closure(self, state: int, end: bool, after: bool) -> tuple[list[int], bool]:
+        """The consuming instructions reachable from `state` at a position followed (`after`)
+        by a word character or not, or at the end; and whether MATCH is reachable."""
+        pending, before, start = self.states[state]
+        program = self.program
+        seen: set[int] = set()
+        stack = list(pending)
+        consuming: list[int] = []
+        matched = False
+        while stack:
+            pc = stack.pop()
+            if pc in seen:
+                continue
+            seen.add(pc)
+            instruction = program[pc]
+            kind = instruction[0]
+            if kind == _JUMP:
+                stack.append(instruction[1])
+            elif kind == _SPLIT:
+                stack += (instruction[1], instruction[2])
+            elif kind == _ASSERT:
+                if _holds_at(instruction[1], start, end, before, after):
+                    stack.append(pc + 1)
+            elif kind == _SAVE:
+                stack.append(pc + 1)
+            elif kind == _MATCH:
+                matched = True
+            else:
+                consuming.append(pc)
+        return consuming, matched
+
+    def transition(self, state: int, ch: str) -> int:
+        word = ch in _WORD
+        consuming, matched = self.closure(state, False, word)
+        if matched:
+            target = _MATCHED
+        else:
+            program = self.program
+            # Every position is also a new start: `search` looks anywhere.
+            target = self.state(
+                frozenset([0, *(pc + 1 for pc in consuming if program[pc][1](ch))]), word, False
+            )
+        self.next[state][ch] = target
+        return target
 
 
 class Regex:
     """A compiled expression in the dialect `translate` writes for Python (`\\Z`, ASCII classes,
     no case folding, no capturing groups of the user's). Mirrors `fastkeys._native.Regex`."""
 
-    __slots__ = ("_program",)
+    __slots__ = ("_dfa", "_program")
 
     def __init__(self, pattern: str) -> None:
         parsed = _sre_parse.parse(pattern, 0)
@@ -174,10 +256,23 @@ class Regex:
         compiler.sequence(parsed, bool(parsed.state.flags & _c.SRE_FLAG_DOTALL))
         compiler.emit(_MATCH)
         self._program = tuple(compiler.program)
+        self._dfa = _Dfa(self._program)
 
     def search(self, text: str) -> bool:
         """Whether the expression matches anywhere in `text` (`re.search`)."""
-        return self._run(text, span=False) is not None
+        dfa = self._dfa
+        if len(dfa.states) > _CACHE:
+            dfa = self._dfa = _Dfa(self._program)
+        following = dfa.next
+        state = 0
+        for ch in text:
+            target = following[state].get(ch)
+            if target is None:
+                target = dfa.transition(state, ch)
+            if target == _MATCHED:
+                return True
+            state = target
+        return dfa.closure(state, True, False)[1]
 
     def group(self, text: str) -> str | None:
         """Group 1 of the leftmost-first match in `text`, as `re.search(...).group(1)` gives it;

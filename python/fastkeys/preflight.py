@@ -295,7 +295,8 @@ def _in_layers(config: dict[str, object], name: str) -> bool:
         found = engine(r"^.*?\.[^.]*\.([0-9]+)\.", r"\A.*?\.[^.]*\.([0-9]+)\.").group(name)
     for pattern in patterns:  # type: ignore[attr-defined]
         # Spliced in ungrouped, as PEFT does: `a|b` there splits the whole expression.
-        template = (r"^(?:^|.*?\.){}\.([0-9]+)\.", r"\A(?:\A|.*?\.){}\.([0-9]+)\.")
+        # `re.match` anchors every alternative: the whole is wrapped in `^(?:...)`.
+        template = (r"^(?:(?:^|.*?\.){}\.([0-9]+)\.)", r"\A(?:(?:\A|.*?\.){}\.([0-9]+)\.)")
         found = linear(pattern, "layers_pattern", template).group(name)
         if found is not None:
             break
