@@ -14,6 +14,8 @@ mod fuzz;
 mod py;
 #[cfg(feature = "python")]
 mod py_headers;
+#[cfg(feature = "python")]
+mod py_regex;
 
 #[cfg(feature = "python")]
 #[pyo3::pymodule(gil_used = false)]
@@ -22,4 +24,6 @@ mod _native {
     use super::py::PyKeyMatcher;
     #[pymodule_export]
     use super::py_headers::read_headers;
+    #[pymodule_export]
+    use super::py_regex::PyRegex;
 }

@@ -7,11 +7,18 @@
 //! whose length matches dtype x shape; the tensors, in offset order, cover the data buffer
 //! exactly; `__metadata__`, if present, maps strings to strings. Duplicate names are refused (the
 //! reference keeps the last one silently).
+//!
+//! Files are untrusted: only regular files are read (a FIFO or a device is refused before a
+//! byte is read, and opening one never blocks), at most 8 + 100,000,000 bytes of each, and no
+//! error message quotes the file's bytes (a header length that is refused is not shown: it would
+//! be the first 8 bytes of whatever file a path pointed at).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
+#[cfg(unix)]
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -97,8 +104,8 @@ fn invalid(message: impl Into<String>) -> HeaderError {
     HeaderError::Invalid(message.into())
 }
 
+/// Unknown fields are ignored, as the reference ignores them.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Entry {
     dtype: Dtype,
     shape: Vec<u64>,
@@ -130,12 +137,15 @@ impl<'de> Visitor<'de> for HeaderVisitor {
                 return Err(de::Error::custom(format!("duplicate entry {name:?}")));
             }
             if name == "__metadata__" {
-                let values: HashMap<String, String> = map.next_value().map_err(|e| {
+                // `null` is no metadata, as the reference reads it (an `Option`).
+                let values: Option<HashMap<String, String>> = map.next_value().map_err(|e| {
                     de::Error::custom(format!("__metadata__ must map strings to strings ({e})"))
                 })?;
-                let mut values: Vec<(String, String)> = values.into_iter().collect();
-                values.sort();
-                metadata = Some(values);
+                metadata = values.map(|values| {
+                    let mut values: Vec<(String, String)> = values.into_iter().collect();
+                    values.sort();
+                    values
+                });
                 continue;
             }
             let entry: Entry = map
@@ -229,9 +239,44 @@ pub fn parse_header(
     Ok((tensors, parsed.metadata))
 }
 
+/// Opens `path` for reading only if it is a regular file. The open itself never blocks: with
+/// O_NONBLOCK a FIFO opens at once (and is then refused by its type), so a hostile path cannot
+/// hang the reader where Ctrl-C cannot reach it; reads from a regular file ignore the flag.
+fn open_regular(path: &Path) -> Result<File, HeaderError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    options.custom_flags(libc::O_NONBLOCK);
+    let file = options.open(path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_dir() {
+        #[cfg(unix)]
+        return Err(HeaderError::Io(io::Error::from_raw_os_error(libc::EISDIR)));
+        #[cfg(not(unix))]
+        return Err(invalid("a directory, not a file"));
+    }
+    if !kind.is_file() {
+        return Err(invalid(
+            "not a regular file (a FIFO, socket or device); only regular files are read",
+        ));
+    }
+    Ok(file)
+}
+
+/// Reads exactly `buffer.len()` bytes; a file that ends sooner changed after its size was taken.
+fn read_all(file: &mut File, buffer: &mut [u8]) -> Result<(), HeaderError> {
+    file.read_exact(buffer).map_err(|error| {
+        if error.kind() == io::ErrorKind::UnexpectedEof {
+            invalid("the file ended inside its header: it changed while being read")
+        } else {
+            HeaderError::Io(error)
+        }
+    })
+}
+
 /// Reads and validates the header of one file, reading nothing past it.
 pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
-    let mut file = File::open(path)?;
+    let mut file = open_regular(path)?;
     let file_len = file.metadata()?.len();
     let mut length = [0u8; 8];
     if file_len < 8 {
@@ -239,21 +284,22 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
             "the file has {file_len} bytes, fewer than the 8 of the header length"
         )));
     }
-    file.read_exact(&mut length)?;
+    read_all(&mut file, &mut length)?;
+    // The length is never shown: it is the file's first 8 bytes, whatever the file is.
     let header_len = u64::from_le_bytes(length);
     if header_len > MAX_HEADER_LEN {
         return Err(invalid(format!(
-            "the header length {header_len} exceeds the limit of {MAX_HEADER_LEN} bytes"
+            "the header length exceeds the limit of {MAX_HEADER_LEN} bytes"
         )));
     }
     if header_len > file_len - 8 {
         return Err(invalid(format!(
-            "the header length {header_len} runs past the end of the file ({file_len} bytes)"
+            "the header length runs past the end of the file ({file_len} bytes)"
         )));
     }
     let mut json =
         vec![0u8; usize::try_from(header_len).map_err(|_| invalid("header length too large"))?];
-    file.read_exact(&mut json)?;
+    read_all(&mut file, &mut json)?;
     let (tensors, metadata) = parse_header(&json, file_len - 8 - header_len)?;
     Ok(Header {
         tensors,
@@ -366,14 +412,18 @@ mod tests {
                 r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#,
                 "overflows",
             ),
-            (
-                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1}}"#,
-                "unknown field",
-            ),
         ];
         for (json, expected) in cases {
             let error = parse(json, 4).expect_err(json);
             assert!(error.contains(expected), "{json}: {error}");
+        }
+        // As the reference: unknown fields ignored, an entry may be the array of its fields,
+        // `__metadata__` may be null.
+        for json in [
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":[1]}}"#,
+            r#"{"a":["F32",[1],[0,4]],"__metadata__":null}"#,
+        ] {
+            assert_eq!(parse(json, 4).expect(json).len(), 1);
         }
         assert!(parse(
             r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 from typing import Protocol
 
-__all__ = ["Engine", "Header", "Matcher"]
+__all__ = ["Engine", "Header", "Matcher", "Regex"]
 
 # One file's header: names, dtypes, shapes, byte sizes (file order), metadata, file size.
 Header = tuple[list[str], list[str], list[tuple[int, ...]], list[int], dict[str, str] | None, int]
@@ -42,11 +42,20 @@ MatcherFactory = Callable[
 ]
 
 
+class Regex(Protocol):
+    """An expression checked and written by `fastkeys._patterns`, matched in linear time."""
+
+    def search(self, text: str) -> bool: ...
+    def group(self, text: str) -> str | None: ...
+
+
 class Engine(Protocol):
     """The module an implementation is."""
 
     @property
     def KeyMatcher(self) -> MatcherFactory: ...  # the class the module exports
+    @property
+    def Regex(self) -> Callable[[str], Regex]: ...  # the class the module exports
 
     def read_headers(
         self, paths: Sequence[str | PathLike[str]], threads: int | None = None

@@ -2,10 +2,11 @@
 
 from collections.abc import Iterable, Sequence
 from os import PathLike
+from typing import final
 
 from typing_extensions import Self, disjoint_base
 
-__all__ = ["KeyMatcher", "read_headers"]
+__all__ = ["KeyMatcher", "Regex", "read_headers"]
 
 @disjoint_base
 class KeyMatcher:
@@ -29,3 +30,11 @@ class KeyMatcher:
 def read_headers(
     paths: Sequence[str | PathLike[str]], threads: int | None = None
 ) -> list[tuple[list[str], list[str], list[tuple[int, ...]], list[int], dict[str, str] | None, int]]: ...
+
+@final
+class Regex:
+    """An expression checked and written by `fastkeys._patterns`, matched in linear time."""
+
+    def __new__(cls, pattern: str) -> Regex: ...
+    def search(self, text: str) -> bool: ...
+    def group(self, text: str) -> str | None: ...

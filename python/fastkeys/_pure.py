@@ -7,16 +7,21 @@ substring test before the rule runs.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import re
+import stat
 from collections.abc import Iterable, Sequence
 
-TYPE_CHECKING = False
+from ._linear import Regex
+
+TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from typing_extensions import Self
 
-__all__ = ["KeyMatcher", "read_headers"]
+__all__ = ["KeyMatcher", "Regex", "read_headers"]
 
 # The segment at whose level a PEFT model keeps its model-level tensors (`base_model.vera_A`).
 _MODEL_ROOT = "base_model"
@@ -25,21 +30,32 @@ _MODEL_ROOT = "base_model"
 _MAX_NEEDLES = 4
 
 
-def _key_list(keys: Iterable[str]) -> Sequence[str]:
-    """The keys as a sequence of str; TypeError naming the first element that is not one."""
+def _key_list(keys: Iterable[str]) -> tuple[Sequence[str], dict[int, str] | None]:
+    """The keys as a sequence of exact str, TypeError naming the first element that is not a
+    str. A str subclass is read by its string value (its own methods could answer otherwise, as
+    the native side never asks them): it is copied to a str, and the second item maps each copy's
+    id back to the caller's object, for the results; None when there is none."""
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"keys must be an iterable of str, not a single {type(keys).__name__}")
     if not isinstance(keys, (list, tuple)):
         try:
             iterator = iter(keys)
-        except TypeError:
+        except Exception:  # as the native side: whatever `__iter__` raises, keys is unusable
             raise TypeError(f"keys must be an iterable of str, not {type(keys).__name__}") from None
         keys = list(iterator)
-    for kind in set(map(type, keys)):
+    kinds = set(map(type, keys))
+    for kind in kinds:
         if not issubclass(kind, str):
             index = next(i for i, key in enumerate(keys) if type(key) is kind)
             raise TypeError(f"keys[{index}] must be str, not {kind.__name__}")
-    return keys
+    if kinds <= {str}:
+        return keys, None
+    plain = [key if type(key) is str else str.__str__(key) for key in keys]
+    return plain, {id(copy): key for copy, key in zip(plain, keys, strict=True) if copy is not key}
+
+
+def _originals(found: list[str], back: dict[int, str] | None) -> list[str]:
+    return found if back is None else [back.get(id(key), key) for key in found]
 
 
 class KeyMatcher:
@@ -59,7 +75,7 @@ class KeyMatcher:
     _exact: frozenset[str]
     _shared: frozenset[str]
     _adapters: dict[str, int] | None
-    _ignore: list[re.Pattern[str]]
+    _ignore: list[Regex]
     _needles: tuple[str, ...] | None
     _wrappers: frozenset[str]
     _suffixes: dict[str, str]
@@ -75,27 +91,44 @@ class KeyMatcher:
         suffixes: Sequence[tuple[str, str]],
     ) -> Self:
         self = object.__new__(cls)
-        self._wrappers = frozenset(wrappers)
-        self._suffixes = {}
+        # Immutable like the native class: attributes are set here, once, past `__setattr__`.
+        init = object.__setattr__
+        init(self, "_wrappers", frozenset(str.__str__(name) for name in wrappers))
+        renames: dict[str, str] = {}
         for segment, parameter in suffixes:
-            self._suffixes.setdefault(segment, parameter)
-        self._prefixes = tuple(prefixes)
-        self._exact = frozenset(exact)
-        self._shared = frozenset(shared)
-        self._adapters = None
+            renames.setdefault(str.__str__(segment), str.__str__(parameter))
+        init(self, "_suffixes", renames)
+        plain = [str.__str__(name) for name in prefixes]  # by string value, as for keys
+        init(self, "_prefixes", tuple(plain))
+        init(self, "_exact", frozenset(str.__str__(name) for name in exact))
+        init(self, "_shared", frozenset(str.__str__(name) for name in shared))
+        adapters: dict[str, int] | None = None
         if adapter_names is not None:
-            self._adapters = {}
+            adapters = {}
             for name in adapter_names:
-                self._adapters.setdefault(name, len(self._adapters))
-        self._ignore = [re.compile(pattern) for pattern in ignore]
+                adapters.setdefault(str.__str__(name), len(adapters))
+        init(self, "_adapters", adapters)
+        # Matched by the linear engine: `re` would backtrack on `(a+)+$` (see fastkeys._linear).
+        init(self, "_ignore", [Regex(pattern) for pattern in ignore])
         # Substrings every matching key contains: an adapter name, else a prefix. (The bare name:
         # a needle that starts with "." costs more, dots being everywhere in keys.)
-        self._needles = None
-        if self._adapters is not None and len(self._adapters) <= _MAX_NEEDLES:
-            self._needles = tuple(self._adapters)
+        needles = None
+        if adapters is not None and len(adapters) <= _MAX_NEEDLES:
+            needles = tuple(adapters)
         elif len(self._prefixes) + len(self._exact) <= _MAX_NEEDLES:
-            self._needles = self._prefixes + tuple(self._exact)
+            needles = self._prefixes + tuple(self._exact)
+        init(self, "_needles", needles)
         return self
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        # As the native class: a compiled matcher is not pickled (nor copied); build another.
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
 
     def _hit(self, segments: list[str]) -> tuple[int, int | str] | None:
         """The last match (the rightmost, as the native walk finds it): (index of the qualifying
@@ -164,7 +197,7 @@ class KeyMatcher:
         return found
 
     def filter(self, keys: Iterable[str]) -> list[str]:
-        keys = _key_list(keys)
+        keys, back = _key_list(keys)
         if self._adapters is not None and len(self._adapters) == 1:
             found = self._single_name(keys, next(iter(self._adapters)))
         else:
@@ -172,7 +205,7 @@ class KeyMatcher:
             found = [key for key in self._candidates(keys) if verdict(key) is not None]
         if self._ignore:
             found = [key for key in found if not self._ignored(key)]
-        return found
+        return _originals(found, back)
 
     def group(self, keys: Iterable[str]) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}
@@ -180,14 +213,16 @@ class KeyMatcher:
         if self._adapters is not None:
             for name in self._adapters:
                 lists.append(groups.setdefault(name, []))
-        for key in self._candidates(_key_list(keys)):
+        plain, back = _key_list(keys)
+        for key in self._candidates(plain):
             verdict = self._verdict(key)
             if verdict is None or (self._ignore and self._ignored(key)):
                 continue
+            original = key if back is None else back.get(id(key), key)
             if isinstance(verdict, int):
-                lists[verdict].append(key)
+                lists[verdict].append(original)
             else:
-                groups.setdefault(verdict, []).append(key)
+                groups.setdefault(verdict, []).append(original)
         return groups
 
     def _insert(self, key: str, name: str) -> str:
@@ -220,10 +255,13 @@ class KeyMatcher:
         return ".".join(segments)
 
     def insert_adapter_name(self, keys: Iterable[str], adapter_name: str) -> list[str]:
-        return [self._insert(key, adapter_name) for key in _key_list(keys)]
+        plain, back = _key_list(keys)
+        name = str.__str__(adapter_name)
+        return _originals([self._insert(key, name) for key in plain], back)
 
     def remove_adapter_name(self, keys: Iterable[str]) -> list[str]:
-        return [self._remove(key) for key in _key_list(keys)]
+        plain, back = _key_list(keys)
+        return _originals([self._remove(key) for key in plain], back)
 
     def __repr__(self) -> str:
         return "KeyMatcher(<compiled>)"
@@ -257,14 +295,17 @@ def _is_u64(value: object) -> bool:
 
 def _entry(name: str, value: object) -> tuple[str, tuple[int, ...], int, int]:
     where = f"tensor {_quote(name)}"
+    if isinstance(value, list) and not isinstance(value, _Pairs):
+        # serde reads a struct from a sequence of its fields in order, and so does the reference.
+        if len(value) != len(_ENTRY_FIELDS):
+            raise _Invalid(f"{where}: invalid length {len(value)}, expected struct Entry with 3 elements")
+        value = _Pairs(zip(_ENTRY_FIELDS, value, strict=True))
     if not isinstance(value, _Pairs):
         raise _Invalid(f"{where}: invalid type: expected struct Entry")
     fields: dict[str, object] = {}
     for field, item in value:
         if field not in _ENTRY_FIELDS:
-            raise _Invalid(
-                f"{where}: unknown field `{field}`, expected one of `dtype`, `shape`, `data_offsets`"
-            )
+            continue  # ignored, as the reference (and serde without deny_unknown_fields) does
         if field in fields:
             raise _Invalid(f"{where}: duplicate field `{field}`")
         fields[field] = item
@@ -285,6 +326,24 @@ class _Pairs(list):  # type: ignore[type-arg]
     """A JSON object as the list of its (key, value) pairs, to see order and duplicates."""
 
 
+def _pairs(pairs: list[tuple[str, object]]) -> _Pairs:
+    # serde_json refuses a lone surrogate escape (`"\\ud800"`) in any string; `json` decodes it.
+    for key, value in pairs:
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Invalid("invalid header JSON: a string holds a lone surrogate escape") from None
+    return _Pairs(pairs)
+
+
+def _json_int(text: str) -> int | float:
+    # serde_json reads `-0` as the float -0.0 and integers beyond 64 bits as floats: not a u64.
+    if text == "-0" or len(text) > 20:
+        return float(text)
+    return int(text)
+
+
 def parse_header(
     raw: bytes, data_len: int
 ) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], dict[str, str] | None]:
@@ -293,7 +352,7 @@ def parse_header(
     except UnicodeDecodeError as error:
         raise _Invalid(f"the header is not UTF-8 ({error})") from None
     try:
-        top = json.loads(text, object_pairs_hook=_Pairs)
+        top = json.loads(text, object_pairs_hook=_pairs, parse_int=_json_int)
     except (json.JSONDecodeError, RecursionError) as error:
         raise _Invalid(f"invalid header JSON: {error}") from None
     if not isinstance(top, _Pairs):
@@ -309,6 +368,8 @@ def parse_header(
             raise _Invalid(f"invalid header JSON: duplicate entry {_quote(name)}")
         seen.add(name)
         if name == "__metadata__":
+            if value is None:  # no metadata, as the reference reads it (an Option)
+                continue
             if not isinstance(value, _Pairs) or not all(isinstance(v, str) for _, v in value):
                 raise _Invalid("invalid header JSON: __metadata__ must map strings to strings")
             metadata = dict(value)
@@ -336,8 +397,9 @@ def parse_header(
         bits = DTYPE_BITS[dtype]
         for dim in shape:
             bits *= dim
-        if bits >= _U64:
-            raise _Invalid(f"{where}: shape {list(shape)} overflows")
+            # Checked at every step, as the native fold does: [2**32, 2**32, 2**32, 0] overflows.
+            if bits >= _U64:
+                raise _Invalid(f"{where}: shape {list(shape)} overflows")
         if bits % 8:
             raise _Invalid(f"{where}: {dtype} x {list(shape)} does not fill whole bytes")
         if end - begin != bits // 8:
@@ -351,17 +413,45 @@ def parse_header(
     return tensors, metadata
 
 
-def _read_header(path: str | os.PathLike[str]) -> Header:
-    with open(path, "rb") as file:
+def open_regular(path: str) -> BinaryIO:
+    """`path` opened for reading, if it is a regular file. A FIFO opens at once with O_NONBLOCK
+    and is then refused by its type, so a hostile path never blocks; reads from a regular file
+    ignore the flag. A directory is IsADirectoryError; a FIFO, socket or device ValueError."""
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    )
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise _Invalid("not a regular file (a FIFO, socket or device); only regular files are read")
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_exactly(file: BinaryIO, size: int) -> bytes:
+    data = file.read(size)
+    if len(data) != size:
+        raise _Invalid("the file ended inside its header: it changed while being read")
+    return data
+
+
+def _read_header(path: str) -> Header:
+    with open_regular(path) as file:
         file_len = os.fstat(file.fileno()).st_size
         if file_len < 8:
             raise _Invalid(f"the file has {file_len} bytes, fewer than the 8 of the header length")
-        header_len = int.from_bytes(file.read(8), "little")
+        # The length is never shown: it is the file's first 8 bytes, whatever the file is.
+        header_len = int.from_bytes(_read_exactly(file, 8), "little")
         if header_len > MAX_HEADER_LEN:
-            raise _Invalid(f"the header length {header_len} exceeds the limit of {MAX_HEADER_LEN} bytes")
+            raise _Invalid(f"the header length exceeds the limit of {MAX_HEADER_LEN} bytes")
         if header_len > file_len - 8:
-            raise _Invalid(f"the header length {header_len} runs past the end of the file ({file_len} bytes)")
-        raw = file.read(header_len)
+            raise _Invalid(f"the header length runs past the end of the file ({file_len} bytes)")
+        raw = _read_exactly(file, header_len)
     tensors, metadata = parse_header(raw, file_len - 8 - header_len)
     return (
         [t[0] for t in tensors],
@@ -377,8 +467,12 @@ def read_headers(paths: Sequence[str | os.PathLike[str]], threads: int | None = 
     """See `fastkeys._native.read_headers` (`threads` is accepted and ignored: one thread)."""
     out = []
     for path in paths:
+        # os.fspath refuses an int, which `open` would take for a file descriptor (and close).
+        text = os.fspath(path)
+        if not isinstance(text, str):
+            raise TypeError(f"paths must be str or os.PathLike[str], not {type(text).__name__}")
         try:
-            out.append(_read_header(path))
+            out.append(_read_header(text))
         except _Invalid as error:
-            raise ValueError(f"{os.fspath(path)}: {error}") from None
+            raise ValueError(f"{text}: {error}") from None
     return out

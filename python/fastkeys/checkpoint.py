@@ -2,21 +2,33 @@
 
 Only the 8-byte length and the JSON header of each `.safetensors` file are read, never the tensor
 data; many shards are read in parallel with the GIL released (native implementation).
+
+Checkpoints are untrusted (see docs/hostile.md): every file an index or a directory names must
+resolve, symlinks followed, inside the checkpoint's directory; only regular files are opened;
+JSON files are read up to a size cap (`MAX_INDEX_BYTES`, `MAX_CONFIG_BYTES`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 from ._engine import core
+from ._pure import open_regular
 
-__all__ = ["Checkpoint", "Tensor", "read_keys", "scan"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_INDEX_BYTES", "Checkpoint", "Tensor", "read_keys", "scan"]
 
 _BATCH = 16  # files per progress step
+
+# The largest index we know of (a 671B-parameter MoE, 90k tensors) is under 10 MB.
+MAX_INDEX_BYTES = 64 << 20
+# adapter_config.json is a few kB; a target_modules list naming every module of a 100-layer
+# model is under 100 kB.
+MAX_CONFIG_BYTES = 4 << 20
 
 
 class Tensor(NamedTuple):
@@ -108,10 +120,74 @@ class Checkpoint(Mapping[str, Tensor]):
         return f"Checkpoint({self.path!r}: {len(self)} tensors in {len(self.files)} files)"
 
 
+def _path(path: object) -> str:
+    """A path argument as str: TypeError for anything but str or os.PathLike[str] (an int would
+    be a file descriptor to `open`), ValueError for a NUL byte (no file has that name)."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+    if not isinstance(text, str):
+        raise TypeError(f"path must be str or os.PathLike[str], not {type(text).__name__}")
+    if "\0" in text:
+        raise ValueError(f"path {text!r} contains a NUL byte")
+    return text
+
+
 def read_keys(path: str | os.PathLike[str]) -> list[str]:
     """The tensor names of one `.safetensors` file, in file (data offset) order."""
-    ((names, *_),) = core.read_headers([path])
+    ((names, *_),) = core.read_headers([_path(path)])
     return names
+
+
+def _read_json(path: Path, limit: int) -> object:
+    """A JSON file read whole, if it is a regular file of at most `limit` bytes; ValueError
+    naming the file otherwise."""
+    try:
+        with open_regular(str(path)) as file:
+            size = os.fstat(file.fileno()).st_size
+            data = file.read(limit + 1)  # bounded even if the file grows while being read
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    if max(size, len(data)) > limit:
+        raise ValueError(
+            f"{path}: {max(size, len(data))} bytes, more than the limit of {limit} for a JSON file"
+        )
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from None
+    except (RecursionError, ValueError):  # nesting too deep; an integer of over 4300 digits
+        raise ValueError(f"{path}: invalid JSON (nested too deeply or a number too large)") from None
+
+
+def _inside(directory: Path, name: str) -> bool:
+    """Whether `directory / name` resolves (symlinks followed) inside `directory`. A Hugging Face
+    cache snapshot (`.../snapshots/<revision>/`) may also link into its repository's `blobs/`,
+    which is how the hub cache stores every file."""
+    base = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(base, name))
+    if os.path.commonpath([base, target]) == base and target != base:
+        return True
+    parent = os.path.dirname(base)
+    if os.path.basename(parent) == "snapshots":
+        blobs = os.path.join(os.path.dirname(parent), "blobs")
+        return os.path.dirname(target) == blobs
+    return False
+
+
+def _regular_file(directory: Path, name: str, culprit: str) -> str:
+    """`directory / name` after checking that it stays inside `directory` and, if it exists, is a
+    regular file (checked with stat, so that a FIFO or a device is never opened)."""
+    if not _inside(directory, name):
+        raise ValueError(f"{culprit}: {name!r} lies outside the checkpoint directory {directory}")
+    path = str(directory / name)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{culprit}: {name!r} is not a regular file")
+    return path
 
 
 Header = tuple[list[str], list[str], list[tuple[int, ...]], list[int], "dict[str, str] | None", int]
@@ -129,11 +205,10 @@ def _read(files: list[str], progress: Callable[[int, int], None] | None) -> list
 
 def _index_files(index_path: Path) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """(shard files in name order, weight_map, metadata) of a `*.safetensors.index.json`."""
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{index_path}: not a JSON index ({error})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    index = _read_json(index_path, MAX_INDEX_BYTES)
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path}: must be a JSON object with a 'weight_map', not {_kind(index)}")
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
@@ -142,10 +217,12 @@ def _index_files(index_path: Path) -> tuple[list[str], dict[str, str], dict[str,
     if not isinstance(metadata, dict):
         raise ValueError(f"{index_path}: 'metadata' must be an object")
     shards = sorted(set(weight_map.values()))
-    files = [str(index_path.parent / shard) for shard in shards]
-    for shard, file in zip(shards, files, strict=True):
+    files = []
+    for shard in shards:
+        first = next(name for name, listed in weight_map.items() if listed == shard)
+        file = _regular_file(index_path.parent, shard, f"{index_path}: weight_map entry {first!r}")
+        files.append(file)
         if not os.path.isfile(file):
-            first = next(name for name, listed in weight_map.items() if listed == shard)
             raise FileNotFoundError(
                 2,
                 f"the shard {shard!r} listed for tensor {first!r} in {index_path.name} does not exist",
@@ -160,21 +237,71 @@ def _index_files(index_path: Path) -> tuple[list[str], dict[str, str], dict[str,
 
 def _directory_files(directory: Path) -> tuple[list[str], Path | None]:
     """The safetensors files of a directory, or its index: adapter, then a model index, then a
-    single model file, else every `*.safetensors`."""
-    for name in ("adapter_model.safetensors", "model.safetensors"):
-        if (directory / name).is_file() and not list(directory.glob("*.safetensors.index.json")):
-            return [str(directory / name)], None
+    single model file, else every `*.safetensors`. Every one must be a regular file inside the
+    directory (checked by stat, before anything is opened)."""
     indexes = sorted(directory.glob("*.safetensors.index.json"))
+    for index in indexes:
+        _regular_file(directory, index.name, str(directory))
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (directory / name).is_file() and not indexes:
+            return [_regular_file(directory, name, str(directory))], None
     if len(indexes) > 1:
         raise ValueError(
             f"{directory}: several indexes ({', '.join(p.name for p in indexes)}); scan one of them"
         )
     if indexes:
         return [], indexes[0]
-    files = sorted(str(path) for path in directory.glob("*.safetensors"))
+    files = sorted(
+        _regular_file(directory, path.name, str(directory)) for path in directory.glob("*.safetensors")
+    )
     if not files:
         raise FileNotFoundError(2, "no .safetensors files in the directory", str(directory))
     return files, None
+
+
+def _kind(value: object) -> str:
+    """What a JSON value is, without quoting it."""
+    if isinstance(value, list):
+        kinds = sorted({type(item).__name__ for item in value})
+        return f"a list holding {', '.join(kinds)}"
+    return type(value).__name__
+
+
+def _adapter_config(path: Path) -> dict[str, object]:
+    """adapter_config.json, with the fields fastkeys reads checked: their types, and the regular
+    expressions (`target_modules` or `exclude_modules` as a string, `layers_pattern`) compiled
+    for the linear engine, so that a hostile config is a ValueError naming the file."""
+    from ._patterns import linear
+
+    config = _read_json(path, MAX_CONFIG_BYTES)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must be a JSON object, not {type(config).__name__}")
+    expected = {
+        "peft_type": (str,),
+        "target_modules": (str, list),
+        "exclude_modules": (str, list),
+        "layers_pattern": (str, list),
+        "layers_to_transform": (int, list),
+    }
+    for field, kinds in expected.items():
+        value = config.get(field)
+        if value is None:
+            continue
+        element = int if field == "layers_to_transform" else str
+        if (
+            not isinstance(value, kinds)
+            or isinstance(value, bool)
+            or (isinstance(value, list) and not all(type(item) is element for item in value))
+        ):
+            wanted = " or ".join("a list of " + element.__name__ if k is list else k.__name__ for k in kinds)
+            raise ValueError(f"{path}: {field!r} must be {wanted}, not {_kind(value)}")
+        # Regular expressions: a string target_modules or exclude_modules, every layers_pattern.
+        if field == "layers_pattern" or (
+            field in ("target_modules", "exclude_modules") and isinstance(value, str)
+        ):
+            for pattern in value if isinstance(value, list) else [value]:
+                linear(str(pattern), f"{path}: {field}")
+    return config
 
 
 def scan(path: str | os.PathLike[str], *, progress: Callable[[int, int], None] | None = None) -> Checkpoint:
@@ -184,15 +311,16 @@ def scan(path: str | os.PathLike[str], *, progress: Callable[[int, int], None] |
 
     Raises FileNotFoundError/OSError for files that cannot be read and ValueError for malformed
     ones or an inconsistent index (a listed tensor its shard lacks, a tensor in two shards)."""
-    root = Path(path)
+    root = Path(_path(path))
     adapter_config = None
     weight_map: dict[str, str] | None = None
     metadata: dict[str, str] = {}
     if root.is_dir():
         files, index = _directory_files(root)
         config_path = root / "adapter_config.json"
-        if config_path.is_file():
-            adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+        if os.path.lexists(config_path):
+            _regular_file(root, config_path.name, str(root))
+            adapter_config = _adapter_config(config_path)
     elif str(root).endswith(".index.json"):
         files, index = [], root
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
@@ -212,25 +213,81 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_parser.add_argument("adapter", help="the adapter directory (with adapter_config.json)")
     check_parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
+    args.status = 0
+    try:
+        return _command(args)
+    except BrokenPipeError:
+        # `fastkeys check ... | head -1`: the reader has gone; end quietly with the answer's code.
+        _silence_stdout()
+        return int(args.status)
+    except KeyboardInterrupt:
+        print(f"fastkeys {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every unusable input: one line (and a JSON object), exit 2
+        return _fail(args, error)
+
+
+def _describe(args: argparse.Namespace, error: BaseException) -> str:
+    """One line naming the file and the problem."""
+    if isinstance(error, OSError) and error.filename is not None:
+        message = f"{error.filename}: {error.strerror or error}"
+    elif isinstance(error, (OSError, ValueError, TypeError, LookupError)):
+        message = str(error)
+    elif isinstance(error, (RecursionError, MemoryError)):
+        message = "the input is nested too deeply or too large to read"
+    else:  # a bug in fastkeys; still no traceback for whoever runs the command
+        message = f"internal error ({type(error).__name__}: {error}); please report it"
+    return " ".join(message.split()) or type(error).__name__
+
+
+def _fail(args: argparse.Namespace, error: BaseException) -> int:
+    import json
+
+    message = _describe(args, error)
+    try:
+        print(f"fastkeys {args.command}: {message}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": message, "type": type(error).__name__, "exit_code": 2}))
+    except BrokenPipeError:
+        _silence_stdout()
+    return 2
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null so that the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         demo(args.layers, args.adapters)
         return 0
     import json
 
-    try:
-        if args.command == "inspect":
-            report = inspect_report(args.path)
-            if args.json:
-                print(json.dumps(report, indent=2))
-            else:
-                _print_inspect(report)
-            return 0
-        from . import check_base, scan
+    if args.command == "inspect":
+        report = inspect_report(args.path)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            _print_inspect(report)
+        sys.stdout.flush()  # a closed pipe shows here, inside main's handler, not at exit
+        return 0
+    from . import check_base, scan
 
-        findings = check_base(scan(args.base, progress=_progress()), args.adapter)
-    except (OSError, ValueError) as error:
-        print(f"fastkeys {args.command}: {error}", file=sys.stderr)
-        return 2
+    base = scan(args.base, progress=_progress())
+    adapter = scan(args.adapter)
+    try:
+        findings = check_base(base, adapter)
+    except (ValueError, TypeError, LookupError) as error:
+        # Both checkpoints were read: what is left to refuse is the adapter's config.
+        if args.adapter in str(error):
+            raise
+        raise ValueError(f"{os.path.join(args.adapter, 'adapter_config.json')}: {error}") from None
+    args.status = 1 if findings else 0
     if args.json:
         print(json.dumps([finding._asdict() for finding in findings], indent=2))
     elif findings:
@@ -239,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  [{finding.kind}] {finding.key}: {finding.message}")
     else:
         print(f"{args.adapter} fits {args.base}: no findings")
-    return 1 if findings else 0
+    sys.stdout.flush()
+    return int(args.status)
 
 
 if __name__ == "__main__":

@@ -90,11 +90,16 @@ def _adapter_modules(keys: list[str], method: object) -> dict[str, dict[str, str
 
 
 def _selects(target: object, name: str) -> bool:
-    import re
+    """PEFT's rule: a string is `re.fullmatch`ed against the module name (here by the linear
+    engine, so that a hostile `(.+)+X` costs linear time), a list entry matches a whole
+    dotted suffix."""
+    from ._patterns import linear
 
     if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)  # type: ignore[attr-defined]
+        return linear(target, "target_modules", (r"^(?:{})$", r"\A(?:{})\Z")).search(name)
+    if not isinstance(target, (list, tuple, set, frozenset)) or not all(isinstance(t, str) for t in target):
+        raise ValueError(f"target_modules must be a str or a list of str, not {type(target).__name__}")
+    return any(name == t or name.endswith("." + t) for t in target)
 
 
 def _linear_like(name: str) -> bool:
@@ -268,7 +273,7 @@ def _lokr_findings(
 def _in_layers(config: dict[str, object], name: str) -> bool:
     """PEFT's `layers_to_transform`/`layers_pattern` for list targets: the module's layer index
     (the first numbered segment, or the one after a `layers_pattern`) must be listed."""
-    import re
+    from ._patterns import engine, linear
 
     wanted = config.get("layers_to_transform")
     if wanted is None or wanted == []:
@@ -276,16 +281,20 @@ def _in_layers(config: dict[str, object], name: str) -> bool:
     patterns = config.get("layers_pattern") or []
     if isinstance(patterns, str):
         patterns = [patterns]
+    # PEFT's expressions, run by the linear engine; group 1 is the index (`\d` is ASCII here).
     found = None
     if not patterns:
-        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        found = engine(r"^.*?\.[^.]*\.([0-9]+)\.", r"\A.*?\.[^.]*\.([0-9]+)\.").group(name)
     for pattern in patterns:  # type: ignore[attr-defined]
-        found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        # Spliced in ungrouped, as PEFT does: `a|b` there splits the whole expression.
+        # `re.match` anchors every alternative: the whole is wrapped in `^(?:...)`.
+        template = (r"^(?:(?:^|.*?\.){}\.([0-9]+)\.)", r"\A(?:(?:\A|.*?\.){}\.([0-9]+)\.)")
+        found = linear(pattern, "layers_pattern", template).group(name)
         if found is not None:
             break
     if found is None:
         return False
-    index = int(found.group("idx"))
+    index = int(found)
     return index == wanted if isinstance(wanted, int) else index in wanted  # type: ignore[operator]
 
 
