@@ -123,7 +123,7 @@ def _ours(path: str) -> list[str] | None:
         return None
 
 
-@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(header_file())
 def test_header_validation_agrees_with_safetensors(case: tuple[bytes, bool]) -> None:
     content, duplicated = case

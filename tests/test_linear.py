@@ -26,14 +26,14 @@ def _native() -> object:
     return pytest.importorskip("fastkeys._native")
 
 
-@settings(max_examples=examples(300), deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(key=KEY, pattern=PATTERN)
 def test_search_answers_as_re(key: str, pattern: str) -> None:
     (for_python,) = translate([pattern])[1]
     assert _linear.Regex(for_python).search(key) == (re.search(for_python, key) is not None)
 
 
-@settings(max_examples=examples(300), deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(key=KEY, pattern=PATTERN)
 def test_search_answers_as_the_native_engine(key: str, pattern: str) -> None:
     native = _native()
@@ -41,7 +41,7 @@ def test_search_answers_as_the_native_engine(key: str, pattern: str) -> None:
     assert _linear.Regex(for_python).search(key) == native.Regex(for_rust).search(key)  # type: ignore[attr-defined]
 
 
-@settings(max_examples=examples(300), deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     key=FOLDED, pattern=st.lists(st.sampled_from(["k", "s", "i", "I", "[a-z]", "[^k]", "x", "."]), max_size=3)
 )
@@ -51,7 +51,7 @@ def test_case_insensitive_expressions_agree(key: str, pattern: list[str]) -> Non
     assert _linear.Regex(for_python).search(key) == native.Regex(for_rust).search(key)  # type: ignore[attr-defined]
 
 
-@settings(max_examples=examples(300), deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     segments=st.lists(st.sampled_from(["model", "layers", "h", "3", "12", "q_proj", "x1"]), max_size=7),
     pattern=st.sampled_from(["layers", "h", "layers|h", "(?:layers|h)", "lay.*", "[a-z]+", "h?"]),
