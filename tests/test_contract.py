@@ -46,11 +46,16 @@ def _stub_signatures() -> dict[str, list[str]]:
 
 def _fallback_signatures() -> dict[str, list[str]]:
     found = {"read_headers": list(inspect.signature(_pure.read_headers).parameters)}
-    for name, member in vars(_pure.KeyMatcher).items():
-        if not name.startswith("_") or name == "__new__":
-            function = member.__func__ if isinstance(member, staticmethod) else member
-            if callable(function):
-                found[f"KeyMatcher.{name}"] = list(inspect.signature(function).parameters)
+    for owner in (_pure.KeyMatcher, _pure.Regex):
+        for name, member in vars(owner).items():
+            if name == "__init__" and "__new__" not in vars(owner):
+                # A plain class builds in `__init__`; read it as the stub's `__new__(cls, ...)`.
+                parameters = list(inspect.signature(member).parameters)
+                found[f"{owner.__name__}.__new__"] = ["cls", *parameters[1:]]
+            elif not name.startswith("_") or name == "__new__":
+                function = member.__func__ if isinstance(member, staticmethod) else member
+                if callable(function):
+                    found[f"{owner.__name__}.{name}"] = list(inspect.signature(function).parameters)
     return found
 
 
