@@ -216,10 +216,13 @@ def _index_files(index_path: Path) -> tuple[list[str], dict[str, str], dict[str,
     metadata = index.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"{index_path}: 'metadata' must be an object")
-    shards = sorted(set(weight_map.values()))
+    # The first tensor each shard holds, to name in errors: one pass (an index lists up to ~1M).
+    first_of: dict[str, str] = {}
+    for name, shard in weight_map.items():
+        first_of.setdefault(shard, name)
     files = []
-    for shard in shards:
-        first = next(name for name, listed in weight_map.items() if listed == shard)
+    for shard in sorted(first_of):
+        first = first_of[shard]
         file = _regular_file(index_path.parent, shard, f"{index_path}: weight_map entry {first!r}")
         files.append(file)
         if not os.path.isfile(file):
