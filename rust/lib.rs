@@ -6,6 +6,7 @@
 pub mod matcher;
 pub mod rename;
 pub mod safetensors;
+pub mod values;
 
 #[cfg(test)]
 mod fuzz;
@@ -14,6 +15,8 @@ mod fuzz;
 mod py;
 #[cfg(feature = "python")]
 mod py_headers;
+#[cfg(feature = "python")]
+mod py_values;
 
 #[cfg(feature = "python")]
 #[pyo3::pymodule(gil_used = false)]
@@ -22,4 +25,6 @@ mod _native {
     use super::py::PyKeyMatcher;
     #[pymodule_export]
     use super::py_headers::read_headers;
+    #[pymodule_export]
+    use super::py_values::read_values;
 }

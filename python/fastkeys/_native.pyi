@@ -5,7 +5,7 @@ from os import PathLike
 
 from typing_extensions import disjoint_base
 
-__all__ = ["KeyMatcher", "read_headers"]
+__all__ = ["KeyMatcher", "read_headers", "read_values"]
 
 @disjoint_base
 class KeyMatcher:
@@ -27,3 +27,6 @@ class KeyMatcher:
 def read_headers(
     paths: Sequence[str | PathLike[str]], threads: int | None = None
 ) -> list[tuple[list[str], list[str], list[tuple[int, ...]], list[int], dict[str, str] | None, int]]: ...
+def read_values(
+    paths: Sequence[str | PathLike[str]], threads: int | None = None
+) -> list[tuple[list[str], list[bool], list[bool]]]: ...
