@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from collections.abc import Iterable
+from typing import NamedTuple, overload
 
 from .checkpoint import Checkpoint, scan
 from .matching import filter_missing, insert_adapter_name
 
-__all__ = ["AdapterCheck", "Finding", "check_adapter", "check_base"]
+__all__ = ["AdapterCheck", "BaseCheck", "Coverage", "Finding", "check_adapter", "check_base", "check_many"]
 
 AdapterCheck = collections.namedtuple("AdapterCheck", ["missing_keys", "unexpected_keys"])
 AdapterCheck.__doc__ = """What loading would report: the adapter-relevant missing keys and the
@@ -119,82 +121,437 @@ def _linear_like(name: str) -> bool:
     return last != "lm_head" and "embed" not in last and last not in ("wte", "wpe")
 
 
-def _prefix_hint(unmatched: list[str], base_modules: set[str]) -> Finding | None:
-    """A wrong key prefix: stripping leading segments from the adapter's module names, or adding
-    the base's, makes them match."""
-    for module in unmatched[:1]:
+class Coverage(NamedTuple):
+    """What an adapter adapts: `modules` (adapter modules found in the base), the distinct `layers`
+    they sit in (a layer is a module path up to its first numeric segment, such as
+    `model.layers.3`), and `kinds`: modules per last name segment (`q_proj`), in first-seen order."""
+
+    modules: int
+    layers: int
+    kinds: dict[str, int]
+
+    def __str__(self) -> str:
+        kinds = ", ".join(self.kinds)
+        layers = f" in {self.layers} layer{'s' if self.layers != 1 else ''}" if self.layers else ""
+        return f"{self.modules} module{'s' if self.modules != 1 else ''} ({kinds}){layers}"
+
+
+class BaseCheck(list[Finding]):
+    """`check_base`'s answer for one adapter: the findings (it is their list, so `== []` means
+    clean), with the `adapter` path and the `coverage` as data."""
+
+    def __init__(self, findings: Iterable[Finding], adapter: str, coverage: Coverage) -> None:
+        super().__init__(findings)
+        self.adapter = adapter
+        self.coverage = coverage
+
+    def verdict(self, base: str) -> str:
+        """One line: `ADAPTER fits BASE: 96 modules (q_proj, v_proj) in 32 layers`, or the number
+        of findings."""
+        if not self:
+            return f"{self.adapter} fits {base}: {self.coverage}"
+        return f"{len(self)} finding(s) for {self.adapter} on {base}: {self.coverage}"
+
+
+def _coverage(modules: Iterable[str]) -> Coverage:
+    layers: set[str] = set()
+    kinds: dict[str, int] = {}
+    count = 0
+    for module in modules:
+        count += 1
         segments = module.split(".")
-        for cut in range(1, len(segments)):
-            if ".".join(segments[cut:]) in base_modules:
-                extra = ".".join(segments[:cut]) + "."
-                fixed = sum(m.startswith(extra) and m[len(extra) :] in base_modules for m in unmatched)
-                return Finding(
-                    "prefix",
-                    extra,
-                    f"the adapter's keys carry an extra prefix {extra!r}: without it {fixed} of "
-                    f"{len(unmatched)} missing modules exist in the base model",
-                )
-        for base in base_modules:
-            if base.endswith("." + module):
-                extra = base[: -len(module)]
-                fixed = sum(extra + m in base_modules for m in unmatched)
-                return Finding(
-                    "prefix",
-                    extra,
-                    f"the adapter's keys lack the prefix {extra!r}: with it {fixed} of "
-                    f"{len(unmatched)} missing modules exist in the base model",
-                )
+        kinds[segments[-1]] = kinds.get(segments[-1], 0) + 1
+        numbered = next((i for i, segment in enumerate(segments[:-1]) if segment.isdigit()), None)
+        if numbered is not None:
+            layers.add(".".join(segments[: numbered + 1]))
+    return Coverage(count, len(layers), kinds)
+
+
+# A rewrite of adapter module names: the segment run `old` becomes `new`. An insertion (`old`
+# empty) needs a place: right after the segment run `after` (empty: at the start).
+Rewrite = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+
+_REWRITE_SAMPLES = 16  # unmatched modules a rewrite is proposed from; each is then tried on all
+
+
+def _apply(rewrite: Rewrite, segments: list[str]) -> str | None:
+    old, new, after = rewrite
+    run = old or after
+    if not run:
+        return ".".join([*new, *segments])
+    width = len(run)
+    for i in range(len(segments) - width + 1):
+        if tuple(segments[i : i + width]) == run:
+            cut = i if old else i + width
+            return ".".join([*segments[:cut], *new, *segments[cut + len(old) :]])
     return None
 
 
+def _propose(module: str, base_by_suffix: dict[str, list[str]]) -> set[Rewrite]:
+    """The smallest rewrites that turn `module` into a base module sharing its longest dotted
+    suffix: one per such base module (the index keeps a few)."""
+    segments = module.split(".")
+    for keep in range(len(segments), 0, -1):
+        candidates = base_by_suffix.get(".".join(segments[-keep:]))
+        if candidates:
+            break
+    else:
+        return set()
+    rewrites = set()
+    head = segments[: len(segments) - keep]
+    for base in candidates:
+        target = base.split(".")
+        tail = target[: len(target) - keep]
+        shared = 0
+        while shared < min(len(head), len(tail)) and head[shared] == tail[shared]:
+            shared += 1
+        old, new = tuple(head[shared:]), tuple(tail[shared:])
+        rewrites.add((old, new, () if old else tuple(head[max(shared - 1, 0) : shared])))
+    return rewrites
+
+
+def _describe(rewrite: Rewrite) -> tuple[str, str]:
+    """(the finding's key, what the rewrite does) for a rewrite."""
+    old, new, after = (".".join(run) + "." if run else "" for run in rewrite)
+    if not old:
+        where = f"after {after!r}" if after else "at the start"
+        return new, f"the adapter's keys lack {new!r} {where}"
+    if not new:
+        return old, f"the adapter's keys carry an extra prefix {old!r}"
+    return f"{old} -> {new}", f"the adapter's keys have {old!r} where the base has {new!r}"
+
+
+def _prefix_rewrite(unmatched: list[str], base: _Base) -> tuple[Finding | None, dict[str, str]]:
+    """One consistent rewrite of a run of segments (inserted, removed or replaced anywhere) that
+    makes the most `unmatched` modules exist in the base: its finding and the modules it fixes."""
+    if not unmatched:
+        return None, {}
+    step = max(1, len(unmatched) // _REWRITE_SAMPLES)
+    proposals = set().union(*(_propose(module, base.by_suffix) for module in unmatched[::step]))
+    best: tuple[int, int, Rewrite, dict[str, str]] | None = None
+    for rewrite in sorted(proposals):
+        fixed = {}
+        for module in unmatched:
+            moved = _apply(rewrite, module.split("."))
+            if moved is not None and moved in base.weights:
+                fixed[module] = moved
+        size = sum(len(run) for run in rewrite[:2])
+        if fixed and (best is None or (len(fixed), -size) > (best[0], -best[1])):
+            best = (len(fixed), size, rewrite, fixed)
+    if best is None:
+        return None, {}
+    count, _, rewrite, fixed = best
+    key, what = _describe(rewrite)
+    example = next(iter(fixed.items()))
+    message = (
+        f"{what}: rewritten, {count} of {len(unmatched)} adapter modules exist in the base model "
+        f"(e.g. {example[0]!r} -> {example[1]!r})"
+    )
+    if count < len(unmatched):
+        message += f"; no single rewrite fixes the other {len(unmatched) - count}"
+    return Finding("prefix", key, message), fixed
+
+
+_SUFFIXES_KEPT = 8  # base modules remembered per dotted suffix, to propose rewrites from
+
+
+class _Base:
+    """What every adapter is checked against: the base's weights by module, read once."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.path = checkpoint.path
+        self.weights = {
+            name[: -len(".weight")]: tensor.shape
+            for name, tensor in checkpoint.items()
+            if name.endswith(".weight")
+        }
+        self._by_suffix: dict[str, list[str]] | None = None
+
+    @property
+    def by_suffix(self) -> dict[str, list[str]]:
+        if self._by_suffix is None:
+            index: dict[str, list[str]] = {}
+            for module in self.weights:
+                segments = module.split(".")
+                for cut in range(len(segments)):
+                    found = index.setdefault(".".join(segments[cut:]), [])
+                    if len(found) < _SUFFIXES_KEPT:
+                        found.append(module)
+            self._by_suffix = index
+        return self._by_suffix
+
+
+AdapterPath = Checkpoint | str | os.PathLike[str]
+
+
+@overload
+def check_base(base: AdapterPath, adapter: AdapterPath, *, values: bool = False) -> BaseCheck: ...
+@overload
 def check_base(
-    base: Checkpoint | str | os.PathLike[str], adapter: Checkpoint | str | os.PathLike[str]
-) -> list[Finding]:
-    """Does this adapter fit this base model? From headers and adapter_config.json alone.
+    base: AdapterPath, adapter: list[AdapterPath] | tuple[AdapterPath, ...], *, values: bool = False
+) -> list[BaseCheck]: ...
+def check_base(
+    base: AdapterPath,
+    adapter: AdapterPath | list[AdapterPath] | tuple[AdapterPath, ...],
+    *,
+    values: bool = False,
+) -> BaseCheck | list[BaseCheck]:
+    """Does this adapter fit this base model? From headers and adapter_config.json alone, unless
+    `values=True` reads the adapter's tensor data too.
 
     `base` is the model's checkpoint (file, index or directory); `adapter` a directory with
-    `adapter_config.json`. Every adapter module must exist in the base; for LoRA-family adapters
-    (lora, DoRA, adalora, loha, lokr) shapes must agree with the base weight (`lora_A` is
-    `[r, in]`, `lora_B` `[out, r]` for a Linear `[out, in]`); each of `target_modules` must match
-    a base module; and every base module they select must have weights in the adapter."""
+    `adapter_config.json`, or a list of them (their headers are read in parallel; the answer is
+    then a list, in order). Every adapter module must exist in the base (else `missing_module`,
+    or one `prefix` finding when one rewrite of a run of segments makes them exist); adapter
+    tensors must hold values and have their method's number of dimensions (`degenerate`); for
+    LoRA-family adapters shapes must agree with the base weight (`shape`); each of
+    `target_modules` must match a base module (`unmatched_target`) and every base module they
+    select must have weights in the adapter (`untrained_target`). With `values=True`:
+    `untrained` when the tensors that make each module's update zero are all zero, `non_finite`
+    for NaN or infinity. The answer is a `BaseCheck`: the list of findings, with the adapter's
+    `coverage`. The first unusable input raises (OSError or ValueError naming the file)."""
+    many = isinstance(adapter, (list, tuple))
+    adapters: list[AdapterPath] = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+    checks = []
+    for answer in check_many(base, adapters, values=values):
+        if isinstance(answer, Exception):
+            raise answer
+        checks.append(answer)
+    return checks if many else checks[0]
+
+
+def check_many(
+    base: AdapterPath, adapters: list[AdapterPath], *, values: bool = False
+) -> list[BaseCheck | OSError | ValueError]:
+    """`check_base` for many adapters that keeps going: an adapter that cannot be used gives its
+    exception in its place instead of raising (the base must be usable). The headers of all
+    adapter files are read in one parallel call."""
+    base_info = _Base(base if isinstance(base, Checkpoint) else scan(base))
+    checkpoints = _scan_adapters(adapters)
+    flags: dict[tuple[str, str], tuple[bool, bool]] | None = None
+    if values:
+        flags = {}
+        for checkpoint in checkpoints:
+            if isinstance(checkpoint, Checkpoint):
+                try:
+                    flags.update(_read_value_flags(checkpoint.files))
+                except (OSError, ValueError) as error:
+                    checkpoints[checkpoints.index(checkpoint)] = error
+    answers: list[BaseCheck | OSError | ValueError] = []
+    for checkpoint in checkpoints:
+        if not isinstance(checkpoint, Checkpoint):
+            answers.append(checkpoint)
+            continue
+        try:
+            answers.append(_check_one(base_info, checkpoint, flags))
+        except ValueError as error:
+            answers.append(error)
+    return answers
+
+
+def _scan_adapters(adapters: list[AdapterPath]) -> list[Checkpoint | OSError | ValueError]:
+    from . import _engine
+    from .checkpoint import _scan
+
+    wanted = []
+    for adapter in adapters:
+        if not isinstance(adapter, Checkpoint):
+            file = os.path.join(adapter, "adapter_model.safetensors")
+            if os.path.isfile(file):
+                wanted.append(file)
+    headers: dict[str, object] = {}
+    # A bad file fails the batch: then each is read again alone below, keeping its error with it.
+    with contextlib.suppress(OSError, ValueError):
+        headers = dict(zip(wanted, _engine.core.read_headers(wanted), strict=True))
+
+    def read(paths: list[str]) -> list[object]:
+        return [headers[p] if p in headers else _engine.core.read_headers([p])[0] for p in paths]
+
+    out: list[Checkpoint | OSError | ValueError] = []
+    for adapter in adapters:
+        if isinstance(adapter, Checkpoint):
+            out.append(adapter)
+            continue
+        try:
+            out.append(_scan(adapter, None, read))
+        except (OSError, ValueError) as error:
+            out.append(error)
+    return out
+
+
+def _read_value_flags(files: list[str]) -> dict[tuple[str, str], tuple[bool, bool]]:
+    """(file, tensor) -> (all zero, some NaN/Inf) for every tensor of `files`."""
+    from . import _engine
+
+    if _engine.IMPLEMENTATION == "rust":
+        read_values = _engine.core.read_values
+    else:
+        from ._pure_values import read_values
+    flags: dict[tuple[str, str], tuple[bool, bool]] = {}
+    for file, (names, zero, non_finite) in zip(files, read_values(files), strict=True):
+        for name, z, bad in zip(names, zero, non_finite, strict=True):
+            flags[file, name] = (z, bad)
+    return flags
+
+
+def _check_one(
+    base: _Base, adapter_ckpt: Checkpoint, flags: dict[tuple[str, str], tuple[bool, bool]] | None
+) -> BaseCheck:
     from . import tuners
 
-    base_ckpt = base if isinstance(base, Checkpoint) else scan(base)
-    adapter_ckpt = adapter if isinstance(adapter, Checkpoint) else scan(adapter)
     config = adapter_ckpt.adapter_config
     if not config:
         raise ValueError(
             f"{adapter_ckpt.path}: no adapter_config.json; check_base needs the adapter's config"
         )
     method = tuners.resolve(config.get("peft_type"))
-    weights = {
-        name[: -len(".weight")]: tensor.shape
-        for name, tensor in base_ckpt.items()
-        if name.endswith(".weight")
-    }
+    weights = base.weights
     findings: list[Finding] = []
     modules = _adapter_modules(list(adapter_ckpt), config.get("peft_type"))
     # Model-level tensors (`base_model.vera_A`) belong to the tuner, not to a base module.
-    unmatched = [module for module in modules if module not in ("", "base_model") and module not in weights]
-    for module in unmatched:
-        key = next(iter(modules[module].values()))
-        findings.append(Finding("missing_module", key, f"no module {module!r} in the base model"))
-    hint = _prefix_hint(unmatched, set(weights))
+    adapted = [module for module in modules if module not in ("", "base_model")]
+    unmatched = [module for module in adapted if module not in weights]
+    hint, moved = _prefix_rewrite(unmatched, base)
     if hint is not None:
-        findings.insert(0, hint)
+        findings.append(hint)
+    for module in unmatched:
+        if module not in moved:
+            key = next(iter(modules[module].values()))
+            findings.append(Finding("missing_module", key, f"no module {module!r} in the base model"))
+    # Past a diagnosed rewrite, the adapter's modules are judged where the rewrite puts them.
+    placed = {m: moved.get(m, m) for m in adapted if m in weights or m in moved}
+    findings += _degenerate_findings(modules, placed, weights, adapter_ckpt, method)
+    broken = {f.key for f in findings if f.kind == "degenerate"}
     family = method is not None and method.name in _LORA_FAMILY
-    for module, tensors in modules.items():
-        if module not in weights:
-            continue
-        findings += _shape_findings(module, tensors, weights[module], adapter_ckpt, family)
+    for module, target in placed.items():
+        findings += _shape_findings(module, modules[module], weights[target], adapter_ckpt, family, broken)
     targets = config.get("target_modules")
     if targets:
-        findings += _target_findings(targets, config, weights, modules)
+        trained = {placed.get(m, m): tensors for m, tensors in modules.items()}
+        findings += _target_findings(targets, config, weights, trained)
+    if flags is not None:
+        findings += _value_findings(modules, adapter_ckpt, flags)
+    return BaseCheck(findings, adapter_ckpt.path, _coverage(placed.values()))
+
+
+# Tensors with as many dimensions as the base weight (Linear 2, ConvNd N + 2), and those that are
+# matrices or vectors whatever the base; a tensor of another rank is `degenerate` (ZeRO-3 saves
+# parameters it did not gather as 1-D or empty placeholders).
+_BASE_RANK = {"lora_A", "lora_B", "ia3_l", "lokr_w2"}
+_FIXED_RANK = {
+    **dict.fromkeys(("lora_E", "lora_embedding_A", "lora_embedding_B"), 2),
+    **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), 2),
+    **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"), 2),
+    **dict.fromkeys(("vera_lambda_b", "vera_lambda_d", "pvera_lambda_b", "pvera_lambda_d"), 1),
+}
+
+# Tensors that make their module's update zero when they are all zero: a factor of a product
+# (LoRA B @ A, AdaLoRA's E, LoHa's Hadamard product of two products, LoKr's Kronecker factors,
+# VeRA's scaling vectors, HiRA, DeLoRA) or the update itself (FourierFT/WaveFT spectra, SHiRA's
+# sparse weights). PEFT initialises one of each set to zero, so an untrained adapter has them zero.
+_ZERO_FACTORS = {
+    "lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+    "vera_lambda_b", "vera_lambda_d", "pvera_lambda_b", "pvera_lambda_d",
+    "hira_A", "hira_B", "delora_A", "delora_B",
+    "fourierft_spectrum", "waveft_spectrum", "shira_weight",
+}  # fmt: skip
+
+
+def _expected_form(name: str, base_shape: tuple[int, ...] | None) -> str:
+    rule = _LINEAR_SHAPES.get(name) or _EMBEDDING_SHAPES.get(name)
+    if rule is not None and base_shape is not None and len(base_shape) == 2:
+        out, inp = base_shape if name in _LINEAR_SHAPES else base_shape[::-1]
+        dims: dict[str | int, str | int] = {"out": out, "in": inp}
+        return "[" + ", ".join(str(dims.get(want, want)) for want in rule) + "]"
+    rank = _FIXED_RANK.get(name) or (len(base_shape) if base_shape and name in _BASE_RANK else None)
+    if rank is None:
+        return "non-empty"
+    return f"{rank}-D" if rule is None else f"{rank}-D ({', '.join(str(w) for w in rule)})"
+
+
+def _degenerate_findings(
+    modules: dict[str, dict[str, str]],
+    placed: dict[str, str],
+    weights: dict[str, tuple[int, ...]],
+    adapter: Checkpoint,
+    method: object,
+) -> list[Finding]:
+    findings = []
+    for module, tensors in modules.items():
+        target = placed.get(module)
+        base_shape = weights[target] if target is not None else None
+        for name, key in tensors.items():
+            shape = adapter[key].shape
+            expected = _expected_form(name, base_shape)
+            if 0 in shape:
+                findings.append(
+                    Finding(
+                        "degenerate",
+                        key,
+                        f"shape {list(shape)} holds no values (a zero-size dimension); expected {expected}",
+                    )
+                )
+                continue
+            rank = _FIXED_RANK.get(name)
+            if rank is None and name in _BASE_RANK and base_shape is not None and len(base_shape) >= 2:
+                rank = len(base_shape)
+            if rank is not None and len(shape) != rank:
+                findings.append(
+                    Finding(
+                        "degenerate",
+                        key,
+                        f"shape {list(shape)} has {len(shape)} dimension(s), {name} needs {rank}: "
+                        f"expected {expected}",
+                    )
+                )
+    return findings
+
+
+def _value_findings(
+    modules: dict[str, dict[str, str]],
+    adapter: Checkpoint,
+    flags: dict[tuple[str, str], tuple[bool, bool]],
+) -> list[Finding]:
+    findings = []
+    inert: list[str] = []  # the first all-zero factor of each module that changes nothing
+    factored = 0
+    zero_kinds: dict[str, int] = {}
+    for tensors in modules.values():
+        for key in tensors.values():
+            if flags[adapter.shard_of(key), key][1]:
+                findings.append(Finding("non_finite", key, "the tensor holds NaN or infinity"))
+        factors = {name: key for name, key in tensors.items() if name in _ZERO_FACTORS}
+        if not factors or "lora_magnitude_vector" in tensors:  # DoRA's magnitude acts on its own
+            continue
+        factored += 1
+        zero = [(name, key) for name, key in factors.items() if flags[adapter.shard_of(key), key][0]]
+        if zero:
+            inert.append(zero[0][1])
+            zero_kinds[zero[0][0]] = zero_kinds.get(zero[0][0], 0) + 1
+    if inert:
+        kinds = ", ".join(zero_kinds)
+        if len(inert) == factored:
+            message = (
+                f"every adapted module ({factored}) has an all-zero {kinds}: the adapter changes "
+                "nothing (never trained, or its trained weights were lost on save)"
+            )
+        else:
+            message = (
+                f"{len(inert)} of {factored} adapted modules have an all-zero {kinds}: they change nothing"
+            )
+        findings.insert(0, Finding("untrained", inert[0], message))
     return findings
 
 
 def _shape_findings(
-    module: str, tensors: dict[str, str], base_shape: tuple[int, ...], adapter: Checkpoint, family: bool
+    module: str,
+    tensors: dict[str, str],
+    base_shape: tuple[int, ...],
+    adapter: Checkpoint,
+    family: bool,
+    broken: set[str],
 ) -> list[Finding]:
     findings = []
     if "" in tensors:  # a saved copy of the module (modules_to_save)
@@ -214,6 +571,8 @@ def _shape_findings(
         out, inp = inp, out  # Embedding weight is [num_embeddings, dim]
     ranks: set[int] = set()
     for name, key in tensors.items():
+        if key in broken:  # already a `degenerate` finding
+            continue
         rule = rules.get(name)
         shape = adapter[key].shape
         if rule is None or len(shape) != 2:
