@@ -114,7 +114,9 @@ def test_ddp_module_prefix_and_a_renamed_wrapper(lora: Path, llama_base: Path, t
     findings = check_base(llama_base, ddp)
     assert [(f.kind, f.key) for f in findings] == [("prefix", "module.")]
     assert "carry an extra prefix 'module.': rewritten, 4 of 4" in findings[0].message
-    renamed = _rewrite_adapter(lora, tmp_path / "renamed", "base_model.model.model.", "base_model.model.decoder.")
+    renamed = _rewrite_adapter(
+        lora, tmp_path / "renamed", "base_model.model.model.", "base_model.model.decoder."
+    )
     findings = check_base(llama_base, renamed)
     assert [(f.kind, f.key) for f in findings] == [("prefix", "decoder. -> model.")]
     assert "have 'decoder.' where the base has 'model.'" in findings[0].message
@@ -123,7 +125,9 @@ def test_ddp_module_prefix_and_a_renamed_wrapper(lora: Path, llama_base: Path, t
 def test_a_rewrite_that_fixes_only_some_says_so(lora: Path, llama_base: Path, tmp_path: Path) -> None:
     adapter = _rewrite_adapter(lora, tmp_path / "mixed", "base_model.model.", "base_model.model.module.")
     tensors = load_file(adapter / "adapter_model.safetensors")
-    tensors = {k.replace("layers.1.self_attn.v_proj", "layers.1.self_attn.w_proj"): v for k, v in tensors.items()}
+    tensors = {
+        k.replace("layers.1.self_attn.v_proj", "layers.1.self_attn.w_proj"): v for k, v in tensors.items()
+    }
     save_file(tensors, adapter / "adapter_model.safetensors")
     findings = check_base(llama_base, adapter)
     assert [(f.kind, f.key) for f in findings] == [
@@ -138,7 +142,9 @@ def test_a_rewrite_that_fixes_only_some_says_so(lora: Path, llama_base: Path, tm
 # --- degenerate tensors (headers only) ---------------------------------------------------------
 
 
-def test_empty_and_one_dimensional_tensors_are_degenerate(lora: Path, llama_base: Path, tmp_path: Path) -> None:
+def test_empty_and_one_dimensional_tensors_are_degenerate(
+    lora: Path, llama_base: Path, tmp_path: Path
+) -> None:
     adapter = shutil.copytree(lora, tmp_path / "zero3")
     tensors = load_file(adapter / "adapter_model.safetensors")
     empty = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -158,7 +164,9 @@ def test_degenerate_in_other_methods(method: str, llama_base: Path, tmp_path: Pa
     adapter = save_adapter(METHOD_CONFIGS[method](), tmp_path / "adapter")
     tensors = load_file(adapter / "adapter_model.safetensors")
     victim = next(k for k in tensors if "hada_w1_a" in k or "vera_lambda_b" in k)
-    tensors[victim] = tensors[victim].reshape(1, -1) if tensors[victim].dim() == 1 else tensors[victim].flatten()
+    tensors[victim] = (
+        tensors[victim].reshape(1, -1) if tensors[victim].dim() == 1 else tensors[victim].flatten()
+    )
     save_file(tensors, adapter / "adapter_model.safetensors")
     findings = check_base(llama_base, adapter)
     assert [(f.kind, f.key) for f in findings] == [("degenerate", victim)]
