@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 from collections.abc import Iterable
 from typing import NamedTuple, overload
@@ -266,6 +267,7 @@ class _Base:
             if name.endswith(".weight")
         }
         self._by_suffix: dict[str, list[str]] | None = None
+        self.selections: dict[str, tuple[list[Finding], list[str]]] = {}
 
     @property
     def by_suffix(self) -> dict[str, list[str]]:
@@ -282,6 +284,7 @@ class _Base:
 
 
 AdapterPath = Checkpoint | str | os.PathLike[str]
+Shapes = dict[str, tuple[int, ...]]
 
 
 @overload
@@ -420,15 +423,17 @@ def _check_one(
             findings.append(Finding("missing_module", key, f"no module {module!r} in the base model"))
     # Past a diagnosed rewrite, the adapter's modules are judged where the rewrite puts them.
     placed = {m: moved.get(m, m) for m in adapted if m in weights or m in moved}
-    findings += _degenerate_findings(modules, placed, weights, adapter_ckpt, method)
+    # Read as columns: a Tensor per lookup would cost more than the checks themselves.
+    shapes: Shapes = dict(zip(adapter_ckpt._names, adapter_ckpt._shapes, strict=True))
+    findings += _degenerate_findings(modules, placed, weights, shapes)
     broken = {f.key for f in findings if f.kind == "degenerate"}
     family = method is not None and method.name in _LORA_FAMILY
     for module, target in placed.items():
-        findings += _shape_findings(module, modules[module], weights[target], adapter_ckpt, family, broken)
+        findings += _shape_findings(module, modules[module], weights[target], shapes, family, broken)
     targets = config.get("target_modules")
     if targets:
         trained = {placed.get(m, m): tensors for m, tensors in modules.items()}
-        findings += _target_findings(targets, config, weights, trained)
+        findings += _target_findings(targets, config, base, trained)
     if flags is not None:
         findings += _value_findings(modules, adapter_ckpt, flags)
     return BaseCheck(findings, adapter_ckpt.path, _coverage(placed.values()))
@@ -475,22 +480,21 @@ def _degenerate_findings(
     modules: dict[str, dict[str, str]],
     placed: dict[str, str],
     weights: dict[str, tuple[int, ...]],
-    adapter: Checkpoint,
-    method: object,
+    shapes: Shapes,
 ) -> list[Finding]:
     findings = []
     for module, tensors in modules.items():
         target = placed.get(module)
         base_shape = weights[target] if target is not None else None
         for name, key in tensors.items():
-            shape = adapter[key].shape
-            expected = _expected_form(name, base_shape)
+            shape = shapes[key]
             if 0 in shape:
                 findings.append(
                     Finding(
                         "degenerate",
                         key,
-                        f"shape {list(shape)} holds no values (a zero-size dimension); expected {expected}",
+                        f"shape {list(shape)} holds no values (a zero-size dimension); "
+                        f"expected {_expected_form(name, base_shape)}",
                     )
                 )
                 continue
@@ -503,7 +507,7 @@ def _degenerate_findings(
                         "degenerate",
                         key,
                         f"shape {list(shape)} has {len(shape)} dimension(s), {name} needs {rank}: "
-                        f"expected {expected}",
+                        f"expected {_expected_form(name, base_shape)}",
                     )
                 )
     return findings
@@ -549,13 +553,13 @@ def _shape_findings(
     module: str,
     tensors: dict[str, str],
     base_shape: tuple[int, ...],
-    adapter: Checkpoint,
+    shapes: Shapes,
     family: bool,
     broken: set[str],
 ) -> list[Finding]:
     findings = []
     if "" in tensors:  # a saved copy of the module (modules_to_save)
-        saved = adapter[tensors[""]].shape
+        saved = shapes[tensors[""]]
         if tensors[""].endswith(".weight") and saved != base_shape:
             findings.append(
                 Finding(
@@ -570,23 +574,22 @@ def _shape_findings(
     if is_embedding:
         out, inp = inp, out  # Embedding weight is [num_embeddings, dim]
     ranks: set[int] = set()
+    dims: dict[str | int, str | int] = {"out": out, "in": inp}
     for name, key in tensors.items():
         if key in broken:  # already a `degenerate` finding
             continue
         rule = rules.get(name)
-        shape = adapter[key].shape
+        shape = shapes[key]
         if rule is None or len(shape) != 2:
             if name == "lora_magnitude_vector" and shape != (out,):
                 findings.append(
                     Finding("shape", key, f"expected [{out}] (the base's out features), found {list(shape)}")
                 )
             continue
-        dims: dict[str | int, str | int] = {"out": out, "in": inp}
-        expected = [dims.get(want, want) for want in rule]
-        for size, want in zip(shape, expected, strict=True):
-            if want == "r":
-                ranks.add(size)
-        if any(want != "r" and size != want for size, want in zip(shape, expected, strict=True)):
+        expected = (dims.get(rule[0], rule[0]), dims.get(rule[1], rule[1]))
+        rank = 0 if expected[0] == "r" else 1
+        ranks.add(shape[rank])
+        if shape[1 - rank] != expected[1 - rank]:
             shown = ", ".join(str(want) for want in expected)
             findings.append(
                 Finding(
@@ -595,7 +598,8 @@ def _shape_findings(
                     f"expected [{shown}] for a base weight {list(base_shape)}, found {list(shape)}",
                 )
             )
-    findings += _lokr_findings(tensors, adapter, out, inp)
+    if "lokr_w1" in tensors or "lokr_w1_a" in tensors:
+        findings += _lokr_findings(tensors, shapes, out, inp)
     if len(ranks) > 1:
         key = next(iter(tensors.values()))
         findings.append(
@@ -604,15 +608,15 @@ def _shape_findings(
     return findings
 
 
-def _lokr_findings(tensors: dict[str, str], adapter: Checkpoint, out: int, inp: int) -> list[Finding]:
+def _lokr_findings(tensors: dict[str, str], shapes: Shapes, out: int, inp: int) -> list[Finding]:
     """LoKr: kron(w1, w2) must be [out, in]; w1 is `lokr_w1` or `lokr_w1_a @ lokr_w1_b`, likewise w2."""
 
     def factor(which: str) -> tuple[int, int] | None:
         if f"lokr_{which}" in tensors:
-            shape = adapter[tensors[f"lokr_{which}"]].shape
+            shape = shapes[tensors[f"lokr_{which}"]]
             return (shape[0], shape[1]) if len(shape) == 2 else None
         if f"lokr_{which}_a" in tensors and f"lokr_{which}_b" in tensors:
-            a, b = adapter[tensors[f"lokr_{which}_a"]].shape, adapter[tensors[f"lokr_{which}_b"]].shape
+            a, b = shapes[tensors[f"lokr_{which}_a"]], shapes[tensors[f"lokr_{which}_b"]]
             return (a[0], b[-1]) if len(a) == 2 and len(b) == 2 else None
         return None
 
@@ -657,11 +661,34 @@ def _in_layers(config: dict[str, object], name: str) -> bool:
 
 
 def _target_findings(
-    targets: object,
-    config: dict[str, object],
-    weights: dict[str, tuple[int, ...]],
-    modules: dict[str, dict[str, str]],
+    targets: object, config: dict[str, object], base: _Base, modules: dict[str, dict[str, str]]
 ) -> list[Finding]:
+    # Adapters trained with one recipe share their target settings: each selection is made once
+    # per base (it tests every base module against every target).
+    fields = [targets, *(config.get(k) for k in ("exclude_modules", "layers_to_transform", "layers_pattern"))]
+    memo = json.dumps(fields, sort_keys=True, default=str)
+    if memo not in base.selections:
+        base.selections[memo] = _selection(targets, config, base.weights)
+    unmatched, selected = base.selections[memo]
+    findings = list(unmatched)
+    trained = {module for module, tensors in modules.items() if any(tensors)}
+    for module in selected:
+        if module not in trained:
+            findings.append(
+                Finding(
+                    "untrained_target",
+                    module,
+                    "target_modules selects this base module but the adapter has no weights for it "
+                    "(PEFT would initialise them afresh)",
+                )
+            )
+    return findings
+
+
+def _selection(
+    targets: object, config: dict[str, object], weights: dict[str, tuple[int, ...]]
+) -> tuple[list[Finding], list[str]]:
+    """(`unmatched_target` findings, the base modules PEFT would adapt) for these settings."""
     excluded = config.get("exclude_modules")
     findings = []
     if targets == "all-linear":
@@ -688,15 +715,4 @@ def _target_findings(
             selected = [m for m in selected if _in_layers(config, m)]
     if excluded:
         selected = [m for m in selected if not _selects(excluded, m)]
-    trained = {module for module, tensors in modules.items() if any(tensors)}
-    for module in selected:
-        if module not in trained:
-            findings.append(
-                Finding(
-                    "untrained_target",
-                    module,
-                    "target_modules selects this base module but the adapter has no weights for it "
-                    "(PEFT would initialise them afresh)",
-                )
-            )
-    return findings
+    return findings, selected
