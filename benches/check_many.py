@@ -151,8 +151,9 @@ def main() -> None:
         assert all(check == [] for check in answers["in-process check_base(base, list) (rust)"])
         machine = bench._machine()
         print(
-            f"\n{n} LoRA adapters ({len(MODULES) * 2 * args.layers} tensors each, {size / 1e6:.0f} MB in all) "
-            f"against a {args.layers}-layer base; {machine['cpu']}, {machine['cores']} cores, "
+            f"\n{n} LoRA adapters ({len(MODULES) * 2 * args.layers} tensors each, "
+            f"{size / 1e6:.0f} MB in all) against a {args.layers}-layer base; "
+            f"{machine['cpu']}, {machine['cores']} cores, "
             f"Python {machine['python']}; median of {args.rounds} interleaved rounds\n"
         )
         reference = seconds["in-process check_base(base, list) (rust)"]
