@@ -38,6 +38,25 @@ def tiny_llama(resized: bool = False, hidden_size: int = 32) -> Any:
     return model
 
 
+def tiny_llava() -> Any:
+    """A vision-language model (Llava) whose language model has tiny_llama's shapes, under
+    `model.language_model.` (the layout text LoRAs miss on VLMs)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=8, patch_size=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(
+        LlavaConfig(text_config=text, vision_config=vision, image_token_index=VOCAB - 1)
+    )
+
+
 def tiny_bert() -> Any:
     torch.manual_seed(0)
     return BertForSequenceClassification(

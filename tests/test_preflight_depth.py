@@ -13,14 +13,13 @@ import pytest
 
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from fastkeys import check_base, cli  # noqa: E402
 from fastkeys.preflight import BaseCheck, Coverage, check_many  # noqa: E402
 
-from .peft_models import METHOD_CONFIGS, save_adapter, tiny_llama  # noqa: E402
+from .peft_models import METHOD_CONFIGS, save_adapter, tiny_llama, tiny_llava  # noqa: E402
 
 QV = ["q_proj", "v_proj"]
 
@@ -29,21 +28,6 @@ def _save_state(state: dict[str, Any], directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, directory / "model.safetensors")
     return directory
-
-
-def tiny_llava() -> Any:
-    """A Llava whose language model is the tiny Llama's shape: `model.language_model.layers...`."""
-    text = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        image_size=8, patch_size=4,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    config = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=63)
-    return transformers.LlavaForConditionalGeneration(config)
 
 
 @pytest.fixture(scope="module")
@@ -281,11 +265,11 @@ def test_cli_checks_many_adapters(
     assert lines[2].split() == [str(fresh), "fits", "4", "2", "-"]
     assert lines[3].split()[:2] == [str(tmp_path / "absent"), "unusable"]
     assert lines[4] == "2 fits, 1 unusable (3 adapters)"
-    assert cli.main(argv[:-1] + ["--values"]) == 1
+    assert cli.main([*argv[:-1], "--values"]) == 1
     out = capsys.readouterr().out
     assert f"{fresh}  findings        4       2  untrained: 1" in out
     assert f"1 finding(s) for {fresh} on {llama_base}: 4 modules (q_proj, v_proj) in 2 layers" in out
-    assert cli.main(argv[:-1] + ["--values", "--json"]) == 1
+    assert cli.main([*argv[:-1], "--values", "--json"]) == 1
     reports = json.loads(capsys.readouterr().out)
     assert [(r["adapter"], r["status"], [f["kind"] for f in r["findings"]]) for r in reports] == [
         (str(lora), 0, []),
