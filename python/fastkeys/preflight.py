@@ -333,13 +333,17 @@ def check_many(
     checkpoints = _scan_adapters(adapters)
     flags: dict[tuple[str, str], tuple[bool, bool]] | None = None
     if values:
-        flags = {}
-        for checkpoint in checkpoints:
-            if isinstance(checkpoint, Checkpoint):
-                try:
-                    flags.update(_read_value_flags(checkpoint.files))
-                except (OSError, ValueError) as error:
-                    checkpoints[checkpoints.index(checkpoint)] = error
+        files = [file for c in checkpoints if isinstance(c, Checkpoint) for file in c.files]
+        try:
+            flags = _read_value_flags(files)  # every adapter's data in one parallel call
+        except (OSError, ValueError):
+            flags = {}  # a file failed: read adapter by adapter, so that its error stays with it
+            for i, checkpoint in enumerate(checkpoints):
+                if isinstance(checkpoint, Checkpoint):
+                    try:
+                        flags.update(_read_value_flags(checkpoint.files))
+                    except (OSError, ValueError) as error:
+                        checkpoints[i] = error
     answers: list[BaseCheck | OSError | ValueError] = []
     for checkpoint in checkpoints:
         if not isinstance(checkpoint, Checkpoint):
