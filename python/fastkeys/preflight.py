@@ -1,4 +1,5 @@
-"""Checks that find a broken adapter before any tensor is read: `check_adapter`, `check_base`."""
+"""Checks that find a broken adapter before it is loaded: `check_adapter`, `check_base`
+(`check_many`). From headers and adapter_config.json; `values=True` also reads tensor data."""
 
 from __future__ import annotations
 
