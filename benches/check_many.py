@@ -60,7 +60,7 @@ def write_base(directory: Path, layers: int) -> Path:
     return directory
 
 
-def write_adapters(root: Path, count: int, layers: int) -> list[str]:
+def write_adapters(root: Path, count: int, layers: int, distinct: bool = False) -> list[str]:
     rng = np.random.default_rng(0)
     template = {}
     for layer in range(layers):
@@ -77,8 +77,14 @@ def write_adapters(root: Path, count: int, layers: int) -> list[str]:
     for i in range(count):
         directory = root / f"adapter-{i:04d}"
         directory.mkdir()
-        save_file(template, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (directory / "adapter_config.json").write_text(json.dumps(config))
+        tensors, adapter_config = template, config
+        if distinct:  # each adapter on its own subset of layers: no two share names
+            bits = (i * 2654435761 + 12345) % (1 << layers) or 1
+            chosen = [layer for layer in range(layers) if bits >> layer & 1]
+            tensors = {k: v for k, v in template.items() if int(k.split(".")[4]) in chosen}
+            adapter_config = {**config, "layers_to_transform": chosen}
+        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (directory / "adapter_config.json").write_text(json.dumps(adapter_config))
         paths.append(str(directory))
     return paths
 
@@ -122,6 +128,12 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--distinct", action="store_true", help="every adapter on its own subset of layers (no two alike)"
+    )
+    parser.add_argument(
+        "--rust-only", action="store_true", help="only the Rust contenders (no fallback, no torch loop)"
+    )
     args = parser.parse_args()
     if IMPLEMENTATION != "rust":
         raise SystemExit("build the extension first (make build): the in-process figures are for it")
@@ -129,7 +141,7 @@ def main() -> None:
         root = Path(scratch)
         start = time.perf_counter()
         base = str(write_base(root / "base", args.layers))
-        adapters = write_adapters(root, args.adapters, args.layers)
+        adapters = write_adapters(root, args.adapters, args.layers, args.distinct)
         print(f"wrote {len(adapters)} adapters in {time.perf_counter() - start:.1f} s")
         size = sum(os.path.getsize(os.path.join(a, "adapter_model.safetensors")) for a in adapters)
         base_ckpt = scan(base)
@@ -147,11 +159,14 @@ def main() -> None:
             "in-process check_base(values=True) (rust)": lambda: check_base(base_ckpt, adapters, values=True),
             "load_file + torch zero/isfinite per tensor": lambda: torch_values(adapters),
         }
+        if args.rust_only:
+            contenders = {k: v for k, v in contenders.items() if "python" not in k and "torch" not in k}
         seconds, answers = bench._measure(contenders, args.rounds)
         assert all(check == [] for check in answers["in-process check_base(base, list) (rust)"])
         machine = bench._machine()
         print(
-            f"\n{n} LoRA adapters ({len(MODULES) * 2 * args.layers} tensors each, "
+            f"\n{n} {'distinct ' if args.distinct else ''}LoRA adapters "
+            f"(up to {len(MODULES) * 2 * args.layers} tensors each, "
             f"{size / 1e6:.0f} MB in all) against a {args.layers}-layer base; "
             f"{machine['cpu']}, {machine['cores']} cores, "
             f"Python {machine['python']}; median of {args.rounds} interleaved rounds\n"

@@ -248,9 +248,15 @@ def test_many_adapters_in_one_call(lora: Path, llama_base: Path, tmp_path: Path)
         METHOD_CONFIGS["lora"](), tmp_path / "wide", model_factory=lambda: tiny_llama(hidden_size=48)
     )
     absent = tmp_path / "absent"
-    checks = check_base(llama_base, [lora, wide, lora])
-    assert [len(c) for c in checks] == [0, 8, 0] and checks[1][0].kind == "shape"
-    assert [c.adapter for c in checks] == [str(lora), str(wide), str(lora)]
+    # Same names as `lora`, another config: header verdicts are shared only between true twins.
+    wider_targets = shutil.copytree(lora, tmp_path / "wider-targets")
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "k_proj", "v_proj"]
+    (wider_targets / "adapter_config.json").write_text(json.dumps(config))
+    checks = check_base(llama_base, [lora, wide, lora, wider_targets])
+    assert [len(c) for c in checks] == [0, 8, 0, 2] and checks[1][0].kind == "shape"
+    assert {f.kind for f in checks[3]} == {"untrained_target"}
+    assert [c.adapter for c in checks] == [str(lora), str(wide), str(lora), str(wider_targets)]
     with pytest.raises(FileNotFoundError, match="absent"):
         check_base(llama_base, [lora, absent])
     answers = check_many(llama_base, [absent, lora])

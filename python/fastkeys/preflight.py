@@ -269,6 +269,7 @@ class _Base:
         }
         self._by_suffix: dict[str, list[str]] | None = None
         self.selections: dict[str, tuple[list[Finding], list[str]]] = {}
+        self.verdicts: dict[object, tuple[list[Finding], Coverage, dict[str, dict[str, str]]]] = {}
 
     @property
     def by_suffix(self) -> dict[str, list[str]]:
@@ -405,13 +406,40 @@ def _read_value_flags(files: list[str]) -> dict[tuple[str, str], tuple[bool, boo
 def _check_one(
     base: _Base, adapter_ckpt: Checkpoint, flags: dict[tuple[str, str], tuple[bool, bool]] | None
 ) -> BaseCheck:
-    from . import tuners
-
     config = adapter_ckpt.adapter_config
     if not config:
         raise ValueError(
             f"{adapter_ckpt.path}: no adapter_config.json; check_base needs the adapter's config"
         )
+    # Adapters trained with one recipe have the same names, shapes and config, hence the same
+    # header findings: they are worked out once per base (values are read for each).
+    signature = (
+        tuple(adapter_ckpt),
+        tuple(adapter_ckpt._shapes),
+        json.dumps(config, sort_keys=True, default=str),
+    )
+    known = base.verdicts.get(signature)
+    if known is None:
+        known = _header_check(base, adapter_ckpt, config)
+        if len(base.verdicts) >= _VERDICTS_KEPT:
+            base.verdicts.clear()
+        base.verdicts[signature] = known
+    findings, coverage, modules = known
+    findings = list(findings)
+    if flags is not None:
+        findings += _value_findings(modules, adapter_ckpt, flags)
+    return BaseCheck(findings, adapter_ckpt.path, coverage)
+
+
+_VERDICTS_KEPT = 256  # header verdicts remembered per base
+
+
+def _header_check(
+    base: _Base, adapter_ckpt: Checkpoint, config: dict[str, object]
+) -> tuple[list[Finding], Coverage, dict[str, dict[str, str]]]:
+    """Everything the headers and the config tell: (findings, coverage, the adapter's modules)."""
+    from . import tuners
+
     method = tuners.resolve(config.get("peft_type"))
     weights = base.weights
     findings: list[Finding] = []
@@ -439,9 +467,7 @@ def _check_one(
     if targets:
         trained = {placed.get(m, m): tensors for m, tensors in modules.items()}
         findings += _target_findings(targets, config, base, trained)
-    if flags is not None:
-        findings += _value_findings(modules, adapter_ckpt, flags)
-    return BaseCheck(findings, adapter_ckpt.path, _coverage(placed.values()))
+    return findings, _coverage(placed.values()), modules
 
 
 # Tensors with as many dimensions as the base weight (Linear 2, ConvNd N + 2), and those that are
