@@ -117,10 +117,13 @@ def cli_examples() -> str:
     """Real `fastkeys inspect` and `fastkeys check` output on a tiny model and adapters."""
     import contextlib
     import io
+    import shutil
     import tempfile
 
     sys.path.insert(0, str(README.parent))
     import peft
+    import torch
+    from safetensors.torch import load_file, save_file
 
     from fastkeys import cli
     from fixtures import peft_models
@@ -129,17 +132,29 @@ def cli_examples() -> str:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         peft_models.tiny_llama().save_pretrained(root / "llama", max_shard_size="40KB")
-        peft_models.save_adapter(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), root / "adapter")
+        qv = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+        adapter = peft_models.save_adapter(qv, root / "adapter")
         peft_models.save_adapter(
             peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "qkv_proj"]),
             root / "other-model-adapter",
             model_factory=lambda: peft_models.tiny_llama(hidden_size=48),
         )
+        (root / "llava").mkdir()
+        llava = peft_models.tiny_llava().state_dict()
+        save_file({k: v.contiguous() for k, v in llava.items()}, root / "llava" / "model.safetensors")
+        # Saved at PEFT's initialisation (lora_B zero), and one whose lora_A ZeRO-3 left empty.
+        peft.get_peft_model(peft_models.tiny_llama(), qv).save_pretrained(root / "untrained-adapter")
+        shutil.copytree(adapter, root / "zero3-adapter")
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.empty(0)
+        save_file(tensors, root / "zero3-adapter" / "adapter_model.safetensors")
         for argv in (
             ["inspect", "llama"],
             ["inspect", "adapter"],
             ["check", "llama", "adapter"],
             ["check", "llama", "other-model-adapter"],
+            ["check", "llava", "adapter"],
+            ["check", "--values", "llama", "adapter", "untrained-adapter", "zero3-adapter"],
         ):
             out = io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.chdir(root):

@@ -6,6 +6,7 @@
 pub mod matcher;
 pub mod rename;
 pub mod safetensors;
+pub mod values;
 
 #[cfg(test)]
 mod fuzz;
@@ -16,6 +17,8 @@ mod py;
 mod py_headers;
 #[cfg(feature = "python")]
 mod py_regex;
+#[cfg(feature = "python")]
+mod py_values;
 
 #[cfg(feature = "python")]
 #[pyo3::pymodule(gil_used = false)]
@@ -26,4 +29,6 @@ mod _native {
     use super::py_headers::read_headers;
     #[pymodule_export]
     use super::py_regex::PyRegex;
+    #[pymodule_export]
+    use super::py_values::read_values;
 }

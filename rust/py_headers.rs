@@ -9,7 +9,7 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::safetensors::{self, Dtype, Header, HeaderError};
 
-fn header_error(path: &std::path::Path, error: HeaderError) -> PyErr {
+pub(crate) fn header_error(path: &std::path::Path, error: HeaderError) -> PyErr {
     let shown = path.display().to_string();
     match error {
         // OSError(errno, strerror, filename) becomes FileNotFoundError, PermissionError, ...

@@ -242,7 +242,7 @@ pub fn parse_header(
 /// Opens `path` for reading only if it is a regular file. The open itself never blocks: with
 /// O_NONBLOCK a FIFO opens at once (and is then refused by its type), so a hostile path cannot
 /// hang the reader where Ctrl-C cannot reach it; reads from a regular file ignore the flag.
-fn open_regular(path: &Path) -> Result<File, HeaderError> {
+pub fn open_regular(path: &Path) -> Result<File, HeaderError> {
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]

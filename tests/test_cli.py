@@ -66,7 +66,7 @@ def test_inspect_model_keys_show_adapters(tmp_path: Path, capsys: pytest.Capture
 def test_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = _base(tmp_path / "base.safetensors")
     assert cli.main(["check", str(base), str(_adapter(tmp_path / "good"))]) == 0
-    assert "no findings" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"{tmp_path / 'good'} fits {base}: 2 modules (q_proj) in 2 layers\n"
     assert cli.main(["check", str(base), str(_adapter(tmp_path / "wide", out=16))]) == 1
     out = capsys.readouterr().out
     assert (
@@ -77,14 +77,19 @@ def test_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         cli.main(["check", "--json", str(base), str(_adapter(tmp_path / "t", targets=["q_proj", "k_proj"]))])
         == 1
     )
-    findings = json.loads(capsys.readouterr().out)
-    assert findings == [
-        {
-            "kind": "unmatched_target",
-            "key": "k_proj",
-            "message": "target_modules entry 'k_proj' matches no base module",
-        }
-    ]
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report == {
+        "adapter": str(tmp_path / "t"),
+        "status": 1,
+        "coverage": {"modules": 2, "layers": 2, "kinds": {"q_proj": 2}},
+        "findings": [
+            {
+                "kind": "unmatched_target",
+                "key": "k_proj",
+                "message": "target_modules entry 'k_proj' matches no base module",
+            }
+        ],
+    }
     assert cli.main(["check", str(tmp_path / "absent.safetensors"), str(tmp_path / "good")]) == 2
     assert "No such file or directory" in capsys.readouterr().err
     (tmp_path / "garbage.safetensors").write_bytes(b"garbage!garbage")

@@ -45,7 +45,10 @@ def _stub_signatures() -> dict[str, list[str]]:
 
 
 def _fallback_signatures() -> dict[str, list[str]]:
-    found = {"read_headers": list(inspect.signature(_pure.read_headers).parameters)}
+    found = {
+        name: list(inspect.signature(getattr(_pure, name)).parameters)
+        for name in ("read_headers", "read_values")
+    }
     for owner in (_pure.KeyMatcher, _pure.Regex):
         for name, member in vars(owner).items():
             if name == "__init__" and "__new__" not in vars(owner):

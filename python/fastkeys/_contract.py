@@ -60,3 +60,6 @@ class Engine(Protocol):
     def read_headers(
         self, paths: Sequence[str | PathLike[str]], threads: int | None = None
     ) -> list[Header]: ...
+    def read_values(
+        self, paths: Sequence[str | PathLike[str]], threads: int | None = None
+    ) -> list[tuple[list[str], list[bool], list[bool]]]: ...

@@ -6,7 +6,7 @@ from typing import final
 
 from typing_extensions import Self, disjoint_base
 
-__all__ = ["KeyMatcher", "Regex", "read_headers"]
+__all__ = ["KeyMatcher", "Regex", "read_headers", "read_values"]
 
 @disjoint_base
 class KeyMatcher:
@@ -30,6 +30,9 @@ class KeyMatcher:
 def read_headers(
     paths: Sequence[str | PathLike[str]], threads: int | None = None
 ) -> list[tuple[list[str], list[str], list[tuple[int, ...]], list[int], dict[str, str] | None, int]]: ...
+def read_values(
+    paths: Sequence[str | PathLike[str]], threads: int | None = None
+) -> list[tuple[list[str], list[bool], list[bool]]]: ...
 
 @final
 class Regex:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
-__all__ = ["KeyMatcher", "Regex", "read_headers"]
+__all__ = ["KeyMatcher", "Regex", "read_headers", "read_values"]
 
 # The segment at whose level a PEFT model keeps its model-level tensors (`base_model.vera_A`).
 _MODEL_ROOT = "base_model"
@@ -467,12 +467,27 @@ def read_headers(paths: Sequence[str | os.PathLike[str]], threads: int | None = 
     """See `fastkeys._native.read_headers` (`threads` is accepted and ignored: one thread)."""
     out = []
     for path in paths:
-        # os.fspath refuses an int, which `open` would take for a file descriptor (and close).
-        text = os.fspath(path)
-        if not isinstance(text, str):
-            raise TypeError(f"paths must be str or os.PathLike[str], not {type(text).__name__}")
+        text = path_text(path)
         try:
             out.append(_read_header(text))
         except _Invalid as error:
             raise ValueError(f"{text}: {error}") from None
     return out
+
+
+def path_text(path: str | os.PathLike[str]) -> str:
+    """A path as str; os.fspath refuses an int, which `open` would take for a file descriptor
+    (and close)."""
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"paths must be str or os.PathLike[str], not {type(text).__name__}")
+    return text
+
+
+def read_values(
+    paths: Sequence[str | os.PathLike[str]], threads: int | None = None
+) -> list[tuple[list[str], list[bool], list[bool]]]:
+    """See `fastkeys._native.read_values` (in `_pure_values`, loaded when first asked for)."""
+    from ._pure_values import read_values as read
+
+    return read(paths, threads)

@@ -10,10 +10,11 @@ JSON files are read up to a size cap (`MAX_INDEX_BYTES`, `MAX_CONFIG_BYTES`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -314,6 +315,49 @@ def scan(path: str | os.PathLike[str], *, progress: Callable[[int, int], None] |
 
     Raises FileNotFoundError/OSError for files that cannot be read and ValueError for malformed
     ones or an inconsistent index (a listed tensor its shard lacks, a tensor in two shards)."""
+    plan = _plan(path)
+    return _assemble(plan, _read(plan.files, progress))
+
+
+def scan_many(paths: Sequence[str | os.PathLike[str]]) -> list[Checkpoint | OSError | ValueError]:
+    """`scan` for many checkpoints that keeps going: one that cannot be used gives its exception
+    in its place. The headers of every file are read in one parallel call."""
+    plans: list[_Plan | OSError | ValueError] = []
+    for path in paths:
+        try:
+            plans.append(_plan(path))
+        except (OSError, ValueError) as error:
+            plans.append(error)
+    files = [file for plan in plans if isinstance(plan, _Plan) for file in plan.files]
+    headers: dict[str, Header] = {}
+    # A bad file fails the batch: then each checkpoint is read alone, keeping its error with it.
+    with contextlib.suppress(OSError, ValueError):
+        headers = dict(zip(files, core.read_headers(files), strict=True))
+    out: list[Checkpoint | OSError | ValueError] = []
+    for plan in plans:
+        if not isinstance(plan, _Plan):
+            out.append(plan)
+            continue
+        try:
+            known = all(file in headers for file in plan.files)
+            read = [headers[file] for file in plan.files] if known else _read(plan.files, None)
+            out.append(_assemble(plan, read))
+        except (OSError, ValueError) as error:
+            out.append(error)
+    return out
+
+
+class _Plan(NamedTuple):
+    """What a checkpoint consists of, known before any header is read."""
+
+    path: str
+    files: list[str]
+    weight_map: dict[str, str] | None
+    metadata: dict[str, str]
+    adapter_config: dict[str, object] | None
+
+
+def _plan(path: str | os.PathLike[str]) -> _Plan:
     root = Path(_path(path))
     adapter_config = None
     weight_map: dict[str, str] | None = None
@@ -330,7 +374,10 @@ def scan(path: str | os.PathLike[str], *, progress: Callable[[int, int], None] |
         files, index = [str(root)], None
     if index is not None:
         files, weight_map, metadata = _index_files(index)
-    headers = _read(files, progress)
+    return _Plan(str(path), files, weight_map, metadata, adapter_config)
+
+
+def _assemble(plan: _Plan, headers: list[Header]) -> Checkpoint:
     names: list[str] = []
     dtypes: list[str] = []
     shapes: list[tuple[int, ...]] = []
@@ -338,7 +385,7 @@ def scan(path: str | os.PathLike[str], *, progress: Callable[[int, int], None] |
     file_column: list[str] = []
     file_metadata: dict[str, dict[str, str]] = {}
     for file, (file_names, file_dtypes, file_shapes, file_sizes, file_meta, _size) in zip(
-        files, headers, strict=True
+        plan.files, headers, strict=True
     ):
         names += file_names
         dtypes += file_dtypes
@@ -348,10 +395,15 @@ def scan(path: str | os.PathLike[str], *, progress: Callable[[int, int], None] |
         if file_meta is not None:
             file_metadata[file] = file_meta
     checkpoint = Checkpoint(
-        str(path), (names, dtypes, shapes, sizes, file_column), files, metadata, file_metadata, adapter_config
+        plan.path,
+        (names, dtypes, shapes, sizes, file_column),
+        plan.files,
+        dict(plan.metadata),
+        file_metadata,
+        plan.adapter_config,
     )
-    if weight_map is not None:
-        checkpoint._check_index(weight_map)
-    elif len(files) == 1 and files[0] in file_metadata:
-        checkpoint.metadata = file_metadata[files[0]]
+    if plan.weight_map is not None:
+        checkpoint._check_index(plan.weight_map)
+    elif len(plan.files) == 1 and plan.files[0] in file_metadata:
+        checkpoint.metadata = file_metadata[plan.files[0]]
     return checkpoint

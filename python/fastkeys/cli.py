@@ -1,4 +1,4 @@
-"""The `fastkeys` command line: `demo`, `inspect PATH`, `check BASE ADAPTER`."""
+"""The `fastkeys` command line: `demo`, `inspect PATH`, `check BASE ADAPTER [ADAPTER ...]`."""
 
 from __future__ import annotations
 
@@ -207,11 +207,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect_parser.add_argument("--json", action="store_true", help="print JSON")
     check_parser = commands.add_parser(
         "check",
-        help="does ADAPTER fit BASE? exit 0 clean, 1 findings, 2 unusable input",
+        help="does each ADAPTER fit BASE? exit 0 clean, 1 findings, 2 unusable input (the worst one)",
     )
     check_parser.add_argument("base", help="the base model: file, index or directory")
-    check_parser.add_argument("adapter", help="the adapter directory (with adapter_config.json)")
-    check_parser.add_argument("--json", action="store_true", help="print JSON")
+    check_parser.add_argument(
+        "adapters", nargs="+", metavar="adapter", help="adapter directories (with adapter_config.json)"
+    )
+    check_parser.add_argument(
+        "--values", action="store_true", help="read the adapters' tensor data too: untrained, NaN/Inf"
+    )
+    check_parser.add_argument("--json", action="store_true", help="print JSON: one object per adapter")
     args = parser.parse_args(argv)
     args.status = 0
     try:
@@ -276,28 +281,79 @@ def _command(args: argparse.Namespace) -> int:
             _print_inspect(report)
         sys.stdout.flush()  # a closed pipe shows here, inside main's handler, not at exit
         return 0
-    from . import check_base, scan
+    return _check(args)
 
-    base = scan(args.base, progress=_progress())
-    adapter = scan(args.adapter)
-    try:
-        findings = check_base(base, adapter)
-    except (ValueError, TypeError, LookupError) as error:
-        # Both checkpoints were read: what is left to refuse is the adapter's config.
-        if args.adapter in str(error):
-            raise
-        raise ValueError(f"{os.path.join(args.adapter, 'adapter_config.json')}: {error}") from None
-    args.status = 1 if findings else 0
+
+_FINDINGS_SHOWN = 20  # per adapter, when many adapters are checked
+
+
+def _check(args: argparse.Namespace) -> int:
+    """`fastkeys check BASE ADAPTER [ADAPTER ...]`: the worst exit status of all adapters (0 fits,
+    1 findings, 2 unusable). An unusable base raises; an unusable adapter is reported in its row."""
+    import json
+
+    from . import scan
+    from .preflight import BaseCheck, check_many
+
+    answers = check_many(scan(args.base, progress=_progress()), args.adapters, values=args.values)
+    statuses = [2 if not isinstance(a, BaseCheck) else 1 if a else 0 for a in answers]
+    args.status = max(statuses)  # the answer's exit code, should the pipe close while printing
     if args.json:
-        print(json.dumps([finding._asdict() for finding in findings], indent=2))
-    elif findings:
-        print(f"{len(findings)} finding(s) for {args.adapter} on {args.base}:")
-        for finding in findings:
+        objects: list[dict[str, object]] = []
+        for adapter, answer, status in zip(args.adapters, answers, statuses, strict=True):
+            if isinstance(answer, BaseCheck):
+                coverage = answer.coverage._asdict()
+                findings = [finding._asdict() for finding in answer]
+                objects.append(
+                    {"adapter": adapter, "status": status, "coverage": coverage, "findings": findings}
+                )
+            else:
+                error = answer if isinstance(answer, BaseException) else ValueError(answer)
+                objects.append({"adapter": adapter, "status": status, "error": _describe(args, error)})
+        print(json.dumps(objects, indent=2))
+        sys.stdout.flush()  # a closed pipe shows here, inside main's handler, not at exit
+        return int(args.status)
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            print(f"fastkeys check: {_describe(args, answer)}", file=sys.stderr)
+    if len(answers) > 1:
+        _print_check_table(args.adapters, answers)
+    limit = _FINDINGS_SHOWN if len(answers) > 1 else None
+    for answer in answers:
+        if not isinstance(answer, BaseCheck) or (len(answers) > 1 and not answer):
+            continue
+        print(answer.verdict(args.base))
+        for finding in answer[:limit]:
             print(f"  [{finding.kind}] {finding.key}: {finding.message}")
-    else:
-        print(f"{args.adapter} fits {args.base}: no findings")
+        if limit is not None and len(answer) > limit:
+            print(f"  ... and {len(answer) - limit} more (--json lists them all)")
     sys.stdout.flush()
     return int(args.status)
+
+
+def _print_check_table(adapters: Sequence[str], answers: Sequence[object]) -> None:
+    from .preflight import BaseCheck
+
+    width = max(len(adapter) for adapter in adapters)
+    print(f"{'adapter':<{width}}  {'verdict':<8}  {'modules':>7}  {'layers':>6}  findings")
+    counts: dict[str, int] = {"fits": 0, "findings": 0, "unusable": 0}
+    for adapter, answer in zip(adapters, answers, strict=True):
+        if not isinstance(answer, BaseCheck):
+            counts["unusable"] += 1
+            print(f"{adapter:<{width}}  {'unusable':<8}  {'-':>7}  {'-':>6}  see the error above")
+            continue
+        kinds: dict[str, int] = {}
+        for finding in answer:
+            kinds[finding.kind] = kinds.get(finding.kind, 0) + 1
+        verdict = "findings" if answer else "fits"
+        counts[verdict] += 1
+        shown = ", ".join(f"{kind}: {count}" for kind, count in kinds.items()) or "-"
+        coverage = answer.coverage
+        print(f"{adapter:<{width}}  {verdict:<8}  {coverage.modules:>7}  {coverage.layers:>6}  {shown}")
+    print(
+        ", ".join(f"{count} {label}" for label, count in counts.items() if count)
+        + f" ({len(answers)} adapters)"
+    )
 
 
 if __name__ == "__main__":

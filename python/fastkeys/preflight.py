@@ -1,16 +1,20 @@
-"""Checks that find a broken adapter before any tensor is read: `check_adapter`, `check_base`."""
+"""Checks that find a broken adapter before it is loaded: `check_adapter`, `check_base`
+(`check_many`). From headers and adapter_config.json; `values=True` also reads tensor data."""
 
 from __future__ import annotations
 
 import collections
+import functools
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple, TypeVar, overload
 
 from . import tuners
-from .checkpoint import Checkpoint, scan
+from .checkpoint import Checkpoint, scan, scan_many
 from .matching import filter_missing, insert_adapter_name
 
-__all__ = ["AdapterCheck", "Finding", "check_adapter", "check_base"]
+__all__ = ["AdapterCheck", "BaseCheck", "Coverage", "Finding", "check_adapter", "check_base", "check_many"]
 
 AdapterCheck = collections.namedtuple("AdapterCheck", ["missing_keys", "unexpected_keys"])
 AdapterCheck.__doc__ = """What loading would report: the adapter-relevant missing keys and the
@@ -107,74 +111,437 @@ def _linear_like(name: str) -> bool:
     return last != "lm_head" and "embed" not in last and last not in ("wte", "wpe")
 
 
-def _prefix_hint(unmatched: list[str], base_modules: set[str]) -> Finding | None:
-    """A wrong key prefix: stripping leading segments from the adapter's module names, or adding
-    the base's, makes them match."""
-    for module in unmatched[:1]:
+class Coverage(NamedTuple):
+    """What an adapter adapts: `modules` (adapter modules found in the base), the distinct `layers`
+    they sit in (a layer is a module path up to its first numeric segment, such as
+    `model.layers.3`), and `kinds`: modules per last name segment (`q_proj`), in first-seen order."""
+
+    modules: int
+    layers: int
+    kinds: dict[str, int]
+
+    def __str__(self) -> str:
+        kinds = ", ".join(self.kinds)
+        layers = f" in {self.layers} layer{'s' if self.layers != 1 else ''}" if self.layers else ""
+        return f"{self.modules} module{'s' if self.modules != 1 else ''} ({kinds}){layers}"
+
+
+class BaseCheck(list[Finding]):
+    """`check_base`'s answer for one adapter: the findings (it is their list, so `== []` means
+    clean), with the `adapter` path and the `coverage` as data."""
+
+    def __init__(self, findings: Iterable[Finding], adapter: str, coverage: Coverage) -> None:
+        super().__init__(findings)
+        self.adapter = adapter
+        self.coverage = coverage
+
+    def verdict(self, base: str) -> str:
+        """One line: `ADAPTER fits BASE: 96 modules (q_proj, v_proj) in 32 layers`, or the number
+        of findings."""
+        if not self:
+            return f"{self.adapter} fits {base}: {self.coverage}"
+        return f"{len(self)} finding(s) for {self.adapter} on {base}: {self.coverage}"
+
+
+def _coverage(modules: Iterable[str]) -> Coverage:
+    layers: set[str] = set()
+    kinds: dict[str, int] = {}
+    count = 0
+    for module in modules:
+        count += 1
         segments = module.split(".")
-        for cut in range(1, len(segments)):
-            if ".".join(segments[cut:]) in base_modules:
-                extra = ".".join(segments[:cut]) + "."
-                fixed = sum(m.startswith(extra) and m[len(extra) :] in base_modules for m in unmatched)
-                return Finding(
-                    "prefix",
-                    extra,
-                    f"the adapter's keys carry an extra prefix {extra!r}: without it {fixed} of "
-                    f"{len(unmatched)} missing modules exist in the base model",
-                )
-        for base in base_modules:
-            if base.endswith("." + module):
-                extra = base[: -len(module)]
-                fixed = sum(extra + m in base_modules for m in unmatched)
-                return Finding(
-                    "prefix",
-                    extra,
-                    f"the adapter's keys lack the prefix {extra!r}: with it {fixed} of "
-                    f"{len(unmatched)} missing modules exist in the base model",
-                )
+        kinds[segments[-1]] = kinds.get(segments[-1], 0) + 1
+        numbered = next((i for i, segment in enumerate(segments[:-1]) if segment.isdigit()), None)
+        if numbered is not None:
+            layers.add(".".join(segments[: numbered + 1]))
+    return Coverage(count, len(layers), kinds)
+
+
+# A rewrite of adapter module names: the segment run `old` becomes `new`. An insertion (`old`
+# empty) needs a place: right after the segment run `after` (empty: at the start).
+Rewrite = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+
+_REWRITE_SAMPLES = 16  # unmatched modules a rewrite is proposed from; each is then tried on all
+
+
+def _apply(rewrite: Rewrite, segments: list[str]) -> str | None:
+    old, new, after = rewrite
+    run = old or after
+    if not run:
+        return ".".join([*new, *segments])
+    width = len(run)
+    for i in range(len(segments) - width + 1):
+        if tuple(segments[i : i + width]) == run:
+            cut = i if old else i + width
+            return ".".join([*segments[:cut], *new, *segments[cut + len(old) :]])
     return None
 
 
+def _propose(module: str, base_by_suffix: dict[str, list[str]]) -> set[Rewrite]:
+    """The smallest rewrites that turn `module` into a base module sharing its longest dotted
+    suffix: one per such base module (the index keeps a few)."""
+    segments = module.split(".")
+    for keep in range(len(segments), 0, -1):
+        candidates = base_by_suffix.get(".".join(segments[-keep:]))
+        if candidates:
+            break
+    else:
+        return set()
+    rewrites = set()
+    head = segments[: len(segments) - keep]
+    for base in candidates:
+        target = base.split(".")
+        tail = target[: len(target) - keep]
+        shared = 0
+        while shared < min(len(head), len(tail)) and head[shared] == tail[shared]:
+            shared += 1
+        old, new = tuple(head[shared:]), tuple(tail[shared:])
+        rewrites.add((old, new, () if old else tuple(head[max(shared - 1, 0) : shared])))
+    return rewrites
+
+
+def _describe(rewrite: Rewrite) -> tuple[str, str]:
+    """(the finding's key, what the rewrite does) for a rewrite."""
+    old, new, after = (".".join(run) + "." if run else "" for run in rewrite)
+    if not old:
+        where = f"after {after!r}" if after else "at the start"
+        return new, f"the adapter's keys lack {new!r} {where}"
+    if not new:
+        return old, f"the adapter's keys carry an extra prefix {old!r}"
+    return f"{old} -> {new}", f"the adapter's keys have {old!r} where the base has {new!r}"
+
+
+def _prefix_rewrite(unmatched: list[str], base: _Base) -> tuple[Finding | None, dict[str, str]]:
+    """One consistent rewrite of a run of segments (inserted, removed or replaced anywhere) that
+    makes the most `unmatched` modules exist in the base: its finding and the modules it fixes."""
+    if not unmatched:
+        return None, {}
+    step = max(1, len(unmatched) // _REWRITE_SAMPLES)
+    proposals = set().union(*(_propose(module, base.by_suffix) for module in unmatched[::step]))
+    best: tuple[int, int, Rewrite, dict[str, str]] | None = None
+    for rewrite in sorted(proposals):
+        fixed = {}
+        for module in unmatched:
+            moved = _apply(rewrite, module.split("."))
+            if moved is not None and moved in base.weights:
+                fixed[module] = moved
+        size = sum(len(run) for run in rewrite[:2])
+        if fixed and (best is None or (len(fixed), -size) > (best[0], -best[1])):
+            best = (len(fixed), size, rewrite, fixed)
+    if best is None:
+        return None, {}
+    count, _, rewrite, fixed = best
+    key, what = _describe(rewrite)
+    example = next(iter(fixed.items()))
+    message = (
+        f"{what}: rewritten, {count} of {len(unmatched)} adapter modules exist in the base model "
+        f"(e.g. {example[0]!r} -> {example[1]!r})"
+    )
+    if count < len(unmatched):
+        message += f"; no single rewrite fixes the other {len(unmatched) - count}"
+    return Finding("prefix", key, message), fixed
+
+
+_SUFFIXES_KEPT = 8  # base modules remembered per dotted suffix, to propose rewrites from
+
+
+class _Base:
+    """What every adapter is checked against: the base's weights by module, read once."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.path = checkpoint.path
+        self.weights = {
+            name[: -len(".weight")]: tensor.shape
+            for name, tensor in checkpoint.items()
+            if name.endswith(".weight")
+        }
+        self._by_suffix: dict[str, list[str]] | None = None
+        self.selections: dict[str, tuple[list[Finding], list[str]]] = {}
+        self.verdicts: dict[object, tuple[list[Finding], Coverage, dict[str, dict[str, str]]]] = {}
+
+    @property
+    def by_suffix(self) -> dict[str, list[str]]:
+        if self._by_suffix is None:
+            index: dict[str, list[str]] = {}
+            for module in self.weights:
+                segments = module.split(".")
+                for cut in range(len(segments)):
+                    found = index.setdefault(".".join(segments[cut:]), [])
+                    if len(found) < _SUFFIXES_KEPT:
+                        found.append(module)
+            self._by_suffix = index
+        return self._by_suffix
+
+
+AdapterPath = Checkpoint | str | os.PathLike[str]
+# Lists are invariant (a `list[Path]` is no `list[AdapterPath]`): the element type is a variable.
+_Adapter = TypeVar("_Adapter", bound=AdapterPath)
+AdapterList = list[_Adapter] | tuple[_Adapter, ...]
+Shapes = dict[str, tuple[int, ...]]
+
+
+@overload
+def check_base(base: AdapterPath, adapter: AdapterPath, *, values: bool = False) -> BaseCheck: ...
+@overload
 def check_base(
-    base: Checkpoint | str | os.PathLike[str], adapter: Checkpoint | str | os.PathLike[str]
-) -> list[Finding]:
-    """Does this adapter fit this base model? From headers and adapter_config.json alone.
+    base: AdapterPath, adapter: AdapterList[_Adapter], *, values: bool = False
+) -> list[BaseCheck]: ...
+def check_base(
+    base: AdapterPath,
+    adapter: AdapterPath | AdapterList[_Adapter],
+    *,
+    values: bool = False,
+) -> BaseCheck | list[BaseCheck]:
+    """Does this adapter fit this base model? From headers and adapter_config.json alone, unless
+    `values=True` reads the adapter's tensor data too.
 
     `base` is the model's checkpoint (file, index or directory); `adapter` a directory with
-    `adapter_config.json`. Every adapter module must exist in the base; for LoRA-family adapters
-    (lora, DoRA, adalora, loha, lokr) shapes must agree with the base weight (`lora_A` is
-    `[r, in]`, `lora_B` `[out, r]` for a Linear `[out, in]`); each of `target_modules` must match
-    a base module; and every base module they select must have weights in the adapter."""
-    base_ckpt = base if isinstance(base, Checkpoint) else scan(base)
-    adapter_ckpt = adapter if isinstance(adapter, Checkpoint) else scan(adapter)
+    `adapter_config.json`, or a list of them (their headers are read in parallel; the answer is
+    then a list, in order). Every adapter module must exist in the base (else `missing_module`,
+    or one `prefix` finding when one rewrite of a run of segments makes them exist); adapter
+    tensors must hold values and have their method's number of dimensions (`degenerate`); for
+    LoRA-family adapters shapes must agree with the base weight (`shape`); each of
+    `target_modules` must match a base module (`unmatched_target`) and every base module they
+    select must have weights in the adapter (`untrained_target`). With `values=True`:
+    `untrained` when the tensors that make each module's update zero are all zero, `non_finite`
+    for NaN or infinity. The answer is a `BaseCheck`: the list of findings, with the adapter's
+    `coverage`. The first unusable input raises (OSError or ValueError naming the file)."""
+    many = isinstance(adapter, (list, tuple))
+    adapters: list[AdapterPath] = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+    checks = []
+    for answer in check_many(base, adapters, values=values):
+        if isinstance(answer, Exception):
+            raise answer
+        checks.append(answer)
+    return checks if many else checks[0]
+
+
+def check_many(
+    base: AdapterPath, adapters: Sequence[AdapterPath], *, values: bool = False
+) -> list[BaseCheck | OSError | ValueError]:
+    """`check_base` for many adapters that keeps going: an adapter that cannot be used gives its
+    exception in its place instead of raising (the base must be usable). The headers of all
+    adapter files are read in one parallel call."""
+    base_info = _Base(base if isinstance(base, Checkpoint) else scan(base))
+    checkpoints = _scan_adapters(adapters)
+    flags: dict[tuple[str, str], tuple[bool, bool]] | None = None
+    if values:
+        files = [file for c in checkpoints if isinstance(c, Checkpoint) for file in c.files]
+        try:
+            flags = _read_value_flags(files)  # every adapter's data in one parallel call
+        except (OSError, ValueError):
+            flags = {}  # a file failed: read adapter by adapter, so that its error stays with it
+            for i, checkpoint in enumerate(checkpoints):
+                if isinstance(checkpoint, Checkpoint):
+                    try:
+                        flags.update(_read_value_flags(checkpoint.files))
+                    except (OSError, ValueError) as error:
+                        checkpoints[i] = error
+    answers: list[BaseCheck | OSError | ValueError] = []
+    for checkpoint in checkpoints:
+        if not isinstance(checkpoint, Checkpoint):
+            answers.append(checkpoint)
+            continue
+        try:
+            answers.append(_check_one(base_info, checkpoint, flags))
+        except ValueError as error:
+            answers.append(error)
+    return answers
+
+
+def _scan_adapters(adapters: Sequence[AdapterPath]) -> list[Checkpoint | OSError | ValueError]:
+    """Each adapter scanned (headers of all of them in one parallel read); errors in place."""
+    paths = [adapter for adapter in adapters if not isinstance(adapter, Checkpoint)]
+    scanned = iter(scan_many(paths))
+    return [adapter if isinstance(adapter, Checkpoint) else next(scanned) for adapter in adapters]
+
+
+def _read_value_flags(files: list[str]) -> dict[tuple[str, str], tuple[bool, bool]]:
+    """(file, tensor) -> (all zero, some NaN/Inf) for every tensor of `files`."""
+    from ._engine import core
+
+    flags: dict[tuple[str, str], tuple[bool, bool]] = {}
+    for file, (names, zero, non_finite) in zip(files, core.read_values(files), strict=True):
+        for name, z, bad in zip(names, zero, non_finite, strict=True):
+            flags[file, name] = (z, bad)
+    return flags
+
+
+def _check_one(
+    base: _Base, adapter_ckpt: Checkpoint, flags: dict[tuple[str, str], tuple[bool, bool]] | None
+) -> BaseCheck:
     config = adapter_ckpt.adapter_config
     if not config:
         raise ValueError(
             f"{adapter_ckpt.path}: no adapter_config.json; check_base needs the adapter's config"
         )
+    # Adapters trained with one recipe have the same names, shapes and config, hence the same
+    # header findings: they are worked out once per base (values are read for each).
+    signature = (
+        tuple(adapter_ckpt),
+        tuple(adapter_ckpt._shapes),
+        json.dumps(config, sort_keys=True, default=str),
+    )
+    known = base.verdicts.get(signature)
+    if known is None:
+        known = _header_check(base, adapter_ckpt, config)
+        if len(base.verdicts) >= _VERDICTS_KEPT:
+            base.verdicts.clear()
+        base.verdicts[signature] = known
+    findings, coverage, modules = known
+    findings = list(findings)
+    if flags is not None:
+        rules = _rules(tuners.resolve(config.get("peft_type")))
+        findings += _value_findings(modules, adapter_ckpt, flags, rules)
+    return BaseCheck(findings, adapter_ckpt.path, coverage)
+
+
+_VERDICTS_KEPT = 256  # header verdicts remembered per base
+
+
+def _header_check(
+    base: _Base, adapter_ckpt: Checkpoint, config: dict[str, object]
+) -> tuple[list[Finding], Coverage, dict[str, dict[str, str]]]:
+    """Everything the headers and the config tell: (findings, coverage, the adapter's modules)."""
     method = tuners.resolve(config.get("peft_type"))
-    weights = {
-        name[: -len(".weight")]: tensor.shape
-        for name, tensor in base_ckpt.items()
-        if name.endswith(".weight")
-    }
+    weights = base.weights
     findings: list[Finding] = []
     modules = _adapter_modules(list(adapter_ckpt), config.get("peft_type"))
     # Model-level tensors (`base_model.vera_A`) belong to the tuner, not to a base module.
-    unmatched = [module for module in modules if module not in ("", "base_model") and module not in weights]
-    for module in unmatched:
-        key = next(iter(modules[module].values()))
-        findings.append(Finding("missing_module", key, f"no module {module!r} in the base model"))
-    hint = _prefix_hint(unmatched, set(weights))
+    adapted = [module for module in modules if module not in ("", "base_model")]
+    unmatched = [module for module in adapted if module not in weights]
+    hint, moved = _prefix_rewrite(unmatched, base)
     if hint is not None:
-        findings.insert(0, hint)
-    for module, tensors in modules.items():
-        if module not in weights:
-            continue
-        findings += _shape_findings(module, tensors, weights[module], adapter_ckpt, method)
+        findings.append(hint)
+    for module in unmatched:
+        if module not in moved:
+            key = next(iter(modules[module].values()))
+            findings.append(Finding("missing_module", key, f"no module {module!r} in the base model"))
+    # Past a diagnosed rewrite, the adapter's modules are judged where the rewrite puts them.
+    placed = {m: moved.get(m, m) for m in adapted if m in weights or m in moved}
+    # Read as columns: a Tensor per lookup would cost more than the checks themselves.
+    shapes: Shapes = dict(zip(adapter_ckpt._names, adapter_ckpt._shapes, strict=True))
+    findings += _degenerate_findings(modules, placed, weights, shapes, _rules(method))
+    broken = {f.key for f in findings if f.kind == "degenerate"}
+    for module, target in placed.items():
+        findings += _shape_findings(module, modules[module], weights[target], shapes, method, broken)
     targets = config.get("target_modules")
     if targets:
-        findings += _target_findings(targets, config, weights, modules)
+        trained = {placed.get(m, m): tensors for m, tensors in modules.items()}
+        findings += _target_findings(targets, config, base, trained)
+    return findings, _coverage(placed.values()), modules
+
+
+def _rules(method: tuners.Method | None) -> tuners.Method:
+    """The method's record; with no method known (a config without `peft_type`), every
+    method's tensor rules at once (tensor names do not collide across methods)."""
+    return method if method is not None else _every_method()
+
+
+@functools.cache
+def _every_method() -> tuners.Method:
+    records = list(tuners.METHODS.values())
+    return tuners.Method(
+        "any",
+        "",
+        shapes={k: v for m in records for k, v in m.shapes.items()},
+        embedding_shapes={k: v for m in records for k, v in m.embedding_shapes.items()},
+        ranks={k: v for m in records for k, v in m.ranks.items()},
+        zero_factors=tuple(name for m in records for name in m.zero_factors),
+        standalone=tuple(name for m in records for name in m.standalone),
+    )
+
+
+def _expected_form(name: str, base_shape: tuple[int, ...] | None, rules: tuners.Method) -> str:
+    rule = rules.shapes.get(name) or rules.embedding_shapes.get(name)
+    if rule is not None and base_shape is not None and len(base_shape) == 2:
+        out, inp = base_shape if name in rules.shapes else base_shape[::-1]
+        dims: dict[str | int, str | int] = {"out": out, "in": inp}
+        return "[" + ", ".join(str(dims.get(want, want)) for want in rule) + "]"
+    rank = _rank(name, base_shape, rules)
+    if rank is None:
+        return "non-empty"
+    return f"{rank}-D" if rule is None else f"{rank}-D ({', '.join(str(w) for w in rule)})"
+
+
+def _rank(name: str, base_shape: tuple[int, ...] | None, rules: tuners.Method) -> int | None:
+    """How many dimensions the tensor `name` must have: fixed by the record, or the base weight's."""
+    rank = rules.ranks.get(name)
+    if rank == "base":
+        return len(base_shape) if base_shape is not None and len(base_shape) >= 2 else None
+    return rank if isinstance(rank, int) else None
+
+
+def _degenerate_findings(
+    modules: dict[str, dict[str, str]],
+    placed: dict[str, str],
+    weights: dict[str, tuple[int, ...]],
+    shapes: Shapes,
+    rules: tuners.Method,
+) -> list[Finding]:
+    findings = []
+    for module, tensors in modules.items():
+        target = placed.get(module)
+        base_shape = weights[target] if target is not None else None
+        for name, key in tensors.items():
+            shape = shapes[key]
+            if 0 in shape:
+                findings.append(
+                    Finding(
+                        "degenerate",
+                        key,
+                        f"shape {list(shape)} holds no values (a zero-size dimension); "
+                        f"expected {_expected_form(name, base_shape, rules)}",
+                    )
+                )
+                continue
+            rank = _rank(name, base_shape, rules)
+            if rank is not None and len(shape) != rank:
+                findings.append(
+                    Finding(
+                        "degenerate",
+                        key,
+                        f"shape {list(shape)} has {len(shape)} dimension(s), {name} needs {rank}: "
+                        f"expected {_expected_form(name, base_shape, rules)}",
+                    )
+                )
+    return findings
+
+
+def _value_findings(
+    modules: dict[str, dict[str, str]],
+    adapter: Checkpoint,
+    flags: dict[tuple[str, str], tuple[bool, bool]],
+    rules: tuners.Method,
+) -> list[Finding]:
+    findings = []
+    inert: list[str] = []  # the first all-zero factor of each module that changes nothing
+    factored = 0
+    zero_kinds: dict[str, int] = {}
+    for tensors in modules.values():
+        for key in tensors.values():
+            if flags[adapter.shard_of(key), key][1]:
+                findings.append(Finding("non_finite", key, "the tensor holds NaN or infinity"))
+        factors = {name: key for name, key in tensors.items() if name in rules.zero_factors}
+        if not factors or any(name in tensors for name in rules.standalone):  # DoRA's magnitude
+            continue
+        factored += 1
+        zero = [(name, key) for name, key in factors.items() if flags[adapter.shard_of(key), key][0]]
+        if zero:
+            inert.append(zero[0][1])
+            zero_kinds[zero[0][0]] = zero_kinds.get(zero[0][0], 0) + 1
+    if inert:
+        kinds = ", ".join(zero_kinds)
+        if len(inert) == factored:
+            message = (
+                f"every adapted module ({factored}) has an all-zero {kinds}: the adapter changes "
+                "nothing (never trained, or its trained weights were lost on save)"
+            )
+        else:
+            message = (
+                f"{len(inert)} of {factored} adapted modules have an all-zero {kinds}: they change nothing"
+            )
+        findings.insert(0, Finding("untrained", inert[0], message))
     return findings
 
 
@@ -182,12 +549,13 @@ def _shape_findings(
     module: str,
     tensors: dict[str, str],
     base_shape: tuple[int, ...],
-    adapter: Checkpoint,
+    shapes: Shapes,
     method: tuners.Method | None,
+    broken: set[str],
 ) -> list[Finding]:
     findings = []
     if "" in tensors:  # a saved copy of the module (modules_to_save)
-        saved = adapter[tensors[""]].shape
+        saved = shapes[tensors[""]]
         if tensors[""].endswith(".weight") and saved != base_shape:
             findings.append(
                 Finding(
@@ -204,9 +572,12 @@ def _shape_findings(
     if is_embedding:
         out, inp = inp, out  # Embedding weight is [num_embeddings, dim]
     ranks: set[int] = set()
+    dims: dict[str | int, str | int] = {"out": out, "in": inp}
     for name, key in tensors.items():
+        if key in broken:  # already a `degenerate` finding
+            continue
         rule = rules.get(name)
-        shape = adapter[key].shape
+        shape = shapes[key]
         if rule is not None and len(rule) == 1:  # a vector over the base's out features (DoRA)
             if shape != (out,):
                 findings.append(
@@ -215,12 +586,10 @@ def _shape_findings(
             continue
         if rule is None or len(shape) != 2:
             continue
-        dims: dict[str | int, str | int] = {"out": out, "in": inp}
-        expected = [dims.get(want, want) for want in rule]
-        for size, want in zip(shape, expected, strict=True):
-            if want == "r":
-                ranks.add(size)
-        if any(want != "r" and size != want for size, want in zip(shape, expected, strict=True)):
+        expected = (dims.get(rule[0], rule[0]), dims.get(rule[1], rule[1]))
+        rank = 0 if expected[0] == "r" else 1
+        ranks.add(shape[rank])
+        if shape[1 - rank] != expected[1 - rank]:
             shown = ", ".join(str(want) for want in expected)
             findings.append(
                 Finding(
@@ -230,7 +599,7 @@ def _shape_findings(
                 )
             )
     if method.kronecker is not None:
-        findings += _lokr_findings(tensors, adapter, out, inp, method.kronecker)
+        findings += _lokr_findings(tensors, shapes, out, inp, method.kronecker)
     if len(ranks) > 1:
         key = next(iter(tensors.values()))
         findings.append(
@@ -240,17 +609,17 @@ def _shape_findings(
 
 
 def _lokr_findings(
-    tensors: dict[str, str], adapter: Checkpoint, out: int, inp: int, factors: tuple[str, str]
+    tensors: dict[str, str], shapes: Shapes, out: int, inp: int, factors: tuple[str, str]
 ) -> list[Finding]:
     """LoKr: kron(w1, w2) must be [out, in]; w1 is `lokr_w1` or `lokr_w1_a @ lokr_w1_b`, likewise
     w2 (the factor names come from the method's record)."""
 
     def factor(name: str) -> tuple[int, int] | None:
         if name in tensors:
-            shape = adapter[tensors[name]].shape
+            shape = shapes[tensors[name]]
             return (shape[0], shape[1]) if len(shape) == 2 else None
         if f"{name}_a" in tensors and f"{name}_b" in tensors:
-            a, b = adapter[tensors[f"{name}_a"]].shape, adapter[tensors[f"{name}_b"]].shape
+            a, b = shapes[tensors[f"{name}_a"]], shapes[tensors[f"{name}_b"]]
             return (a[0], b[-1]) if len(a) == 2 and len(b) == 2 else None
         return None
 
@@ -299,11 +668,34 @@ def _in_layers(config: dict[str, object], name: str) -> bool:
 
 
 def _target_findings(
-    targets: object,
-    config: dict[str, object],
-    weights: dict[str, tuple[int, ...]],
-    modules: dict[str, dict[str, str]],
+    targets: object, config: dict[str, object], base: _Base, modules: dict[str, dict[str, str]]
 ) -> list[Finding]:
+    # Adapters trained with one recipe share their target settings: each selection is made once
+    # per base (it tests every base module against every target).
+    fields = [targets, *(config.get(k) for k in ("exclude_modules", "layers_to_transform", "layers_pattern"))]
+    memo = json.dumps(fields, sort_keys=True, default=str)
+    if memo not in base.selections:
+        base.selections[memo] = _selection(targets, config, base.weights)
+    unmatched, selected = base.selections[memo]
+    findings = list(unmatched)
+    trained = {module for module, tensors in modules.items() if any(tensors)}
+    for module in selected:
+        if module not in trained:
+            findings.append(
+                Finding(
+                    "untrained_target",
+                    module,
+                    "target_modules selects this base module but the adapter has no weights for it "
+                    "(PEFT would initialise them afresh)",
+                )
+            )
+    return findings
+
+
+def _selection(
+    targets: object, config: dict[str, object], weights: dict[str, tuple[int, ...]]
+) -> tuple[list[Finding], list[str]]:
+    """(`unmatched_target` findings, the base modules PEFT would adapt) for these settings."""
     excluded = config.get("exclude_modules")
     findings = []
     if targets == "all-linear":
@@ -330,15 +722,4 @@ def _target_findings(
             selected = [m for m in selected if _in_layers(config, m)]
     if excluded:
         selected = [m for m in selected if not _selects(excluded, m)]
-    trained = {module for module, tensors in modules.items() if any(tensors)}
-    for module in selected:
-        if module not in trained:
-            findings.append(
-                Finding(
-                    "untrained_target",
-                    module,
-                    "target_modules selects this base module but the adapter has no weights for it "
-                    "(PEFT would initialise them afresh)",
-                )
-            )
-    return findings
+    return findings, selected

@@ -46,6 +46,12 @@ class Method:
     segment -> expected shape on a Linear / Embedding base weight, checked by `check_base`.
     `kronecker`: the two factors (LoKr's `lokr_w1`, `lokr_w2`; each may be saved as the product
     of `<factor>_a` and `<factor>_b`) whose Kronecker product has the base weight's shape.
+    `ranks`: tensor segment -> its number of dimensions, or "base" for as many as the base weight
+    (Linear 2, ConvNd N + 2); a saved tensor of another rank is `degenerate` (ZeRO-3 saves the
+    parameters it did not gather as 1-D or empty placeholders). `zero_factors`: tensors that make
+    their module's update zero when all zero (a factor of a product, or the update itself); PEFT
+    initialises one of them to zero, so an untrained adapter has them zero. `standalone`: tensors
+    that change the output even then (DoRA's magnitude).
     """
 
     __slots__ = (
@@ -55,9 +61,12 @@ class Method:
         "name",
         "prefix",
         "prompt_learning",
+        "ranks",
         "shapes",
         "shared",
+        "standalone",
         "suffixes",
+        "zero_factors",
     )
 
     def __init__(
@@ -72,6 +81,9 @@ class Method:
         shapes: Shapes | None = None,
         embedding_shapes: Shapes | None = None,
         kronecker: tuple[str, str] | None = None,
+        ranks: dict[str, int | str] | None = None,
+        zero_factors: tuple[str, ...] = (),
+        standalone: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.prefix = prefix
@@ -82,6 +94,9 @@ class Method:
         self.shapes: Shapes = shapes or {}
         self.embedding_shapes: Shapes = embedding_shapes or {}
         self.kronecker = kronecker
+        self.ranks: dict[str, int | str] = ranks or {}
+        self.zero_factors = zero_factors
+        self.standalone = standalone
 
     def _fields(self) -> tuple[object, ...]:
         return tuple(getattr(self, field) for field in self.__slots__)
@@ -108,6 +123,16 @@ _LORA_EMBEDDING_SHAPES: Shapes = {
     "lora_magnitude_vector": ("out",),
 }
 
+_LORA_RANKS: dict[str, int | str] = {
+    "lora_A": "base",
+    "lora_B": "base",
+    "lora_embedding_A": 2,
+    "lora_embedding_B": 2,
+}
+_LORA_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+_HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+_LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
 METHODS: dict[str, Method] = _methods(
     Method(
         "lora",
@@ -115,12 +140,17 @@ METHODS: dict[str, Method] = _methods(
         suffixes=(("lora_magnitude_vector", "weight"),),
         shapes=_LORA_SHAPES,
         embedding_shapes=_LORA_EMBEDDING_SHAPES,
+        ranks=_LORA_RANKS,
+        zero_factors=_LORA_FACTORS,
+        standalone=("lora_magnitude_vector",),
     ),
     Method(
         "adalora",
         "lora_",
         shapes={"lora_A": ("r", "in"), "lora_B": ("out", "r"), "lora_E": ("r", 1)},
         embedding_shapes=_LORA_EMBEDDING_SHAPES,
+        ranks={**_LORA_RANKS, "lora_E": 2},
+        zero_factors=(*_LORA_FACTORS, "lora_E"),
     ),
     Method("adamss", "adamss_"),
     Method("adaption_prompt", "adaption_prompt_"),
@@ -128,14 +158,14 @@ METHODS: dict[str, Method] = _methods(
     Method("boft", "boft_"),
     Method("c3a", "c3a_"),
     Method("deft", "deft_"),
-    Method("delora", "delora_"),
-    Method("fourierft", "fourierft_"),
+    Method("delora", "delora_", zero_factors=("delora_A", "delora_B")),
+    Method("fourierft", "fourierft_", zero_factors=("fourierft_spectrum",)),
     Method("frod", "frod_"),
     Method("glora", "glora_"),
     Method("gralora", "gralora_"),
-    Method("hira", "hira_"),
+    Method("hira", "hira_", zero_factors=("hira_A", "hira_B")),
     Method("hra", "hra_"),
-    Method("ia3", "ia3_"),
+    Method("ia3", "ia3_", ranks={"ia3_l": "base"}),
     Method("lily", "lily_"),
     Method("ln_tuning", "ln_tuning_"),
     Method(
@@ -147,26 +177,48 @@ METHODS: dict[str, Method] = _methods(
             "hada_w2_a": ("out", "r"),
             "hada_w2_b": ("r", "in"),
         },
+        ranks=dict.fromkeys(_HADA, 2),
+        zero_factors=_HADA,
     ),
-    Method("lokr", "lokr_", kronecker=("lokr_w1", "lokr_w2")),
+    Method(
+        "lokr",
+        "lokr_",
+        kronecker=("lokr_w1", "lokr_w2"),
+        ranks={**dict.fromkeys(_LOKR, 2), "lokr_w2": "base"},
+        zero_factors=_LOKR,
+    ),
     Method("miss", "miss_"),
     Method("oft", "oft_"),
     Method("osf", "osf_"),
     Method("peanut", "peanut_"),
     Method("poly", "poly_"),
     Method("psoft", "psoft_"),
-    Method("pvera", "pvera_lambda_", exact=("pvera_A", "pvera_B"), shared=("pvera_A", "pvera_B")),
+    Method(
+        "pvera",
+        "pvera_lambda_",
+        exact=("pvera_A", "pvera_B"),
+        shared=("pvera_A", "pvera_B"),
+        ranks=dict.fromkeys(("pvera_lambda_b", "pvera_lambda_d"), 1),
+        zero_factors=("pvera_lambda_b", "pvera_lambda_d"),
+    ),
     Method("randlora", "randlora_"),
     Method("road", "road_"),
     Method("shadow", "shadow_"),
-    Method("shira", "shira_"),
+    Method("shira", "shira_", zero_factors=("shira_weight",)),
     Method("supertuning", "supertuning_"),
     Method("tinylora", "tinylora_", shared=("tinylora_v",)),
     Method("trainable_tokens", "trainable_tokens_"),
     Method("unilora", "unilora_", shared=("unilora_theta_d",)),
     Method("vblora", "vblora_", shared=("vblora_vector_bank",)),
-    Method("vera", "vera_lambda_", exact=("vera_A", "vera_B"), shared=("vera_A", "vera_B")),
-    Method("waveft", "waveft_"),
+    Method(
+        "vera",
+        "vera_lambda_",
+        exact=("vera_A", "vera_B"),
+        shared=("vera_A", "vera_B"),
+        ranks=dict.fromkeys(("vera_lambda_b", "vera_lambda_d"), 1),
+        zero_factors=("vera_lambda_b", "vera_lambda_d"),
+    ),
+    Method("waveft", "waveft_", zero_factors=("waveft_spectrum",)),
     Method("xlora", "xlora_"),
     Method("cartridge", "cartridge_", prompt_learning=True),
     Method("cpt", "cpt_", prompt_learning=True),
