@@ -330,8 +330,10 @@ def test_cli_exits_2_with_one_line_and_a_json_error(
     assert message in err, err
     assert cli.main(["check", "--json", str(base), str(adapter)]) == 2
     out, err = capsys.readouterr()
-    error = json.loads(out)
-    assert error["exit_code"] == 2 and message in error["error"] and error["type"]
+    # One object per adapter (fastkeys check takes many); an unusable one carries its error.
+    (error,) = json.loads(out)
+    assert error["status"] == 2 and message in error["error"] and error["type"]
+    assert error["adapter"] == str(adapter)
 
 
 def test_cli_errors_for_missing_and_unreadable_paths(

@@ -269,7 +269,7 @@ def test_cli_checks_many_adapters(
     argv = ["check", str(llama_base), str(lora), str(fresh), str(tmp_path / "absent")]
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
-    assert "fastkeys check: [Errno 2] No such file or directory" in captured.err
+    assert f"fastkeys check: {tmp_path / 'absent'}: No such file or directory" in captured.err
     lines = captured.out.splitlines()
     assert lines[0].split() == ["adapter", "verdict", "modules", "layers", "findings"]
     assert lines[1].split() == [str(lora), "fits", "4", "2", "-"]

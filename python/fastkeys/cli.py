@@ -308,8 +308,16 @@ def _check(args: argparse.Namespace) -> int:
                     {"adapter": adapter, "status": status, "coverage": coverage, "findings": findings}
                 )
             else:
+                # As main's error object, per adapter: the one line and the exception's type.
                 error = answer if isinstance(answer, BaseException) else ValueError(answer)
-                objects.append({"adapter": adapter, "status": status, "error": _describe(args, error)})
+                objects.append(
+                    {
+                        "adapter": adapter,
+                        "status": status,
+                        "error": _describe(args, error),
+                        "type": type(error).__name__,
+                    }
+                )
         print(json.dumps(objects, indent=2))
         sys.stdout.flush()  # a closed pipe shows here, inside main's handler, not at exit
         return int(args.status)

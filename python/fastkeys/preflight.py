@@ -345,7 +345,9 @@ def check_many(
         try:
             answers.append(_check_one(base_info, checkpoint, flags))
         except ValueError as error:
-            answers.append(error)
+            # What is left to refuse once both were read is the adapter's config: name it.
+            config = os.path.join(checkpoint.path, "adapter_config.json")
+            answers.append(error if checkpoint.path in str(error) else ValueError(f"{config}: {error}"))
     return answers
 
 
