@@ -21,7 +21,7 @@ import functools
 import threading
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _validate
 from .matching import MissingAdapterKeysWarning, filter_missing
@@ -35,22 +35,46 @@ _install_lock = threading.Lock()
 
 
 class _Load:
-    """One fastkeys call in progress on this thread: the adapter it loads, and for each model that
-    was loaded (a pipeline loads several), the raw missing keys and fastkeys' verdict on them."""
+    """One fastkeys call in progress on this thread: the adapter it loads (None: the loader picks
+    the name) and, for each model loaded (a pipeline loads several), a `_Judged` record."""
 
-    def __init__(self, adapter_name: str) -> None:
+    def __init__(self, adapter_name: str | None) -> None:
         self.adapter_name = adapter_name
-        self.results: list[tuple[Any, list[str], list[str]]] = []
+        self.results: list[_Judged] = []
 
-    def judge(self, model: Any, raw_missing: Any) -> list[str]:
-        """Records and returns fastkeys' verdict on `raw_missing` for `model`, using the method and
-        options of the adapter's config in `model.peft_config`."""
-        raw = sorted(raw_missing) if isinstance(raw_missing, (set, frozenset)) else list(raw_missing)
+    def judge(self, model: Any, missing: Any, unexpected: Any, adapter_name: str | None = None) -> list[str]:
+        """Records and returns fastkeys' verdict on the raw `missing` keys of `model`, with the method
+        and options of the adapter's config in `model.peft_config`."""
         configs = getattr(model, "peft_config", None)
-        config = configs.get(self.adapter_name) if isinstance(configs, dict) else None
-        verdict = filter_missing(raw, self.adapter_name, config=config)
-        self.results.append((model, raw, verdict))
-        return verdict
+        configs = configs if isinstance(configs, dict) else {}
+        # The loader adds the new adapter's config last (dicts keep insertion order).
+        name = adapter_name or self.adapter_name or next(reversed(configs), "default")
+        raw = _ordered(missing)
+        judged = _Judged(model, name, raw, filter_missing(raw, name, config=configs.get(name)), _ordered(unexpected))
+        # Enclosing loads on this thread see it too (a pipeline's load holds a model's load).
+        for load in getattr(_state, "stack", ()):
+            load.results.append(judged)
+        return judged.verdict
+
+    def result_for(self, model: Any) -> _Judged | None:
+        """The last load into `model` in this call, or None."""
+        for judged in reversed(self.results):
+            if judged.model is model:
+                return judged
+        return None
+
+
+class _Judged(NamedTuple):
+    model: Any
+    adapter_name: str
+    raw_missing: list[str]
+    verdict: list[str]
+    unexpected: list[str]
+
+
+def _ordered(keys: Any) -> list[str]:
+    """transformers keeps keys in sets: sorted, so that results and warnings are reproducible."""
+    return sorted(keys) if isinstance(keys, (set, frozenset)) else list(keys)
 
 
 @contextlib.contextmanager
@@ -113,13 +137,12 @@ def _install(owner: Any, loader: staticmethod[..., Any]) -> None:
             result = original(*args, **kwargs)
             load = _active()
             model = kwargs.get("model", args[0] if args else None)
-            configs = getattr(model, "peft_config", None)
-            if load is not None and isinstance(configs, dict) and load.adapter_name in configs:
+            if load is not None and isinstance(getattr(model, "peft_config", None), dict):
                 # `result` is (LoadStateDictInfo, ...); transformers filters its `missing_keys`
                 # with `is_adapter_key` after this returns, which keeps every key of our verdict
                 # (each holds the adapter name), and then prints the LOAD REPORT from it.
                 info = result[0]
-                info.missing_keys = set(load.judge(model, info.missing_keys))
+                info.missing_keys = set(load.judge(model, info.missing_keys, info.unexpected_keys))
             return result
 
         judging.__fastkeys_recording__ = True  # type: ignore[attr-defined]
@@ -144,16 +167,6 @@ def _warn_missing(adapter_name: str, missing: list[str], source: object, stackle
     )
 
 
-def _verdict_for(load: _Load, model: Any, what: str) -> list[str]:
-    verdicts = [verdict for loaded, _, verdict in load.results if loaded is model]
-    if not verdicts:
-        raise RuntimeError(
-            f"{what} did not call PreTrainedModel._load_pretrained_model on the model, so there is no "
-            f"load result to check (fastkeys is tested with transformers {_TESTED_WITH})"
-        )
-    return verdicts[-1]
-
-
 def load_adapter(model: Any, peft_model_id: Any = None, adapter_name: str = "default", **kwargs: Any) -> Any:
     """`model.load_adapter(peft_model_id, adapter_name=adapter_name, **kwargs)` on a transformers
     model, with the same arguments and side effects. Returns transformers' `LoadStateDictInfo` with
@@ -172,7 +185,14 @@ def load_adapter(model: Any, peft_model_id: Any = None, adapter_name: str = "def
     _prepare()
     with _loading(adapter_name) as load:
         info = model.load_adapter(peft_model_id, adapter_name=adapter_name, **kwargs)
-    missing = _verdict_for(load, model, "transformers' load_adapter")
+    judged = load.result_for(model)
+    if judged is None:
+        raise RuntimeError(
+            "transformers' load_adapter did not call PreTrainedModel._load_pretrained_model on the "
+            "model, so there is no load result to check (fastkeys is tested with transformers "
+            f"{_TESTED_WITH})"
+        )
+    missing = judged.verdict
     # Our verdict already went through transformers' own filter; set it again so that the result
     # is our verdict even if a later transformers filters differently.
     info.missing_keys = set(missing)
