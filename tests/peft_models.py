@@ -233,3 +233,175 @@ def survey(directory: Path, adapter_name: str, existing: dict[str, Path], scratc
         for name, keep in filters.items():
             counts[f"dropped_{name}"] += set(keep(raw)) == truth
     return counts
+
+
+# transformers' `model.load_adapter` and diffusers' `load_lora_adapter`, as most users load adapters
+# (tests/test_transformers_integration.py, tests/test_diffusers_integration.py, docs/tables.py).
+
+LOADER_NAMES = ["foo", "foobar", "default_1", "default_10", "lora", "model"]
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def bert_lora_config() -> Any:
+    return peft.LoraConfig(r=4, target_modules=["query", "value", "dense"])
+
+
+def tiny_unet() -> Any:
+    """A 2-block UNet2DConditionModel built from a config (seeded), with cross-attention."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+
+
+def tiny_sd3_transformer() -> Any:
+    """A 2-layer SD3Transformer2DModel (MMDiT) built from a config (seeded)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        joint_attention_dim=8,
+        caption_projection_dim=8,
+        pooled_projection_dim=8,
+        pos_embed_max_size=8,
+    )
+
+
+DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj"]
+
+
+def save_diffusers_lora(model_factory: Callable[[], Any], directory: Path) -> Path:
+    """A LoRA on a fresh diffusers model, perturbed off its init, saved as diffusers saves it."""
+    model = model_factory()
+    model.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=DIFFUSERS_TARGETS), "default")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_" in name:
+                parameter.add_(0.01)
+    model.save_lora_adapter(directory, adapter_name="default", weight_name=DIFFUSERS_FILE)
+    return directory
+
+
+def without_tensor(directory: Path, filename: str, key: str, target: Path) -> Path:
+    """A copy of the checkpoint directory at `target` whose `filename` lost the tensor `key`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(directory):
+        if name != filename:
+            shutil.copy(directory / name, target / name)
+    tensors = load_file(directory / filename)
+    del tensors[key]
+    save_file(tensors, target / filename, metadata={"format": "pt"})
+    return target
+
+
+def transformers_load(model: Any, path: Path, adapter_name: str) -> set[str]:
+    """transformers' own `load_adapter`: the missing keys it returns."""
+    return set(model.load_adapter(str(path), adapter_name=adapter_name).missing_keys)
+
+
+def fastkeys_transformers_load(model: Any, path: Path, adapter_name: str) -> tuple[set[str], list[str]]:
+    """fastkeys.transformers.load_adapter: (its missing keys, the raw missing keys of the load)."""
+    import fastkeys.transformers
+
+    with fastkeys.transformers._loading(None) as outer:
+        info = fastkeys.transformers.load_adapter(model, str(path), adapter_name)
+    return set(info.missing_keys), outer.results[-1].raw_missing
+
+
+def diffusers_load(model: Any, path: Path, adapter_name: str) -> set[str]:
+    """diffusers' own `load_lora_adapter`: the missing keys its warning names (it returns nothing)."""
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    logger = logging.getLogger("diffusers.utils.peft_utils")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        model.load_lora_adapter(str(path), adapter_name=adapter_name, prefix=None, weight_name=DIFFUSERS_FILE)
+    finally:
+        logger.removeHandler(keep)
+    marker = "led to missing keys in the model: "
+    found: set[str] = set()
+    for message in keep.messages:
+        if marker in message:
+            found.update(message.split(marker, 1)[1].rstrip(".").split(", "))
+    return found
+
+
+def fastkeys_diffusers_load(model: Any, path: Path, adapter_name: str) -> tuple[set[str], list[str]]:
+    import fastkeys.diffusers
+    import fastkeys.transformers
+
+    with fastkeys.transformers._loading(None) as outer:
+        result = fastkeys.diffusers.load_lora_adapter(
+            model, str(path), adapter_name, prefix=None, weight_name=DIFFUSERS_FILE
+        )
+    return set(result.missing_keys), outer.results[-1].raw_missing
+
+
+def loader_survey(
+    base: Any,
+    library_load: Callable[[Any, Path, str], set[str]],
+    fastkeys_load: Callable[[Any, Path, str], tuple[set[str], list[str]]],
+    directory: Path,
+    filename: str,
+    adapter_name: str,
+    scratch: Path,
+    drop: Callable[[list[str]], list[str]] = lambda keys: keys,
+) -> dict[str, Any]:
+    """Loads the complete checkpoint, then copies that lost one tensor (those `drop` picks), into
+    copies of `base` (which holds the other adapters) through the library and through fastkeys.
+    Returns the counts for the README and, for the tests, every fastkeys verdict beside the truth."""
+    import copy
+    import warnings
+
+    def loaded(load: Callable[..., Any], path: Path) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load(copy.deepcopy(base), path, adapter_name)
+
+    verdict, complete_raw = loaded(fastkeys_load, directory)
+    library = loaded(library_load, directory)
+    counts: dict[str, Any] = {
+        "tensors": 0,
+        "complete_library": len(library),
+        "complete_fastkeys": len(verdict),
+        "dropped_library": 0,
+        "dropped_fastkeys": 0,
+        "cases": [("complete", verdict, set())],
+    }
+    keys = sorted(load_file(directory / filename))
+    for index, key in enumerate(drop(keys)):
+        path = without_tensor(directory, filename, key, scratch / f"drop{index}")
+        verdict, raw = loaded(fastkeys_load, path)
+        truth = set(raw) - set(complete_raw)
+        counts["tensors"] += 1
+        counts["dropped_fastkeys"] += verdict == truth
+        counts["dropped_library"] += loaded(library_load, path) == truth
+        counts["cases"].append((key, verdict, truth))
+    return counts
