@@ -154,6 +154,7 @@ def test_missing_internal_is_a_runtime_error_naming_the_version(monkeypatch: pyt
 
 
 def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_unet()
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match=r'pip install "fastkeys\[diffusers\]"'):
-        fkd.load_lora_adapter(tiny_unet(), "unused")
+        fkd.load_lora_adapter(model, "unused")
