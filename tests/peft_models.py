@@ -405,3 +405,58 @@ def loader_survey(
         counts["dropped_library"] += loaded(library_load, path) == truth
         counts["cases"].append((key, verdict, truth))
     return counts
+
+
+def tiny_sd_pipeline() -> Any:
+    """A StableDiffusionPipeline of tiny components built from configs (no tokenizer: LoRA loading
+    touches only the UNet and the text encoder)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = tiny_unet()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            projection_dim=8,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(4,),
+        latent_channels=4,
+        norm_num_groups=2,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_sd_pipeline_lora(directory: Path) -> Path:
+    """A LoRA for the UNet and the text encoder, saved as diffusers saves a pipeline's LoRA."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = tiny_sd_pipeline()
+    pipeline.unet.add_adapter(peft.LoraConfig(r=2, target_modules=DIFFUSERS_TARGETS), "default")
+    # transformers' add_adapter asks for a newer PEFT than its load_adapter does: inject directly.
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=QV), pipeline.text_encoder, "default")
+    StableDiffusionPipeline.save_lora_weights(
+        directory,
+        unet_lora_layers=get_peft_model_state_dict(pipeline.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipeline.text_encoder),
+        weight_name=DIFFUSERS_FILE,
+    )
+    return directory

@@ -36,6 +36,8 @@ from .peft_models import (  # noqa: E402
     fastkeys_diffusers_load,
     loader_survey,
     save_diffusers_lora,
+    save_sd_pipeline_lora,
+    tiny_sd_pipeline,
     tiny_sd3_transformer,
     tiny_unet,
     without_tensor,
@@ -158,3 +160,31 @@ def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match=r'pip install "fastkeys\[diffusers\]"'):
         fkd.load_lora_adapter(model, "unused")
+
+
+def test_pipeline_unet_and_text_encoder(tmp_path: Path) -> None:
+    """`load_lora_weights` on a pipeline: the UNet through diffusers, the text encoder through
+    transformers; each component's verdict against the ground truth, beside `foobar`."""
+    import fastkeys.transformers as fkt
+
+    directory = save_sd_pipeline_lora(tmp_path / "lora")
+    keys = sorted(load_file(directory / DIFFUSERS_FILE))
+    picks = [next(k for k in keys if k.startswith("unet.")), next(k for k in keys if k.startswith("text_encoder."))]
+    complete: dict[str, list[str]] = {}
+    for dropped in [None, *picks]:
+        path = directory if dropped is None else without_tensor(directory, DIFFUSERS_FILE, dropped, tmp_path / "d")
+        pipeline = tiny_sd_pipeline()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipeline.load_lora_weights(str(directory), adapter_name="foobar", weight_name=DIFFUSERS_FILE)
+            with fkt._loading(None) as outer:
+                results = fkd.load_lora_weights(pipeline, str(path), "foo", weight_name=DIFFUSERS_FILE)
+        raw = {name: outer.result_for(getattr(pipeline, name)).raw_missing for name in results}  # type: ignore[union-attr]
+        assert set(results) == {"unet", "text_encoder"}
+        if dropped is None:
+            complete = raw
+        truth = {name: sorted(set(raw[name]) - set(complete[name])) for name in results}
+        assert {name: sorted(result.missing_keys) for name, result in results.items()} == truth
+        assert sum(map(len, truth.values())) == (dropped is not None)
+        ours = [w.message for w in caught if isinstance(w.message, MissingAdapterKeysWarning)]
+        assert [w.missing_keys for w in ours] == ([[*truth["unet"], *truth["text_encoder"]]] if dropped else [])
