@@ -251,7 +251,7 @@ def tiny_unet() -> Any:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(
+    return UNet2DConditionModel(  # type: ignore[no-untyped-call]
         block_out_channels=(8, 16),
         layers_per_block=1,
         sample_size=8,
@@ -270,7 +270,7 @@ def tiny_sd3_transformer() -> Any:
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    return SD3Transformer2DModel(
+    return SD3Transformer2DModel(  # type: ignore[no-untyped-call]
         sample_size=8,
         patch_size=2,
         in_channels=4,
@@ -425,19 +425,19 @@ def tiny_sd_pipeline() -> Any:
             projection_dim=8,
         )
     )
-    vae = AutoencoderKL(
+    vae = AutoencoderKL(  # type: ignore[no-untyped-call]
         block_out_channels=(4,),
         latent_channels=4,
         norm_num_groups=2,
         down_block_types=("DownEncoderBlock2D",),
         up_block_types=("UpDecoderBlock2D",),
     )
-    return StableDiffusionPipeline(
+    return StableDiffusionPipeline(  # type: ignore[no-untyped-call]
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=None,
         unet=unet,
-        scheduler=DDIMScheduler(),
+        scheduler=DDIMScheduler(),  # type: ignore[no-untyped-call]
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

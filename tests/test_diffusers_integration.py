@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("torch")
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file
 
 pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
@@ -37,8 +37,8 @@ from .peft_models import (  # noqa: E402
     loader_survey,
     save_diffusers_lora,
     save_sd_pipeline_lora,
-    tiny_sd_pipeline,
     tiny_sd3_transformer,
+    tiny_sd_pipeline,
     tiny_unet,
     without_tensor,
 )
@@ -67,7 +67,9 @@ def with_adapters(model_name: str, directory: Path, names: list[str]) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in names:
-            model.load_lora_adapter(str(directory), adapter_name=name, prefix=None, weight_name=DIFFUSERS_FILE)
+            model.load_lora_adapter(
+                str(directory), adapter_name=name, prefix=None, weight_name=DIFFUSERS_FILE
+            )
     return model
 
 
@@ -88,7 +90,13 @@ def test_ground_truth_beside_overlapping_names(
     others = [name for name in LOADER_NAMES if name != adapter_name]
     base = with_adapters(model_name, directory, others)
     counts = loader_survey(
-        base, diffusers_load, fastkeys_diffusers_load, directory, DIFFUSERS_FILE, adapter_name, tmp_path,
+        base,
+        diffusers_load,
+        fastkeys_diffusers_load,
+        directory,
+        DIFFUSERS_FILE,
+        adapter_name,
+        tmp_path,
         representative,
     )
     for key, verdict, truth in counts["cases"]:
@@ -111,7 +119,9 @@ def test_foo_beside_foobar(saved: dict[str, Path], tmp_path: Path, caplog: pytes
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = fkd.load_lora_adapter(model, str(dropped), "foo", prefix=None, weight_name=DIFFUSERS_FILE)
+            result = fkd.load_lora_adapter(
+                model, str(dropped), "foo", prefix=None, weight_name=DIFFUSERS_FILE
+            )
     finally:
         logger.removeHandler(caplog.handler)
     expected = key.replace(".lora_A.", ".lora_A.foo.").replace(".lora_B.", ".lora_B.foo.")
@@ -135,7 +145,10 @@ def test_nothing_loaded_under_the_prefix_is_none(saved: dict[str, Path]) -> None
     model = with_adapters("unet", saved["unet"], [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert fkd.load_lora_adapter(model, str(saved["unet"]), "x", prefix="unet", weight_name=DIFFUSERS_FILE) is None
+        assert (
+            fkd.load_lora_adapter(model, str(saved["unet"]), "x", prefix="unet", weight_name=DIFFUSERS_FILE)
+            is None
+        )
 
 
 def test_bad_arguments() -> None:
@@ -143,7 +156,9 @@ def test_bad_arguments() -> None:
         fkd.load_lora_adapter(tiny_unet(), "unused", "a.b")
     with pytest.raises(TypeError, match=r"model must be a diffusers model with LoRA support .*, not list"):
         fkd.load_lora_adapter([], "unused")
-    with pytest.raises(TypeError, match=r"pipeline must be a diffusers pipeline .*, not UNet2DConditionModel"):
+    with pytest.raises(
+        TypeError, match=r"pipeline must be a diffusers pipeline .*, not UNet2DConditionModel"
+    ):
         fkd.load_lora_weights(tiny_unet(), "unused")
 
 
@@ -169,10 +184,17 @@ def test_pipeline_unet_and_text_encoder(tmp_path: Path) -> None:
 
     directory = save_sd_pipeline_lora(tmp_path / "lora")
     keys = sorted(load_file(directory / DIFFUSERS_FILE))
-    picks = [next(k for k in keys if k.startswith("unet.")), next(k for k in keys if k.startswith("text_encoder."))]
+    picks = [
+        next(k for k in keys if k.startswith("unet.")),
+        next(k for k in keys if k.startswith("text_encoder.")),
+    ]
     complete: dict[str, list[str]] = {}
     for dropped in [None, *picks]:
-        path = directory if dropped is None else without_tensor(directory, DIFFUSERS_FILE, dropped, tmp_path / "d")
+        path = (
+            directory
+            if dropped is None
+            else without_tensor(directory, DIFFUSERS_FILE, dropped, tmp_path / "d")
+        )
         pipeline = tiny_sd_pipeline()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -187,4 +209,6 @@ def test_pipeline_unet_and_text_encoder(tmp_path: Path) -> None:
         assert {name: sorted(result.missing_keys) for name, result in results.items()} == truth
         assert sum(map(len, truth.values())) == (dropped is not None)
         ours = [w.message for w in caught if isinstance(w.message, MissingAdapterKeysWarning)]
-        assert [w.missing_keys for w in ours] == ([[*truth["unet"], *truth["text_encoder"]]] if dropped else [])
+        assert [w.missing_keys for w in ours] == (
+            [[*truth["unet"], *truth["text_encoder"]]] if dropped else []
+        )

@@ -91,7 +91,14 @@ def test_ground_truth_beside_overlapping_names(
     others = [name for name in LOADER_NAMES if name != adapter_name]
     base = with_adapters(model_name, directory, others)
     counts = loader_survey(
-        base, transformers_load, fastkeys_transformers_load, directory, FILE, adapter_name, tmp_path, representative
+        base,
+        transformers_load,
+        fastkeys_transformers_load,
+        directory,
+        FILE,
+        adapter_name,
+        tmp_path,
+        representative,
     )
     for key, verdict, truth in counts["cases"]:
         assert verdict == truth, f"{model_name}, adapter {adapter_name!r}, dropped {key}"
@@ -144,7 +151,9 @@ def test_load_report_shows_only_the_really_missing(
             fkt.load_adapter(model, str(dropped), "second")
     finally:
         logger.removeHandler(caplog.handler)
-    report = "\n".join(record.getMessage() for record in caplog.records if "LOAD REPORT" in record.getMessage())
+    report = "\n".join(
+        record.getMessage() for record in caplog.records if "LOAD REPORT" in record.getMessage()
+    )
     assert "q_proj.lora_A.second.weight" in report and "MISSING" in report
     assert ".first." not in report, "the first adapter's tensors are not reported"
 
@@ -159,7 +168,7 @@ def test_plain_transformers_loads_are_untouched(saved: dict[str, Path]) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="adapter_name"):
         fkt.load_adapter(tiny_llama(), "unused", "a.b")
-    with pytest.raises(TypeError, match="model must be a transformers model with PEFT support .*, not dict"):
+    with pytest.raises(TypeError, match=r"model must be a transformers model with PEFT support .*, not dict"):
         fkt.load_adapter({}, "unused")
 
 
@@ -174,7 +183,9 @@ def test_missing_internal_is_a_runtime_error_naming_the_version(monkeypatch: pyt
     from transformers.modeling_utils import PreTrainedModel
 
     monkeypatch.delattr(PreTrainedModel, "_load_pretrained_model")
-    with pytest.raises(RuntimeError, match=rf"_load_pretrained_model.*transformers {transformers.__version__}"):
+    with pytest.raises(
+        RuntimeError, match=rf"_load_pretrained_model.*transformers {transformers.__version__}"
+    ):
         fkt.load_adapter(tiny_llama(), "unused")
 
 
@@ -191,5 +202,11 @@ def test_import_loads_no_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == "[]\n"
-    plain = "import sys, fastkeys; print([m for m in ('fastkeys.transformers', 'fastkeys.diffusers') if m in sys.modules])"
-    assert subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, check=True).stdout == "[]\n"
+    plain = (
+        "import sys, fastkeys\n"
+        "print([m for m in ('fastkeys.transformers', 'fastkeys.diffusers') if m in sys.modules])"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, check=True).stdout
+        == "[]\n"
+    )

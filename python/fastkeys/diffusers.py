@@ -64,7 +64,9 @@ def _install(peft: Any, original: Any) -> None:
             return
 
         @functools.wraps(original)
-        def judging(model: Any, state_dict: Any, adapter_name: str = "default", *args: Any, **kwargs: Any) -> Any:
+        def judging(
+            model: Any, state_dict: Any, adapter_name: str = "default", *args: Any, **kwargs: Any
+        ) -> Any:
             result = original(model, state_dict, adapter_name, *args, **kwargs)
             load = _transformers._active()
             if load is not None and result is not None and hasattr(result, "missing_keys"):
@@ -107,7 +109,8 @@ def load_lora_adapter(
     _check_name(adapter_name)
     if not callable(getattr(model, "load_lora_adapter", None)):
         raise TypeError(
-            f"model must be a diffusers model with LoRA support (load_lora_adapter), not {type(model).__name__}"
+            "model must be a diffusers model with LoRA support (load_lora_adapter), "
+            f"not {type(model).__name__}"
         )
     _prepare()
     with _transformers._loading(adapter_name) as load:

@@ -34,6 +34,14 @@ _state = threading.local()
 _install_lock = threading.Lock()
 
 
+class _Judged(NamedTuple):
+    model: Any
+    adapter_name: str
+    raw_missing: list[str]
+    verdict: list[str]
+    unexpected: list[str]
+
+
 class _Load:
     """One fastkeys call in progress on this thread: the adapter it loads (None: the loader picks
     the name) and, for each model loaded (a pipeline loads several), a `_Judged` record."""
@@ -50,7 +58,9 @@ class _Load:
         # The loader adds the new adapter's config last (dicts keep insertion order).
         name = adapter_name or self.adapter_name or next(reversed(configs), "default")
         raw = _ordered(missing)
-        judged = _Judged(model, name, raw, filter_missing(raw, name, config=configs.get(name)), _ordered(unexpected))
+        judged = _Judged(
+            model, name, raw, filter_missing(raw, name, config=configs.get(name)), _ordered(unexpected)
+        )
         # Enclosing loads on this thread see it too (a pipeline's load holds a model's load).
         for load in getattr(_state, "stack", ()):
             load.results.append(judged)
@@ -58,18 +68,10 @@ class _Load:
 
     def result_for(self, model: Any) -> _Judged | None:
         """The last load into `model` in this call, or None."""
-        for judged in reversed(self.results):
-            if judged.model is model:
-                return judged
-        return None
-
-
-class _Judged(NamedTuple):
-    model: Any
-    adapter_name: str
-    raw_missing: list[str]
-    verdict: list[str]
-    unexpected: list[str]
+        found: _Judged | None = next(
+            (judged for judged in reversed(self.results) if judged.model is model), None
+        )
+        return found
 
 
 def _ordered(keys: Any) -> list[str]:
@@ -78,7 +80,7 @@ def _ordered(keys: Any) -> list[str]:
 
 
 @contextlib.contextmanager
-def _loading(adapter_name: str) -> Iterator[_Load]:
+def _loading(adapter_name: str | None) -> Iterator[_Load]:
     """Marks this thread as inside a fastkeys load of `adapter_name` while open (nestable)."""
     stack = getattr(_state, "stack", None)
     if stack is None:
@@ -92,7 +94,7 @@ def _loading(adapter_name: str) -> Iterator[_Load]:
 
 
 def _active() -> _Load | None:
-    stack = getattr(_state, "stack", None)
+    stack: list[_Load] | None = getattr(_state, "stack", None)
     return stack[-1] if stack else None
 
 
