@@ -29,6 +29,7 @@ from fastkeys import MissingAdapterKeysWarning  # noqa: E402
 
 from .peft_models import (  # noqa: E402
     LOADER_NAMES,
+    METHOD_CONFIGS,
     bert_lora_config,
     fastkeys_transformers_load,
     loader_survey,
@@ -104,6 +105,77 @@ def test_ground_truth_beside_overlapping_names(
         assert verdict == truth, f"{model_name}, adapter {adapter_name!r}, dropped {key}"
         assert key == "complete" or truth, f"dropping {key} made no key go missing"
     assert counts["dropped_fastkeys"] == counts["tensors"] >= 3
+
+
+# PEFT's inject_adapter_in_model (which transformers calls) refuses methods with state shared on the
+# tuner; DoRA is checked on its own below.
+REFUSED_BY_INJECT = {"vera", "pvera", "vblora", "tinylora", "unilora"}
+METHODS = [
+    method
+    for method in METHOD_CONFIGS
+    if method not in REFUSED_BY_INJECT | {"dora"}
+    and (FULL or method in {"adalora", "loha", "ia3", "randlora", "lora+modules_to_save", "trainable_tokens"})
+]
+
+
+@pytest.fixture(scope="module")
+def methods_saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("methods")
+    return {
+        method: save_adapter(METHOD_CONFIGS[method](), root / method.replace("+", "_"))
+        for method in [*METHODS, "dora"]
+    }
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ground_truth_per_method(method: str, methods_saved: dict[str, Path], tmp_path: Path) -> None:
+    """Every method transformers can load, beside an adapter of the same method (the verdict uses
+    the method of `model.peft_config[adapter_name]`)."""
+    directory = methods_saved[method]
+    base = with_adapters("llama-resized", directory, ["default"])
+    counts = loader_survey(
+        base,
+        transformers_load,
+        fastkeys_transformers_load,
+        directory,
+        FILE,
+        "target",
+        tmp_path,
+        representative,
+    )
+    # Some checkpoint tensors are not needed by the load (RandLoRA's shared bases, SHiRA's indices):
+    # nothing goes missing without them, and the verdict must say so.
+    assert all(verdict == truth for _, verdict, truth in counts["cases"]), counts["cases"]
+    assert any(truth for _, _, truth in counts["cases"])
+
+
+def test_dora_magnitudes_that_transformers_does_not_load(methods_saved: dict[str, Path]) -> None:
+    """transformers 5.24 with peft 0.21.2 leaves DoRA's magnitude vectors unloaded (they come back
+    as unexpected `...lora_magnitude_vector.target` keys, and the model keeps their init values).
+    fastkeys reports exactly those tensors; transformers reports them among 12 of the other adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    directory = methods_saved["dora"]
+    magnitudes = {
+        f"model.layers.{layer}.self_attn.{proj}.lora_magnitude_vector.target.weight"
+        for layer in (0, 1)
+        for proj in ("q_proj", "v_proj")
+    }
+    plain = with_adapters("llama-resized", directory, ["default"])
+    assert transformers_load(plain, directory, "target") > magnitudes
+    model = with_adapters("llama-resized", directory, ["default"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = fkt.load_adapter(model, str(directory), "target")
+    assert info.missing_keys == magnitudes
+    assert {key.removesuffix(".weight") for key in magnitudes} <= info.unexpected_keys
+    ours = [w.message for w in caught if isinstance(w.message, MissingAdapterKeysWarning)]
+    assert len(ours) == 1 and set(ours[0].missing_keys) == magnitudes
+    saved = load_file(directory / FILE)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    loaded = model.state_dict()["model.layers.0.self_attn.q_proj.lora_magnitude_vector.target.weight"]
+    assert not torch.equal(saved[key], loaded), "really not loaded: the warning is right"
 
 
 def test_second_adapter_the_issue_scenario(saved: dict[str, Path]) -> None:
