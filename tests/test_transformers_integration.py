@@ -282,3 +282,20 @@ def test_import_loads_no_library() -> None:
         subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, check=True).stdout
         == "[]\n"
     )
+
+
+def test_no_verdict_raises_after_transformers_finished(
+    saved: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verdict that cannot be made (here: forced) is raised after the load, not inside it, so the
+    model is not left half loaded."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("unknown peft_type 'NEW'")
+
+    directory = saved["llama-resized"]
+    model = with_adapters("llama-resized", directory, [])
+    monkeypatch.setattr(fkt, "filter_missing", refuse)
+    with pytest.raises(ValueError, match="unknown peft_type 'NEW'"):
+        fkt.load_adapter(model, str(directory), "x")
+    assert set(model.peft_config) == {"x"} and not model.training, "transformers finished the load"

@@ -72,7 +72,8 @@ def _install(peft: Any, original: Any) -> None:
             if load is not None and result is not None and hasattr(result, "missing_keys"):
                 # diffusers passes this result to its substring warning right after: give it ours.
                 verdict = load.judge(model, result.missing_keys, result.unexpected_keys, adapter_name)
-                result = result._replace(missing_keys=verdict)
+                if verdict is not None:
+                    result = result._replace(missing_keys=verdict)
             return result
 
         judging.__fastkeys_recording__ = True  # type: ignore[attr-defined]
@@ -115,6 +116,7 @@ def load_lora_adapter(
     _prepare()
     with _transformers._loading(adapter_name) as load:
         model.load_lora_adapter(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+    load.raise_error()
     judged = _result_for(load, model)
     if judged is None:
         return None
@@ -147,6 +149,7 @@ def load_lora_weights(
     _transformers._prepare()
     with _transformers._loading(adapter_name) as load:
         pipeline.load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+    load.raise_error()
     results: dict[str, Any] = {}
     names: set[str] = set()
     for component_name, component in components.items():

@@ -49,22 +49,35 @@ class _Load:
     def __init__(self, adapter_name: str | None) -> None:
         self.adapter_name = adapter_name
         self.results: list[_Judged] = []
+        self.error: Exception | None = None
 
-    def judge(self, model: Any, missing: Any, unexpected: Any, adapter_name: str | None = None) -> list[str]:
+    def judge(
+        self, model: Any, missing: Any, unexpected: Any, adapter_name: str | None = None
+    ) -> list[str] | None:
         """Records and returns fastkeys' verdict on the raw `missing` keys of `model`, with the method
-        and options of the adapter's config in `model.peft_config`."""
+        and options of the adapter's config in `model.peft_config`. Returns None, keeping the error
+        for `raise_error`, when there is no verdict (a method fastkeys does not know): raising here,
+        inside the library's load, would leave the model half loaded."""
         configs = getattr(model, "peft_config", None)
         configs = configs if isinstance(configs, dict) else {}
         # The loader adds the new adapter's config last (dicts keep insertion order).
         name = adapter_name or self.adapter_name or next(reversed(configs), "default")
         raw = _ordered(missing)
-        judged = _Judged(
-            model, name, raw, filter_missing(raw, name, config=configs.get(name)), _ordered(unexpected)
-        )
+        try:
+            verdict = filter_missing(raw, name, config=configs.get(name))
+        except (ValueError, TypeError) as error:
+            self.error = self.error or error
+            return None
+        judged = _Judged(model, name, raw, verdict, _ordered(unexpected))
         # Enclosing loads on this thread see it too (a pipeline's load holds a model's load).
         for load in getattr(_state, "stack", ()):
             load.results.append(judged)
         return judged.verdict
+
+    def raise_error(self) -> None:
+        """Raises the error that left a load without a verdict, now that the library has finished."""
+        if self.error is not None:
+            raise self.error
 
     def result_for(self, model: Any) -> _Judged | None:
         """The last load into `model` in this call, or None."""
@@ -144,7 +157,9 @@ def _install(owner: Any, loader: staticmethod[..., Any]) -> None:
                 # with `is_adapter_key` after this returns, which keeps every key of our verdict
                 # (each holds the adapter name), and then prints the LOAD REPORT from it.
                 info = result[0]
-                info.missing_keys = set(load.judge(model, info.missing_keys, info.unexpected_keys))
+                verdict = load.judge(model, info.missing_keys, info.unexpected_keys)
+                if verdict is not None:
+                    info.missing_keys = set(verdict)
             return result
 
         judging.__fastkeys_recording__ = True  # type: ignore[attr-defined]
@@ -187,6 +202,7 @@ def load_adapter(model: Any, peft_model_id: Any = None, adapter_name: str = "def
     _prepare()
     with _loading(adapter_name) as load:
         info = model.load_adapter(peft_model_id, adapter_name=adapter_name, **kwargs)
+    load.raise_error()
     judged = load.result_for(model)
     if judged is None:
         raise RuntimeError(
