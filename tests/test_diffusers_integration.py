@@ -212,3 +212,24 @@ def test_pipeline_unet_and_text_encoder(tmp_path: Path) -> None:
         assert [w.missing_keys for w in ours] == (
             [[*truth["unet"], *truth["text_encoder"]]] if dropped else []
         )
+
+
+def test_a_load_fastkeys_did_not_see_is_a_runtime_error(
+    saved: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If diffusers stops loading through peft.set_peft_model_state_dict, the adapter is loaded but
+    fastkeys has no result: that is an error naming the version, not a silent None."""
+    import peft
+
+    model = with_adapters("unet", saved["unet"], [])
+    fkd.load_lora_adapter(
+        model, str(saved["unet"]), "first", prefix=None, weight_name=DIFFUSERS_FILE
+    )  # installs
+    unwrapped = peft.set_peft_model_state_dict.__wrapped__  # type: ignore[attr-defined]
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", unwrapped)
+    monkeypatch.setattr(fkd, "_install", lambda *args: None)
+    with pytest.raises(
+        RuntimeError, match=rf"set_peft_model_state_dict, which diffusers {diffusers.__version__}"
+    ):
+        fkd.load_lora_adapter(model, str(saved["unet"]), "second", prefix=None, weight_name=DIFFUSERS_FILE)
+    assert set(model.peft_config) == {"first", "second"}

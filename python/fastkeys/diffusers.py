@@ -90,6 +90,25 @@ def _result_for(load: Any, model: Any) -> tuple[str, Any] | None:
     return judged.adapter_name, _IncompatibleKeys(judged.verdict, judged.unexpected)
 
 
+def _adapters(model: Any) -> set[str]:
+    configs = getattr(model, "peft_config", None)
+    return set(configs) if isinstance(configs, dict) else set()
+
+
+def _check_seen(load: Any, model: Any, before: set[str]) -> None:
+    """A model that gained an adapter without a recorded load was loaded some other way (a newer
+    diffusers): returning None there would be a silently wrong answer."""
+    if load.result_for(model) is None and _adapters(model) - before:
+        import diffusers
+
+        raise _transformers._missing_version(
+            diffusers,
+            "diffusers loading LoRA weights through peft.set_peft_model_state_dict",
+            _TESTED_WITH,
+            "use fastkeys.filter_missing on the result of model.load_state_dict instead",
+        )
+
+
 def _check_name(adapter_name: str | None) -> None:
     if adapter_name is not None:
         _validate.name("adapter_name", adapter_name)
@@ -114,9 +133,11 @@ def load_lora_adapter(
             f"not {type(model).__name__}"
         )
     _prepare()
+    before = _adapters(model)
     with _transformers._loading(adapter_name) as load:
         model.load_lora_adapter(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
     load.raise_error()
+    _check_seen(load, model, before)
     judged = _result_for(load, model)
     if judged is None:
         return None
@@ -147,9 +168,12 @@ def load_lora_weights(
         raise TypeError(f"pipeline must have a components dict, not {type(components).__name__}")
     _prepare()
     _transformers._prepare()
+    before = {name: _adapters(component) for name, component in components.items()}
     with _transformers._loading(adapter_name) as load:
         pipeline.load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
     load.raise_error()
+    for name, component in components.items():
+        _check_seen(load, component, before[name])
     results: dict[str, Any] = {}
     names: set[str] = set()
     for component_name, component in components.items():
