@@ -10,6 +10,7 @@ import functools
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from fastkeys import filter_missing, tuners
 from fastkeys.scenarios import peft_substring_filter
@@ -113,6 +114,83 @@ def peft_table() -> str:
 
 
 @functools.cache
+def loaders_table() -> str:
+    """transformers' `model.load_adapter` (tiny resized Llama) and diffusers' `load_lora_adapter`
+    (tiny SD3 transformer) beside fastkeys.transformers / fastkeys.diffusers, on the same loads."""
+    import copy
+    import tempfile
+    import warnings
+
+    from fixtures import peft_models as pm
+
+    cases = [
+        ("second", ["first"]),
+        ("foo", ["foobar"]),
+        ("default_1", ["default_10"]),
+    ]
+    rows = [
+        "| adapter loaded, beside | transformers `load_adapter`, complete checkpoint: keys kept by "
+        "transformers / fastkeys (right: 0) | one tensor lost: loads right for transformers / fastkeys "
+        "| diffusers `load_lora_adapter`, complete: keys kept by diffusers / fastkeys (right: 0) "
+        "| one tensor lost: loads right for diffusers / fastkeys |",
+        "|---|---|---|---|---|",
+    ]
+
+    def survey(
+        make: Any,
+        load: Any,
+        judged: Any,
+        directory: Path,
+        filename: str,
+        name: str,
+        others: list[str],
+        scratch: Path,
+    ) -> str:
+        base = make()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for other in others:
+                load(base, directory, other)
+        counts = pm.loader_survey(copy.deepcopy(base), load, judged, directory, filename, name, scratch)
+        tensors = counts["tensors"]
+        return (
+            f"{counts['complete_library']} / **{counts['complete_fastkeys']}** | "
+            f"{counts['dropped_library']}/{tensors} / **{counts['dropped_fastkeys']}/{tensors}**"
+        )
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            llama = pm.save_adapter(pm.tricky_lora_config(), root / "llama")
+            sd3 = pm.save_diffusers_lora(pm.tiny_sd3_transformer, root / "sd3")
+        for name, others in cases:
+            shown = ", ".join(f"`{other}`" for other in others)
+            left = survey(
+                lambda: pm.tiny_llama(resized=True),
+                pm.transformers_load,
+                pm.fastkeys_transformers_load,
+                llama,
+                "adapter_model.safetensors",
+                name,
+                others,
+                root / f"t-{name}",
+            )
+            right = survey(
+                pm.tiny_sd3_transformer,
+                pm.diffusers_load,
+                pm.fastkeys_diffusers_load,
+                sd3,
+                pm.DIFFUSERS_FILE,
+                name,
+                others,
+                root / f"d-{name}",
+            )
+            rows.append(f"| `{name}` beside {shown} | {left} | {right} |")
+    return "\n".join(rows)
+
+
+@functools.cache
 def cli_examples() -> str:
     """Real `fastkeys inspect` and `fastkeys check` output on a tiny model and adapters."""
     import contextlib
@@ -207,6 +285,7 @@ def bench_summary() -> str:
 TABLES = {
     "differences": differences_table,
     "peft": peft_table,
+    "loaders": loaders_table,
     "cli": cli_examples,
     "bench": bench_table,
     "bench-summary": bench_summary,
@@ -214,7 +293,7 @@ TABLES = {
 # The pages and the tables each must show. README.md keeps its tables until docs/README-new.md
 # replaces it.
 PAGES = {
-    README: ("differences", "peft", "cli", "bench"),
+    README: ("differences", "peft", "loaders", "cli", "bench"),
     ROOT / "docs" / "README-new.md": ("bench-summary",),
     ROOT / "docs" / "differences.md": ("differences", "peft"),
     ROOT / "docs" / "benchmarks.md": ("bench",),

@@ -1,0 +1,301 @@
+"""fastkeys.transformers on real transformers models: the ground truth of PEFT-KEYS.md through
+transformers' own `model.load_adapter`.
+
+A tiny Llama whose embeddings were resized after the adapter was saved, and a tiny BERT, each
+already holding LoRA adapters with overlapping names, load one more. The complete checkpoint: the
+verdict must be empty. A copy that lost one tensor: the verdict must be exactly the keys that
+became newly missing. The default run drops a few representative tensors per case;
+FASTKEYS_FULL=1 drops each tensor in turn.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import fastkeys.transformers as fkt  # noqa: E402
+from fastkeys import MissingAdapterKeysWarning  # noqa: E402
+
+from fixtures.peft_models import (  # noqa: E402
+    LOADER_NAMES,
+    METHOD_CONFIGS,
+    bert_lora_config,
+    fastkeys_transformers_load,
+    loader_survey,
+    save_adapter,
+    tiny_bert,
+    tiny_llama,
+    transformers_load,
+    tricky_lora_config,
+    without,
+)
+
+pytestmark = pytest.mark.peft
+
+FULL = os.environ.get("FASTKEYS_FULL") == "1"
+FILE = "adapter_model.safetensors"
+
+MODELS: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+    "llama-resized": (lambda: tiny_llama(resized=True), tricky_lora_config),
+    "bert": (tiny_bert, bert_lora_config),
+}
+
+
+def representative(keys: list[str]) -> list[str]:
+    """The first, a middle and the last tensor (every one with FASTKEYS_FULL=1)."""
+    return keys if FULL else sorted({keys[0], keys[len(keys) // 2], keys[-1]})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: save_adapter(make_config(), root / name, model_factory=make_model)
+        for name, (make_model, make_config) in MODELS.items()
+    }
+
+
+def with_adapters(model_name: str, directory: Path, names: list[str]) -> Any:
+    model = MODELS[model_name][0]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            model.load_adapter(str(directory), adapter_name=name)
+    return model
+
+
+# BERT is the slower one: one name in the default run.
+CASES = [
+    (model, name)
+    for model in MODELS
+    for name in LOADER_NAMES
+    if FULL or name in (["foo"] if model == "bert" else ["foo", "default_1", "lora", "model"])
+]
+
+
+@pytest.mark.parametrize(("model_name", "adapter_name"), CASES)
+def test_ground_truth_beside_overlapping_names(
+    model_name: str, adapter_name: str, saved: dict[str, Path], tmp_path: Path
+) -> None:
+    directory = saved[model_name]
+    others = [name for name in LOADER_NAMES if name != adapter_name]
+    base = with_adapters(model_name, directory, others)
+    counts = loader_survey(
+        base,
+        transformers_load,
+        fastkeys_transformers_load,
+        directory,
+        FILE,
+        adapter_name,
+        tmp_path,
+        representative,
+    )
+    for key, verdict, truth in counts["cases"]:
+        assert verdict == truth, f"{model_name}, adapter {adapter_name!r}, dropped {key}"
+        assert key == "complete" or truth, f"dropping {key} made no key go missing"
+    assert counts["dropped_fastkeys"] == counts["tensors"] >= 3
+
+
+# PEFT's inject_adapter_in_model (which transformers calls) refuses methods with state shared on the
+# tuner; DoRA is checked on its own below.
+REFUSED_BY_INJECT = {"vera", "pvera", "vblora", "tinylora", "unilora"}
+METHODS = [
+    method
+    for method in METHOD_CONFIGS
+    if method not in REFUSED_BY_INJECT | {"dora"}
+    and (FULL or method in {"adalora", "loha", "ia3", "randlora", "lora+modules_to_save", "trainable_tokens"})
+]
+
+
+@pytest.fixture(scope="module")
+def methods_saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("methods")
+    return {
+        method: save_adapter(METHOD_CONFIGS[method](), root / method.replace("+", "_"))
+        for method in [*METHODS, "dora"]
+    }
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ground_truth_per_method(method: str, methods_saved: dict[str, Path], tmp_path: Path) -> None:
+    """Every method transformers can load, beside an adapter of the same method (the verdict uses
+    the method of `model.peft_config[adapter_name]`)."""
+    directory = methods_saved[method]
+    base = with_adapters("llama-resized", directory, ["default"])
+    counts = loader_survey(
+        base,
+        transformers_load,
+        fastkeys_transformers_load,
+        directory,
+        FILE,
+        "target",
+        tmp_path,
+        representative,
+    )
+    # Some checkpoint tensors are not needed by the load (RandLoRA's shared bases, SHiRA's indices):
+    # nothing goes missing without them, and the verdict must say so.
+    assert all(verdict == truth for _, verdict, truth in counts["cases"]), counts["cases"]
+    assert any(truth for _, _, truth in counts["cases"])
+
+
+def test_dora_magnitudes_that_transformers_does_not_load(methods_saved: dict[str, Path]) -> None:
+    """transformers 5.24 with peft 0.21.2 leaves DoRA's magnitude vectors unloaded (they come back
+    as unexpected `...lora_magnitude_vector.target` keys, and the model keeps their init values).
+    fastkeys reports exactly those tensors; transformers reports them among 12 of the other adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    directory = methods_saved["dora"]
+    magnitudes = {
+        f"model.layers.{layer}.self_attn.{proj}.lora_magnitude_vector.target.weight"
+        for layer in (0, 1)
+        for proj in ("q_proj", "v_proj")
+    }
+    plain = with_adapters("llama-resized", directory, ["default"])
+    assert transformers_load(plain, directory, "target") > magnitudes
+    model = with_adapters("llama-resized", directory, ["default"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = fkt.load_adapter(model, str(directory), "target")
+    assert info.missing_keys == magnitudes
+    assert {key.removesuffix(".weight") for key in magnitudes} <= info.unexpected_keys
+    ours = [w.message for w in caught if isinstance(w.message, MissingAdapterKeysWarning)]
+    assert len(ours) == 1 and set(ours[0].missing_keys) == magnitudes
+    saved = load_file(directory / FILE)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    loaded = model.state_dict()["model.layers.0.self_attn.q_proj.lora_magnitude_vector.target.weight"]
+    assert not torch.equal(saved[key], loaded), "really not loaded: the warning is right"
+
+
+def test_second_adapter_the_issue_scenario(saved: dict[str, Path]) -> None:
+    """The issue as filed: transformers reports every tensor of the first adapter as missing."""
+    directory = saved["llama-resized"]
+    plain = with_adapters("llama-resized", directory, ["first"])
+    assert len(transformers_load(plain, directory, "second")) == 12, "transformers' false report"
+    model = with_adapters("llama-resized", directory, ["first"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = fkt.load_adapter(model, str(directory), adapter_name="second")
+    assert info.missing_keys == set()
+    assert type(info).__name__ == "LoadStateDictInfo" and info.unexpected_keys == set()
+    assert not [w for w in caught if isinstance(w.message, MissingAdapterKeysWarning)]
+    assert set(model.peft_config) == {"first", "second"}, "the adapter is loaded as transformers loads it"
+
+
+def test_warns_once_naming_the_missing_tensors(saved: dict[str, Path], tmp_path: Path) -> None:
+    directory = saved["llama-resized"]
+    dropped = without(directory, "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight", tmp_path)
+    model = with_adapters("llama-resized", directory, ["foobar"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = fkt.load_adapter(model, str(dropped), "foo")
+    ours = [w.message for w in caught if isinstance(w.message, MissingAdapterKeysWarning)]
+    expected = "model.layers.1.self_attn.v_proj.lora_B.foo.weight"
+    assert info.missing_keys == {expected}
+    assert len(ours) == 1 and ours[0].adapter_name == "foo" and ours[0].missing_keys == [expected]
+    assert str(ours[0]) == (
+        f"adapter 'foo': 1 of its tensors are missing from the checkpoint at {dropped}: {expected}"
+    )
+
+
+def test_load_report_shows_only_the_really_missing(
+    saved: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = saved["llama-resized"]
+    dropped = without(directory, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", tmp_path)
+    model = with_adapters("llama-resized", directory, ["first"])
+    logger = transformers.utils.logging.get_logger("transformers.integrations.peft")
+    logger.addHandler(caplog.handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fkt.load_adapter(model, str(dropped), "second")
+    finally:
+        logger.removeHandler(caplog.handler)
+    report = "\n".join(
+        record.getMessage() for record in caplog.records if "LOAD REPORT" in record.getMessage()
+    )
+    assert "q_proj.lora_A.second.weight" in report and "MISSING" in report
+    assert ".first." not in report, "the first adapter's tensors are not reported"
+
+
+def test_plain_transformers_loads_are_untouched(saved: dict[str, Path]) -> None:
+    directory = saved["llama-resized"]
+    fkt.load_adapter(with_adapters("llama-resized", directory, []), str(directory), "warmup")  # installs
+    model = with_adapters("llama-resized", directory, ["first"])
+    assert len(transformers_load(model, directory, "second")) == 12
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="adapter_name"):
+        fkt.load_adapter(tiny_llama(), "unused", "a.b")
+    with pytest.raises(TypeError, match=r"model must be a transformers model with PEFT support .*, not dict"):
+        fkt.load_adapter({}, "unused")
+
+
+def test_a_failed_load_raises_transformers_error(tmp_path: Path) -> None:
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="adapter model file not found"):
+        fkt.load_adapter(model, str(tmp_path), "x")
+    assert not getattr(model, "peft_config", {}), "nothing was added"
+
+
+def test_missing_internal_is_a_runtime_error_naming_the_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.modeling_utils import PreTrainedModel
+
+    monkeypatch.delattr(PreTrainedModel, "_load_pretrained_model")
+    with pytest.raises(
+        RuntimeError, match=rf"_load_pretrained_model.*transformers {transformers.__version__}"
+    ):
+        fkt.load_adapter(tiny_llama(), "unused")
+
+
+def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r'pip install "fastkeys\[transformers\]"'):
+        fkt.load_adapter(tiny_llama(), "unused")
+
+
+def test_import_loads_no_library() -> None:
+    code = (
+        "import sys, fastkeys, fastkeys.transformers, fastkeys.diffusers\n"
+        "print(sorted(m for m in ('torch', 'peft', 'transformers', 'diffusers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "[]\n"
+    plain = (
+        "import sys, fastkeys\n"
+        "print([m for m in ('fastkeys.transformers', 'fastkeys.diffusers') if m in sys.modules])"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, check=True).stdout
+        == "[]\n"
+    )
+
+
+def test_no_verdict_raises_after_transformers_finished(
+    saved: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verdict that cannot be made (here: forced) is raised after the load, not inside it, so the
+    model is not left half loaded."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("unknown peft_type 'NEW'")
+
+    directory = saved["llama-resized"]
+    model = with_adapters("llama-resized", directory, [])
+    monkeypatch.setattr(fkt, "filter_missing", refuse)
+    with pytest.raises(ValueError, match="unknown peft_type 'NEW'"):
+        fkt.load_adapter(model, str(directory), "x")
+    assert set(model.peft_config) == {"x"} and not model.training, "transformers finished the load"
