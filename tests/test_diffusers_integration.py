@@ -28,7 +28,6 @@ diffusers = pytest.importorskip("diffusers")
 
 import fastkeys.diffusers as fkd  # noqa: E402
 from fastkeys import MissingAdapterKeysWarning  # noqa: E402
-
 from fixtures.peft_models import (  # noqa: E402
     DIFFUSERS_FILE,
     LOADER_NAMES,

@@ -26,7 +26,6 @@ transformers = pytest.importorskip("transformers")
 
 import fastkeys.transformers as fkt  # noqa: E402
 from fastkeys import MissingAdapterKeysWarning  # noqa: E402
-
 from fixtures.peft_models import (  # noqa: E402
     LOADER_NAMES,
     METHOD_CONFIGS,
