@@ -290,12 +290,10 @@ TABLES = {
     "bench": bench_table,
     "bench-summary": bench_summary,
 }
-# The pages and the tables each must show. README.md keeps its tables until docs/README-new.md
-# replaces it.
+# The pages and the tables each must show.
 PAGES = {
-    README: ("differences", "peft", "loaders", "cli", "bench"),
-    ROOT / "docs" / "README-new.md": ("bench-summary",),
-    ROOT / "docs" / "differences.md": ("differences", "peft"),
+    README: ("bench-summary",),
+    ROOT / "docs" / "differences.md": ("differences", "peft", "loaders"),
     ROOT / "docs" / "benchmarks.md": ("bench",),
     ROOT / "docs" / "cli.md": ("cli",),
 }
