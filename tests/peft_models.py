@@ -233,3 +233,40 @@ def survey(directory: Path, adapter_name: str, existing: dict[str, Path], scratc
         for name, keep in filters.items():
             counts[f"dropped_{name}"] += set(keep(raw)) == truth
     return counts
+
+
+def save_seeded_adapter(
+    config: Any,
+    directory: Path,
+    model_factory: Callable[[], Any] = tiny_llama,
+    *,
+    seed: int = 0,
+    dtype: Any = None,
+    shards: int = 1,
+) -> Path:
+    """Like save_adapter, with values drawn from `seed` (so adapters differ), saved in `dtype`, and
+    split into `shards` files with an `adapter_model.safetensors.index.json` when shards > 1."""
+    model = peft.get_peft_model(model_factory(), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.1)
+    model.save_pretrained(directory)
+    file = directory / "adapter_model.safetensors"
+    tensors = load_file(file)
+    if dtype is not None:
+        tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
+        save_file(tensors, file, metadata={"format": "pt"})
+    if shards > 1:
+        names = list(tensors)
+        weight_map = {}
+        for shard in range(shards):
+            shard_name = f"adapter_model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+            part = {name: tensors[name] for name in names[shard::shards]}
+            save_file(part, directory / shard_name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, shard_name))
+        file.unlink()
+        index = {"metadata": {"format": "pt"}, "weight_map": weight_map}
+        (directory / "adapter_model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
