@@ -23,6 +23,7 @@ result says why. Imported only by `fastkeys.peft`: it imports torch and peft.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -37,6 +38,7 @@ from typing import Any, NamedTuple
 
 import peft
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, _set_layer_requires_grad
@@ -343,11 +345,10 @@ def _new_parameters(layer: LoraLayer, adapter_name: str, module_name: str) -> di
 
 def _upcast(layer: LoraLayer, adapter_name: str) -> None:
     """PEFT's `cast_adapter_dtype` for one adapter of one layer: fp16/bf16 (and float8) -> fp32."""
-    from peft.tuners.tuners_utils import UPCAST_DTYPES
-
-    low = {torch.float16, torch.bfloat16}
-    low.update(dtype for name in UPCAST_DTYPES if (dtype := getattr(torch, name, None)) is not None)
-    for holder in layer.modules():
+    low = _upcast_dtypes()
+    # PEFT walks the whole layer (every adapter's modules); the adapter's entries are in the
+    # layer's own dicts.
+    for holder in layer._modules.values():
         if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in holder:
             continue
         entry = holder[adapter_name]
@@ -377,111 +378,73 @@ def _load_fast(
     low_cpu_mem_usage: bool,
 ) -> AdapterLoadResult:
     """PEFT's `load_adapter` for one LoRA adapter, touching only its modules. Raises _Refused
-    (nothing changed) when the checkpoint is not one the fast path reproduces exactly."""
-    from peft.tuners.tuners_utils import _get_submodules
-
+    (nothing changed) when the checkpoint is not one the fast path reproduces exactly, ValueError
+    (nothing changed) when it does not fit the model."""
     tuner = peft_model.base_model
-    model = tuner.model
     peft_model._check_new_adapter_config(config, is_trainable=is_trainable)
     config.inference_mode = not is_trainable
-    targets = [(name, result) for name, result in _targets(tuner, config, index) if not isinstance(result, _ExcludedModule)]
+    targets = [name for name, result in _targets(tuner, config, index) if not isinstance(result, _ExcludedModule)]
     if not targets:
         raise _Refused("the config matches no module (PEFT raises its own error)")
     active = list(tuner.active_adapters)
+    by_model_key = _checkpoint_by_model_key(checkpoint, adapter_name)
     injection = _Injection(adapter_name)
     peft_model.peft_config[adapter_name] = config
     try:
         tuner._check_new_adapter_config(config)
         with _own_changes(), torch.no_grad():
-            for name, _result in targets:
-                target = index.modules[name]
-                if isinstance(target, BaseTunerLayer):
-                    if not isinstance(target, LoraLayer) or type(target).__module__ != LoraLayer.__module__:
-                        raise _Refused(f"{name} is a {type(target).__name__}, not a LoRA layer")
-                    r_key = get_pattern_key(config.rank_pattern.keys(), name)
-                    alpha_key = get_pattern_key(config.alpha_pattern.keys(), name)
-                    variant = target.resolve_lora_variant(config=config)
-                    if variant is not None and not type(variant).__name__.startswith("Dora"):
-                        raise _Refused(f"the LoRA variant {type(variant).__name__} is not covered")
-                    injection.remember(target)
-                    # update_layer ends with the layer's set_adapter, a pass over every adapter the
-                    # layer holds; its effect on the new adapter is applied below.
-                    target.set_adapter = _no_set_adapter  # type: ignore[method-assign]
-                    try:
-                        target.update_layer(
-                            adapter_name,
-                            config.rank_pattern.get(r_key, config.r),
-                            lora_alpha=config.alpha_pattern.get(alpha_key, config.lora_alpha),
-                            target_name=name,
-                            config=config,
-                        )
-                    finally:
-                        del target.set_adapter
-                else:
-                    parent, old, child_name = _get_submodules(model, name)
-                    tuner._check_target_module_compatiblity(config, model, child_name)
-                    context = _empty_weights() if low_cpu_mem_usage else _nothing()
-                    with context:
-                        tuner._create_and_replace(config, adapter_name, old, child_name, parent, current_key=name)
-                    new = getattr(parent, child_name)
-                    if not isinstance(new, LoraLayer):
-                        raise _Refused(f"PEFT wrapped {name} as a {type(new).__name__}")
-                    injection.wrapped.append((parent, child_name, old, new, name))
-                    index.wrapped(name, new)
-            parameters: dict[str, nn.Parameter] = {}
+            quick, expected = _plan(targets, index, config, adapter_name, low_cpu_mem_usage)
+            for name in targets:
+                if name not in quick:
+                    _inject_with_peft(tuner, index, injection, name, config, adapter_name, low_cpu_mem_usage)
             layers = {id(layer): layer for layer in injection.layers()}
-            for name, _result in targets:
+            for name in targets:
+                if name not in quick:
+                    parameters = _new_parameters(index.modules[name], adapter_name, name)  # type: ignore[arg-type]
+                    expected.update((key, tuple(p.shape)) for key, p in parameters.items())
+            _check_checkpoint(checkpoint, by_model_key, expected, adapter_name)
+            tensors = _read_tensors(checkpoint, [by_model_key[key] for key in expected])
+            for name, (r, alpha) in quick.items():
                 layer = index.modules[name]
-                if id(layer) in layers:
-                    parameters.update(_new_parameters(layer, adapter_name, name))  # type: ignore[arg-type]
-            by_model_key = _checkpoint_by_model_key(checkpoint, adapter_name)
-            missing = [key for key in parameters if key not in by_model_key]
-            unexpected = [by_model_key[key] for key in by_model_key if key not in parameters]
-            if missing:
-                raise _Refused(f"the checkpoint lacks {len(missing)} of the adapter's tensors (e.g. {missing[0]})")
-            if unexpected:
-                raise _Refused(
-                    f"the checkpoint holds {len(unexpected)} tensors outside the adapter's modules "
-                    f"(e.g. {unexpected[0]})"
+                injection.remember(layer)  # type: ignore[arg-type]
+                layers[id(layer)] = layer
+                prefix = f"base_model.model.{name}."
+                _add_lora_linear(
+                    layer,  # type: ignore[arg-type]
+                    adapter_name,
+                    r,
+                    alpha,
+                    config,
+                    tensors[by_model_key[f"{prefix}lora_A.{adapter_name}.weight"]],
+                    tensors[by_model_key[f"{prefix}lora_B.{adapter_name}.weight"]],
+                    autocast_adapter_dtype,
                 )
-            for key, parameter in parameters.items():
-                found = checkpoint[by_model_key[key]]
-                if tuple(found.shape) != tuple(parameter.shape):
-                    raise ValueError(
-                        f"{found.file}: tensor {by_model_key[key]!r} has shape {list(found.shape)}, "
-                        f"but adapter {adapter_name!r} needs {list(parameter.shape)} there"
-                    )
             for layer in injection.updated:
-                # what the skipped set_adapter(active, inference_mode) did: the new adapter is not
-                # active, so its weights are frozen; the layer's active list is stored as a list.
+                # what update_layer's set_adapter(active, inference_mode) does to the new adapter:
+                # it is not active, so its weights are frozen
                 for attribute in layer.adapter_layer_names:
                     holder = getattr(layer, attribute)
                     if adapter_name in holder:
-                        _set_layer_requires_grad(holder[adapter_name], adapter_name in active and is_trainable)
-                layer._freeze_non_trainable_peft_weights(active)
+                        _set_layer_requires_grad(holder[adapter_name], False)
+            # inject_adapter's model-wide set_adapter stores the active list in every layer
             for layer in index.layers.values():
                 layer._active_adapter = list(active)
             tuner.active_adapter = list(active)
             for layer in layers.values():
                 layer._freeze_non_trainable_peft_weights([adapter_name])
-            if autocast_adapter_dtype:
-                for layer in layers.values():
-                    _upcast(layer, adapter_name)  # type: ignore[arg-type]
+            for name in targets:
+                if name not in quick:
+                    layer = index.modules[name]
+                    if autocast_adapter_dtype:
+                        _upcast(layer, adapter_name)  # type: ignore[arg-type]
+                    for key, parameter in _new_parameters(layer, adapter_name, name).items():  # type: ignore[arg-type]
+                        if parameter.device.type == "meta":
+                            raise _Refused(f"{key} is on the meta device")
+                        parameter.copy_(tensors[by_model_key[key]])
             if is_trainable:
                 for layer in layers.values():
                     layer.set_requires_grad(adapter_name, True)  # type: ignore[operator]
-            # the parameters may have been replaced by the upcast: look them up again
-            parameters = {}
-            for name, _result in targets:
-                layer = index.modules[name]
-                if id(layer) in layers:
-                    parameters.update(_new_parameters(layer, adapter_name, name))  # type: ignore[arg-type]
-            tensors = _read_tensors(checkpoint, [by_model_key[key] for key in parameters])
-            for key, parameter in parameters.items():
-                if parameter.device.type == "meta":
-                    raise _Refused(f"{key} is on the meta device")
-                parameter.copy_(tensors[by_model_key[key]])
-            _extend_unique(tuner.targeted_module_names, [name for name, _r in targets])
+            _extend_unique(tuner.targeted_module_names, targets)
             if not is_trainable:
                 _eval(peft_model, index, layers.values(), adapter_name)
     except BaseException:
@@ -489,6 +452,178 @@ def _load_fast(
         del peft_model.peft_config[adapter_name]
         raise
     return AdapterLoadResult([], [], FAST, None)
+
+
+def _plan(
+    targets: list[str], index: _Index, config: Any, adapter_name: str, low_cpu_mem_usage: bool
+) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, ...]]]:
+    """The targets that are LoRA Linear layers already and need nothing but two new matrices
+    ({name: (r, alpha)}), and the model keys and shapes of their new parameters."""
+    from peft.tuners.lora.layer import Linear
+
+    quick: dict[str, tuple[int, float]] = {}
+    expected: dict[str, tuple[int, ...]] = {}
+    plain = not (config.use_dora or config.lora_bias or low_cpu_mem_usage)
+    for name in targets:
+        layer = index.modules[name]
+        if not (plain and type(layer) is Linear and not hasattr(layer, "lora_arrow")):
+            continue
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+        if not isinstance(r, int) or r <= 0:
+            continue  # PEFT's update_layer raises its own error
+        quick[name] = (r, alpha)
+        prefix = f"base_model.model.{name}."
+        expected[f"{prefix}lora_A.{adapter_name}.weight"] = (r, layer.in_features)
+        expected[f"{prefix}lora_B.{adapter_name}.weight"] = (layer.out_features, r)
+    return quick, expected
+
+
+def _check_checkpoint(
+    checkpoint: Checkpoint, by_model_key: dict[str, str], expected: dict[str, tuple[int, ...]], adapter_name: str
+) -> None:
+    missing = [key for key in expected if key not in by_model_key]
+    if missing:
+        raise _Refused(f"the checkpoint lacks {len(missing)} of the adapter's tensors (e.g. {missing[0]})")
+    unexpected = [by_model_key[key] for key in by_model_key if key not in expected]
+    if unexpected:
+        raise _Refused(
+            f"the checkpoint holds {len(unexpected)} tensors outside the adapter's modules (e.g. {unexpected[0]})"
+        )
+    for key, shape in expected.items():
+        found = checkpoint[by_model_key[key]]
+        if tuple(found.shape) != shape:
+            raise ValueError(
+                f"{found.file}: tensor {by_model_key[key]!r} has shape {list(found.shape)}, "
+                f"but adapter {adapter_name!r} needs {list(shape)} there"
+            )
+
+
+def _inject_with_peft(
+    tuner: Any, index: _Index, injection: _Injection, name: str, config: Any, adapter_name: str, low_cpu_mem_usage: bool
+) -> None:
+    """PEFT's own per-module step: `update_layer` on a LoRA layer (without its O(adapters) passes),
+    or `_create_and_replace` for a module not wrapped yet."""
+    from peft.tuners.tuners_utils import _get_submodules
+
+    target = index.modules[name]
+    if isinstance(target, BaseTunerLayer):
+        if not isinstance(target, LoraLayer) or type(target).__module__ != LoraLayer.__module__:
+            raise _Refused(f"{name} is a {type(target).__name__}, not a LoRA layer")
+        variant = target.resolve_lora_variant(config=config)
+        if variant is not None and not type(variant).__name__.startswith("Dora"):
+            raise _Refused(f"the LoRA variant {type(variant).__name__} is not covered")
+        r_key = get_pattern_key(config.rank_pattern.keys(), name)
+        alpha_key = get_pattern_key(config.alpha_pattern.keys(), name)
+        injection.remember(target)
+        # update_layer ends with the layer's set_adapter, a pass over every adapter the layer
+        # holds; its effect on the new adapter is applied by the caller.
+        target.set_adapter = _no_set_adapter  # type: ignore[method-assign]
+        target._move_adapter_to_device_of_base_layer = _mover(target)  # type: ignore[method-assign]
+        try:
+            target.update_layer(
+                adapter_name,
+                config.rank_pattern.get(r_key, config.r),
+                lora_alpha=config.alpha_pattern.get(alpha_key, config.lora_alpha),
+                target_name=name,
+                config=config,
+            )
+        finally:
+            del target.set_adapter, target._move_adapter_to_device_of_base_layer
+        return
+    model = tuner.model
+    parent, old, child_name = _get_submodules(model, name)
+    tuner._check_target_module_compatiblity(config, model, child_name)
+    with _empty_weights() if low_cpu_mem_usage else _nothing():
+        tuner._create_and_replace(config, adapter_name, old, child_name, parent, current_key=name)
+    new = getattr(parent, child_name)
+    injection.wrapped.append((parent, child_name, old, new, name))
+    index.wrapped(name, new)
+    if not isinstance(new, LoraLayer):
+        raise _Refused(f"PEFT wrapped {name} as a {type(new).__name__}")
+
+
+def _add_lora_linear(
+    layer: Any,
+    adapter_name: str,
+    r: int,
+    alpha: float,
+    config: Any,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    autocast_adapter_dtype: bool,
+) -> None:
+    """`lora.Linear.update_layer` for a plain LoRA adapter, with the loaded weights in place of the
+    random initialisation that loading overwrites: same modules, dtypes (the base layer's, then
+    fp16/bf16 upcast to fp32 as `cast_adapter_dtype` does) and values (one cast from the checkpoint's
+    dtype, as `load_state_dict`'s copy does)."""
+    base = layer.get_base_layer()
+    device, dtype = layer._get_base_layer_device_and_dtype(base)
+    if dtype is None or not (dtype.is_floating_point or dtype.is_complex):
+        dtype = torch.get_default_dtype()
+    if autocast_adapter_dtype and dtype in _upcast_dtypes():
+        dtype = torch.float32
+    layer.r[adapter_name] = r
+    layer.lora_alpha[adapter_name] = alpha
+    dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
+    layer.lora_dropout[adapter_name] = dropout
+    layer.lora_A[adapter_name] = _linear(weight_a.to(device=device, dtype=dtype))
+    layer.lora_B[adapter_name] = _linear(weight_b.to(device=device, dtype=dtype))
+    layer.lora_bias[adapter_name] = False
+    layer.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    layer.use_rslora[adapter_name] = config.use_rslora
+    layer.use_dora[adapter_name] = False
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    """`nn.Linear(in, out, bias=False)` holding `weight` (frozen), without the random
+    initialisation its constructor would spend (a third of a load's time) on values loading
+    overwrites."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.out_features, linear.in_features = weight.shape
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    linear.register_parameter("bias", None)
+    return linear
+
+
+def _upcast_dtypes() -> set[torch.dtype]:
+    from peft.tuners.tuners_utils import UPCAST_DTYPES
+
+    low = {torch.float16, torch.bfloat16}
+    low.update(dtype for name in UPCAST_DTYPES if (dtype := getattr(torch, name, None)) is not None)
+    return low
+
+
+def _mover(layer: LoraLayer) -> Callable[..., None]:
+    """PEFT's `_move_adapter_to_device_of_base_layer` for a new adapter, which skips an adapter dict
+    when any parameter in it is on the meta device: it checks the dict's every adapter (O(adapters)
+    per layer). Only the new entry can be on the meta device (a finished load leaves none there), so
+    checking the new entry is the same test."""
+
+    def move(adapter_name: str, device: Any = None) -> None:
+        base_layer = layer.get_base_layer()
+        base_device, base_dtype = layer._get_base_layer_device_and_dtype(base_layer)
+        target_device = device if device is not None else base_device
+        if target_device is None:
+            return
+        target_dtype = base_dtype if base_dtype is not None and (base_dtype.is_floating_point or base_dtype.is_complex) else None
+        for attribute in layer.adapter_layer_names + layer.other_param_names:
+            holder = getattr(layer, attribute, None)
+            if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or adapter_name not in holder:
+                continue
+            item = holder[adapter_name]
+            own = [item] if isinstance(item, torch.Tensor) else list(item.parameters())
+            if any(p.device.type == "meta" for p in own):
+                continue
+            item_dtype = getattr(item, "dtype", None)
+            cast = item_dtype is None or item_dtype.is_floating_point or item_dtype.is_complex
+            if target_dtype is not None and cast:
+                holder[adapter_name] = item.to(target_device, dtype=target_dtype)
+            else:
+                holder[adapter_name] = item.to(target_device)
+
+    return move
 
 
 def _no_set_adapter(*_args: Any, **_kwargs: Any) -> None:
