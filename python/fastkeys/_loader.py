@@ -213,7 +213,7 @@ def _read_config(directory: Path) -> Any:
 # The fast path.
 
 
-def _refusal(peft_model: Any, adapter_name: str, config: Any, index: _Index, low_cpu_mem_usage: bool) -> str | None:
+def _refusal(peft_model: Any, adapter_name: str, config: Any, index: _Index) -> str | None:
     """Why the fast path cannot reproduce PEFT's loader for this adapter, or None."""
     from peft.utils.transformers_weight_conversion import get_checkpoint_conversion_mapping
 
@@ -268,7 +268,6 @@ def _refusal(peft_model: Any, adapter_name: str, config: Any, index: _Index, low
     model_type = getattr(getattr(tuner.model, "config", None), "model_type", None)
     if model_type is not None and get_checkpoint_conversion_mapping(model_type) is not None:
         return f"transformers converts {model_type} adapters between v4 and v5"
-    del low_cpu_mem_usage
     return None
 
 
@@ -375,7 +374,6 @@ def _load_fast(
     *,
     is_trainable: bool,
     autocast_adapter_dtype: bool,
-    low_cpu_mem_usage: bool,
 ) -> AdapterLoadResult:
     """PEFT's `load_adapter` for one LoRA adapter, touching only its modules. Raises _Refused
     (nothing changed) when the checkpoint is not one the fast path reproduces exactly, ValueError
@@ -393,10 +391,10 @@ def _load_fast(
     try:
         tuner._check_new_adapter_config(config)
         with _own_changes(), torch.no_grad():
-            quick, expected = _plan(targets, index, config, adapter_name, low_cpu_mem_usage)
+            quick, expected = _plan(targets, index, config, adapter_name)
             for name in targets:
                 if name not in quick:
-                    _inject_with_peft(tuner, index, injection, name, config, adapter_name, low_cpu_mem_usage)
+                    _inject_with_peft(tuner, index, injection, name, config, adapter_name)
             layers = {id(layer): layer for layer in injection.layers()}
             for name in targets:
                 if name not in quick:
@@ -455,7 +453,7 @@ def _load_fast(
 
 
 def _plan(
-    targets: list[str], index: _Index, config: Any, adapter_name: str, low_cpu_mem_usage: bool
+    targets: list[str], index: _Index, config: Any, adapter_name: str
 ) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, ...]]]:
     """The targets that are LoRA Linear layers already and need nothing but two new matrices
     ({name: (r, alpha)}), and the model keys and shapes of their new parameters."""
@@ -463,7 +461,7 @@ def _plan(
 
     quick: dict[str, tuple[int, float]] = {}
     expected: dict[str, tuple[int, ...]] = {}
-    plain = not (config.use_dora or config.lora_bias or low_cpu_mem_usage)
+    plain = not (config.use_dora or config.lora_bias)
     for name in targets:
         layer = index.modules[name]
         if not (plain and type(layer) is Linear and not hasattr(layer, "lora_arrow")):
@@ -500,7 +498,7 @@ def _check_checkpoint(
 
 
 def _inject_with_peft(
-    tuner: Any, index: _Index, injection: _Injection, name: str, config: Any, adapter_name: str, low_cpu_mem_usage: bool
+    tuner: Any, index: _Index, injection: _Injection, name: str, config: Any, adapter_name: str
 ) -> None:
     """PEFT's own per-module step: `update_layer` on a LoRA layer (without its O(adapters) passes),
     or `_create_and_replace` for a module not wrapped yet."""
@@ -534,8 +532,12 @@ def _inject_with_peft(
     model = tuner.model
     parent, old, child_name = _get_submodules(model, name)
     tuner._check_target_module_compatiblity(config, model, child_name)
-    with _empty_weights() if low_cpu_mem_usage else _nothing():
-        tuner._create_and_replace(config, adapter_name, old, child_name, parent, current_key=name)
+    # _create_and_replace freezes the whole new layer, base weights included; inject_adapter then
+    # restores every parameter that existed before, which here are the old module's.
+    existing = [(parameter, parameter.requires_grad) for parameter in old.parameters()]
+    tuner._create_and_replace(config, adapter_name, old, child_name, parent, current_key=name)
+    for parameter, requires_grad in existing:
+        parameter.requires_grad = requires_grad
     new = getattr(parent, child_name)
     injection.wrapped.append((parent, child_name, old, new, name))
     index.wrapped(name, new)
@@ -630,17 +632,6 @@ def _no_set_adapter(*_args: Any, **_kwargs: Any) -> None:
     return None
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
-def _empty_weights() -> Any:
-    from accelerate import init_empty_weights
-
-    return init_empty_weights()
-
-
 def _extend_unique(names: list[str], new: list[str]) -> None:
     seen = set(names)
     names.extend(name for name in new if name not in seen and not seen.add(name))  # type: ignore[func-returns-value]
@@ -713,6 +704,21 @@ def _merged(directory: Path, checkpoint: Checkpoint | None) -> Iterator[Path]:
         yield target
 
 
+@contextmanager
+def readable_by_peft(model_id: Any) -> Iterator[Any]:
+    """`model_id` itself, or for a local directory with a sharded checkpoint a temporary copy with
+    the shards merged (PEFT's `from_pretrained` reads one file)."""
+    directory = Path(model_id) if isinstance(model_id, (str, os.PathLike)) else None
+    if directory is None or not directory.is_dir() or (directory / _SINGLE_FILE).is_file():
+        yield model_id
+        return
+    if not any(directory.glob("*.safetensors.index.json")):
+        yield model_id
+        return
+    with _merged(directory, _checkpoint(directory)) as merged:
+        yield str(merged)
+
+
 class _Snapshot:
     """What a failed PEFT load must give back: the module tree, requires_grad, training flags."""
 
@@ -723,6 +729,8 @@ class _Snapshot:
         self.grads = {name: p.requires_grad for name, p in peft_model.named_parameters()}
         self.active = peft_model.base_model.active_adapter
         self.configs = dict(peft_model.peft_config)
+        targeted = getattr(peft_model.base_model, "targeted_module_names", None)
+        self.targeted = list(targeted) if isinstance(targeted, list) else None
 
     def restore(self, adapter_name: str) -> None:
         model = self.peft_model
@@ -742,8 +750,8 @@ class _Snapshot:
                     parent_name, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent_name), child, before)
         tuner = model.base_model
-        if hasattr(tuner, "targeted_module_names"):
-            tuner.targeted_module_names[:] = [n for n in tuner.targeted_module_names if f"base_model.model.{n}" in self.modules]
+        if self.targeted is not None:
+            tuner.targeted_module_names[:] = self.targeted
         for name, module in model.named_modules():
             if name in self.training:
                 module.training = self.training[name]
@@ -793,7 +801,7 @@ def load_one(
     checkpoint = _checkpoint(directory)
     config = _read_config(directory)
     index = _index_of(peft_model.base_model.model)
-    reason = force_peft or _refusal(peft_model, adapter_name, config, index, low_cpu_mem_usage)
+    reason = force_peft or _refusal(peft_model, adapter_name, config, index)
     if reason is None:
         try:
             return _load_fast(
@@ -804,7 +812,6 @@ def load_one(
                 index,
                 is_trainable=is_trainable,
                 autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
             )
         except _Refused as refused:
             reason = str(refused)

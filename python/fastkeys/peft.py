@@ -187,16 +187,20 @@ def load_adapters(
 
 def from_pretrained(model: Any, model_id: str, adapter_name: str = "default", **kwargs: Any) -> Any:
     """`PeftModel.from_pretrained(model, model_id, adapter_name, **kwargs)`, returning the PeftModel.
+    A local directory with a sharded checkpoint (`adapter_model.safetensors.index.json` and shards)
+    is read too: PEFT gets its shards merged into a temporary single file.
 
     Warns once, with `fastkeys.MissingAdapterKeysWarning`, when tensors of the adapter are missing
     from the checkpoint; PEFT's own warning about missing keys is filtered out while PEFT loads
     (other warnings pass; like any `warnings.catch_warnings`, this is not thread-safe).
     """
+    from . import _loader
+
     peft_model_module = _peft_model_module()
-    with _raw_results() as records, warnings.catch_warnings():
+    with _raw_results() as records, warnings.catch_warnings(), _loader.readable_by_peft(model_id) as source:
         for message in _PEFT_MISSING_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        loaded = peft_model_module.PeftModel.from_pretrained(model, model_id, adapter_name, **kwargs)
+        loaded = peft_model_module.PeftModel.from_pretrained(model, source, adapter_name, **kwargs)
     result = filter_load_result(loaded, _last(records, "from_pretrained"), adapter_name)
     missing = list(result.missing_keys)
     if missing:
