@@ -144,7 +144,7 @@ def raw_load(directory: Path, adapter_name: str, existing: dict[str, Path]) -> t
     with fastkeys.peft._raw_results() as records:
         verdict = fastkeys.peft.load_adapter(model, str(directory), adapter_name)
     raw = records[-1]
-    assert type(verdict) is type(raw) and verdict.unexpected_keys == raw.unexpected_keys
+    assert verdict.loader == "peft" and verdict.unexpected_keys == raw.unexpected_keys
     return list(verdict.missing_keys), raw
 
 

@@ -44,7 +44,8 @@ def end_state(model: Any) -> dict[str, Any]:
     tuner = model.base_model
     return {
         "state_dict": {
-            key: (value.dtype, value.device, value.detach().clone()) for key, value in model.state_dict().items()
+            key: (value.dtype, value.device, value.detach().clone())
+            for key, value in model.state_dict().items()
         },
         "modules": [(name, type(module).__qualname__) for name, module in model.named_modules()],
         "requires_grad": [(name, p.requires_grad) for name, p in model.named_parameters()],
@@ -86,7 +87,9 @@ def assert_same_outputs(expected: Any, actual: Any, inputs: torch.Tensor) -> Non
 # Generated adapters.
 
 
-def generated_config(rng: random.Random, modules: list[str], layers_pattern: str) -> tuple[Any, dict[str, Any]]:
+def generated_config(
+    rng: random.Random, modules: list[str], layers_pattern: str
+) -> tuple[Any, dict[str, Any]]:
     """A random LoRA config over `modules` and how to save it (dtype)."""
     chosen = rng.sample(modules, rng.randint(1, len(modules)))
     target: Any = chosen
@@ -195,17 +198,25 @@ def test_half_precision_checkpoints_cast_like_peft(tmp_path: Path, autocast: boo
     first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")
     adapters = {
         "fp16": save_seeded_adapter(
-            peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path / "h", seed=1, dtype=torch.float16
+            peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+            tmp_path / "h",
+            seed=1,
+            dtype=torch.float16,
         ),
         "bf16": save_seeded_adapter(
-            peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), tmp_path / "b", seed=2, dtype=torch.bfloat16
+            peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+            tmp_path / "b",
+            seed=2,
+            dtype=torch.bfloat16,
         ),
     }
 
     def half_llama() -> Any:
         return tiny_llama().to(torch.bfloat16)
 
-    expected, actual, results = both_loops(half_llama, first, adapters, tmp_path, autocast_adapter_dtype=autocast)
+    expected, actual, results = both_loops(
+        half_llama, first, adapters, tmp_path, autocast_adapter_dtype=autocast
+    )
     assert_same_state(end_state(expected), end_state(actual))
     dtypes = {value[0] for key, value in end_state(actual)["state_dict"].items() if ".fp16." in key}
     assert dtypes == ({torch.float32} if autocast else {torch.bfloat16})
@@ -215,7 +226,9 @@ def test_half_precision_checkpoints_cast_like_peft(tmp_path: Path, autocast: boo
 def test_low_cpu_mem_usage_ends_like_peft(tmp_path: Path) -> None:
     first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")
     adapters = {
-        f"x{i}": save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]), tmp_path / f"x{i}", seed=i)
+        f"x{i}": save_seeded_adapter(
+            peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]), tmp_path / f"x{i}", seed=i
+        )
         for i in range(2)
     }
     expected, actual, results = both_loops(tiny_llama, first, adapters, tmp_path, low_cpu_mem_usage=True)
@@ -233,7 +246,9 @@ def test_methods_and_options_the_fast_path_leaves_to_peft(tmp_path: Path) -> Non
         # last: PEFT 0.21 expects a trainable-token wrapper's tensor in every later checkpoint
         "tokens": peft.LoraConfig(r=4, target_modules=["v_proj"], trainable_token_indices=[0, 3]),
     }
-    adapters = {name: save_seeded_adapter(c, tmp_path / name, seed=i) for i, (name, c) in enumerate(configs.items())}
+    adapters = {
+        name: save_seeded_adapter(c, tmp_path / name, seed=i) for i, (name, c) in enumerate(configs.items())
+    }
     expected, actual, results = both_loops(tiny_llama, first, adapters, tmp_path)
     assert_same_state(end_state(expected), end_state(actual))
     assert_same_outputs(expected, actual, torch.tensor([[3, 1, 4, 1, 5]]))
@@ -257,7 +272,9 @@ def test_other_methods_go_through_peft(tmp_path: Path) -> None:
 
 def test_incomplete_checkpoint_goes_through_peft_with_the_missing_keys(tmp_path: Path) -> None:
     first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")
-    directory = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "lost", seed=1)
+    directory = save_seeded_adapter(
+        peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "lost", seed=1
+    )
     tensors = load_file(directory / "adapter_model.safetensors")
     lost = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
     del tensors[lost]
@@ -288,19 +305,26 @@ def test_index_survives_deletes_and_model_surgery(tmp_path: Path) -> None:
     first = save_seeded_adapter(config, tmp_path / "first")
     directory = save_seeded_adapter(config, tmp_path / "x", seed=1)
     wider = save_seeded_adapter(peft.LoraConfig(r=2, target_modules=["up_proj"]), tmp_path / "w", seed=2)
-    models = [peft.PeftModel.from_pretrained(tiny_llama(), first, "first") for _ in range(2)]
+    models: list[Any] = [peft.PeftModel.from_pretrained(tiny_llama(), first, "first") for _ in range(2)]
     for step, model in enumerate(models):
-        load: Callable[..., Any] = model.load_adapter if step == 0 else fastkeys.peft.load_adapter
-        load_args = (lambda path, name: (path, name)) if step == 0 else (lambda path, name: (model, path, name))
-        load(*load_args(directory, "one"))
+
+        def load(path: Path, name: str, model: Any = model, step: int = step) -> None:
+            if step == 0:
+                model.load_adapter(path, name)
+            else:
+                fastkeys.peft.load_adapter(model, path, name)
+
+        load(directory, "one")
         model.delete_adapter("one")
-        load(*load_args(directory, "two"))
+        load(directory, "two")
         # a module replaced by hand: the index must notice and not use the old module
         torch.manual_seed(5)
         model.base_model.model.model.layers[0].mlp.up_proj = torch.nn.Linear(32, 64)
-        load(*load_args(wider, "three"))
+        load(wider, "three")
     index = _loader._indexes[models[1].base_model.model]
-    assert index.modules["model.layers.0.mlp.up_proj"] is models[1].base_model.model.model.layers[0].mlp.up_proj
+    assert (
+        index.modules["model.layers.0.mlp.up_proj"] is models[1].base_model.model.model.layers[0].mlp.up_proj
+    )
     assert_same_state(end_state(models[0]), end_state(models[1]))
 
 
@@ -359,7 +383,7 @@ def test_index_naming_a_missing_shard(tmp_path: Path) -> None:
     (directory / "adapter_model-00002-of-00003.safetensors").unlink()
     model = fresh_model_with_first(tmp_path)
     before = end_state(model)
-    with pytest.raises(FileNotFoundError, match="adapter_model-00002-of-00003.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_model-00002-of-00003\.safetensors"):
         fastkeys.peft.load_adapter(model, directory, "gone")
     assert_untouched(model, before, "gone")
 
@@ -369,7 +393,9 @@ def test_shard_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
     outside = tmp_path / "outside.safetensors"
     shutil.move(directory / "adapter_model-00001-of-00003.safetensors", outside)
     index_file = directory / "adapter_model.safetensors.index.json"
-    text = index_file.read_text().replace("adapter_model-00001-of-00003.safetensors", "../outside.safetensors")
+    text = index_file.read_text().replace(
+        "adapter_model-00001-of-00003.safetensors", "../outside.safetensors"
+    )
     index_file.write_text(text)
     model = fresh_model_with_first(tmp_path)
     before = end_state(model)
@@ -382,8 +408,10 @@ def test_shard_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
 def test_shape_that_does_not_fit_the_module(tmp_path: Path, path: str) -> None:
     """A tensor of the wrong shape: an error naming the file and the tensor, nothing injected
     (on the fast path) and everything undone (on PEFT's path, here forced by modules_to_save)."""
-    extra = {"modules_to_save": ["lm_head"]} if path == "peft" else {}
-    directory = sharded(tmp_path, "wrong", peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"], **extra))
+    extra: dict[str, Any] = {"modules_to_save": ["lm_head"]} if path == "peft" else {}
+    directory = sharded(
+        tmp_path, "wrong", peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"], **extra)
+    )
     index = json.loads((directory / "adapter_model.safetensors.index.json").read_text())
     key = "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"
     shard = directory / index["weight_map"][key]
@@ -421,9 +449,11 @@ def test_failure_in_the_middle_keeps_the_adapters_before_it(tmp_path: Path) -> N
 
 def test_bad_arguments_are_named(tmp_path: Path) -> None:
     model = fresh_model_with_first(tmp_path)
-    with pytest.raises(TypeError, match="peft_model must be a peft.PeftModel, not LlamaForCausalLM"):
+    with pytest.raises(TypeError, match=r"peft_model must be a peft\.PeftModel, not LlamaForCausalLM"):
         fastkeys.peft.load_adapters(tiny_llama(), {})
-    with pytest.raises(TypeError, match="adapters must map adapter names to checkpoint directories, not list"):
+    with pytest.raises(
+        TypeError, match="adapters must map adapter names to checkpoint directories, not list"
+    ):
         fastkeys.peft.load_adapters(model, [tmp_path])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"the model already has adapters named \['first'\]"):
         fastkeys.peft.load_adapters(model, {"first": tmp_path / "first"})
@@ -439,7 +469,9 @@ def test_progress_callback_and_quiet_default(tmp_path: Path, capsys: pytest.Capt
     model = fresh_model_with_first(tmp_path)
     calls: list[tuple[int, int, str]] = []
     fastkeys.peft.load_adapters(
-        model, {"p1": directory, "p2": directory}, progress=lambda done, total, name: calls.append((done, total, name))
+        model,
+        {"p1": directory, "p2": directory},
+        progress=lambda done, total, name: calls.append((done, total, name)),
     )
     assert calls == [(1, 2, "p1"), (2, 2, "p2")]
     fastkeys.peft.load_adapters(model, {f"q{i}": directory for i in range(5)})  # stderr is not a terminal

@@ -22,6 +22,7 @@ result says why. Imported only by `fastkeys.peft`: it imports torch and peft.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -38,15 +39,21 @@ from typing import Any, NamedTuple
 
 import peft
 import torch
-from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.lora.layer import LoraLayer
-from peft.tuners.lora.model import LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, _set_layer_requires_grad
-from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 
 from .checkpoint import Checkpoint, scan
 from .matching import filter_missing, insert_adapter_name
+
+# PEFT's internals, the same ones its loader uses (typed Any: PEFT ships no complete annotations).
+_tuners_utils: Any = importlib.import_module("peft.tuners.tuners_utils")
+_lora_layer: Any = importlib.import_module("peft.tuners.lora.layer")
+_other: Any = importlib.import_module("peft.utils.other")
+BufferDict: Any = importlib.import_module("peft.tuners._buffer_dict").BufferDict
+LoraLayer: Any = _lora_layer.LoraLayer
+LoraModel: Any = importlib.import_module("peft.tuners.lora.model").LoraModel
+BaseTunerLayer: Any = _tuners_utils.BaseTunerLayer
+AuxiliaryTrainingWrapper: Any = _other.AuxiliaryTrainingWrapper
+get_pattern_key: Any = _other.get_pattern_key
 
 FAST = "fastkeys"
 PEFT = "peft"
@@ -83,7 +90,7 @@ _hook_lock = threading.Lock()
 _hook_installed = False
 
 
-def _on_register(parent: nn.Module, name: str, child: nn.Module | None) -> None:
+def _on_register(parent: Any, name: str, child: Any | None) -> None:
     global _generation
     if getattr(_quiet, "depth", 0):
         return
@@ -116,10 +123,10 @@ class _Index:
     """The module names PEFT's `inject_adapter` visits (in its order), with their modules, and
     every dotted segment of the model's parameter names outside tuner-layer internals."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         self.generation = _generation
-        self.modules: dict[str, nn.Module] = {}
-        self.layers: dict[str, BaseTunerLayer] = {}
+        self.modules: dict[str, Any] = {}
+        self.layers: dict[str, Any] = {}
         self.auxiliary = False
         segments: set[str] = {"weight", "bias", "base_layer"}
         inner = None  # the tuner layer whose internals named_modules (preorder) is inside
@@ -139,17 +146,17 @@ class _Index:
         self.segments = segments
         self.matches: dict[str, list[tuple[str, Any]]] = {}
 
-    def wrapped(self, name: str, module: nn.Module) -> None:
+    def wrapped(self, name: str, module: Any) -> None:
         self.modules[name] = module
         if isinstance(module, BaseTunerLayer):
             self.layers[name] = module
         self.matches.clear()
 
 
-_indexes: weakref.WeakKeyDictionary[nn.Module, _Index] = weakref.WeakKeyDictionary()
+_indexes: weakref.WeakKeyDictionary[Any, _Index] = weakref.WeakKeyDictionary()
 
 
-def _index_of(model: nn.Module) -> _Index:
+def _index_of(model: Any) -> _Index:
     """The model's index, rebuilt when a module was registered outside the fast path since."""
     _install_hook()
     index = _indexes.get(model)
@@ -215,8 +222,7 @@ def _read_config(directory: Path) -> Any:
 
 def _refusal(peft_model: Any, adapter_name: str, config: Any, index: _Index) -> str | None:
     """Why the fast path cannot reproduce PEFT's loader for this adapter, or None."""
-    from peft.utils.transformers_weight_conversion import get_checkpoint_conversion_mapping
-
+    conversion: Any = importlib.import_module("peft.utils.transformers_weight_conversion")
     tuner = peft_model.base_model
     if type(tuner) is not LoraModel or config.peft_type != peft.PeftType.LORA:
         return f"the fast path covers LoRA (with DoRA, rsLoRA); this is {config.peft_type.value}"
@@ -249,12 +255,19 @@ def _refusal(peft_model: Any, adapter_name: str, config: Any, index: _Index) -> 
         )
         if getattr(config, field, None)
     ]
-    special += [field for field in ("use_qalora", "use_bdlora", "ensure_weight_tying") if getattr(config, field, False)]
+    special += [
+        field
+        for field in ("use_qalora", "use_bdlora", "ensure_weight_tying")
+        if getattr(config, field, False)
+    ]
     if special:
         return f"{special[0]} is set"
     if config.target_modules is None or config.target_modules == "all-linear":
         return "target_modules is resolved by PEFT from the whole model"
-    if isinstance(config.target_modules, (list, set)) and len(config.target_modules) >= _PEFT_CONDENSES_TARGETS:
+    if (
+        isinstance(config.target_modules, (list, set))
+        and len(config.target_modules) >= _PEFT_CONDENSES_TARGETS
+    ):
         return f"PEFT condenses {len(config.target_modules)} target modules against every module name"
     active = tuner.active_adapters
     if any(getattr(peft_model.peft_config.get(name), "bias", "none") != "none" for name in active):
@@ -266,7 +279,7 @@ def _refusal(peft_model: Any, adapter_name: str, config: Any, index: _Index) -> 
     if any(layer.merged for layer in index.layers.values()):
         return "the model has merged adapter layers"
     model_type = getattr(getattr(tuner.model, "config", None), "model_type", None)
-    if model_type is not None and get_checkpoint_conversion_mapping(model_type) is not None:
+    if model_type is not None and conversion.get_checkpoint_conversion_mapping(model_type) is not None:
         return f"transformers converts {model_type} adapters between v4 and v5"
     return None
 
@@ -295,16 +308,16 @@ class _Injection:
 
     def __init__(self, adapter_name: str) -> None:
         self.adapter_name = adapter_name
-        self.updated: list[LoraLayer] = []
+        self.updated: list[Any] = []
         self.layer_names: dict[int, Any] = {}
-        self.wrapped: list[tuple[nn.Module, str, nn.Module, nn.Module, str]] = []
+        self.wrapped: list[tuple[Any, str, Any, Any, str]] = []
 
-    def remember(self, layer: LoraLayer) -> None:
+    def remember(self, layer: Any) -> None:
         self.updated.append(layer)
         self.layer_names[id(layer)] = layer.__dict__.get("adapter_layer_names")
 
-    def layers(self) -> list[LoraLayer]:
-        return self.updated + [new for _p, _n, _old, new, _k in self.wrapped]  # type: ignore[misc]
+    def layers(self) -> list[Any]:
+        return self.updated + [new for _p, _n, _old, new, _k in self.wrapped]
 
     def roll_back(self, index: _Index) -> None:
         name = self.adapter_name
@@ -325,9 +338,9 @@ class _Injection:
                     layer.adapter_layer_names = before
 
 
-def _new_parameters(layer: LoraLayer, adapter_name: str, module_name: str) -> dict[str, nn.Parameter]:
+def _new_parameters(layer: Any, adapter_name: str, module_name: str) -> dict[str, Any]:
     """The new adapter's parameters in `layer`, by model key."""
-    found: dict[str, nn.Parameter] = {}
+    found: dict[str, Any] = {}
     for attribute in layer.adapter_layer_names:
         holder = getattr(layer, attribute, None)
         if holder is None or adapter_name not in holder:
@@ -342,13 +355,13 @@ def _new_parameters(layer: LoraLayer, adapter_name: str, module_name: str) -> di
     return found
 
 
-def _upcast(layer: LoraLayer, adapter_name: str) -> None:
+def _upcast(layer: Any, adapter_name: str) -> None:
     """PEFT's `cast_adapter_dtype` for one adapter of one layer: fp16/bf16 (and float8) -> fp32."""
     low = _upcast_dtypes()
     # PEFT walks the whole layer (every adapter's modules); the adapter's entries are in the
     # layer's own dicts.
     for holder in layer._modules.values():
-        if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in holder:
+        if not _is_adapter_dict(holder) or adapter_name not in holder:
             continue
         entry = holder[adapter_name]
         if isinstance(entry, torch.Tensor):
@@ -381,7 +394,11 @@ def _load_fast(
     tuner = peft_model.base_model
     peft_model._check_new_adapter_config(config, is_trainable=is_trainable)
     config.inference_mode = not is_trainable
-    targets = [name for name, result in _targets(tuner, config, index) if not isinstance(result, _ExcludedModule)]
+    targets = [
+        name
+        for name, result in _targets(tuner, config, index)
+        if not isinstance(result, _tuners_utils._ExcludedModule)
+    ]
     if not targets:
         raise _Refused("the config matches no module (PEFT raises its own error)")
     active = list(tuner.active_adapters)
@@ -398,17 +415,17 @@ def _load_fast(
             layers = {id(layer): layer for layer in injection.layers()}
             for name in targets:
                 if name not in quick:
-                    parameters = _new_parameters(index.modules[name], adapter_name, name)  # type: ignore[arg-type]
+                    parameters = _new_parameters(index.modules[name], adapter_name, name)
                     expected.update((key, tuple(p.shape)) for key, p in parameters.items())
             _check_checkpoint(checkpoint, by_model_key, expected, adapter_name)
             tensors = _read_tensors(checkpoint, [by_model_key[key] for key in expected])
             for name, (r, alpha) in quick.items():
                 layer = index.modules[name]
-                injection.remember(layer)  # type: ignore[arg-type]
+                injection.remember(layer)
                 layers[id(layer)] = layer
                 prefix = f"base_model.model.{name}."
                 _add_lora_linear(
-                    layer,  # type: ignore[arg-type]
+                    layer,
                     adapter_name,
                     r,
                     alpha,
@@ -423,7 +440,7 @@ def _load_fast(
                 for attribute in layer.adapter_layer_names:
                     holder = getattr(layer, attribute)
                     if adapter_name in holder:
-                        _set_layer_requires_grad(holder[adapter_name], False)
+                        _tuners_utils._set_layer_requires_grad(holder[adapter_name], False)
             # inject_adapter's model-wide set_adapter stores the active list in every layer
             for layer in index.layers.values():
                 layer._active_adapter = list(active)
@@ -434,14 +451,14 @@ def _load_fast(
                 if name not in quick:
                     layer = index.modules[name]
                     if autocast_adapter_dtype:
-                        _upcast(layer, adapter_name)  # type: ignore[arg-type]
-                    for key, parameter in _new_parameters(layer, adapter_name, name).items():  # type: ignore[arg-type]
+                        _upcast(layer, adapter_name)
+                    for key, parameter in _new_parameters(layer, adapter_name, name).items():
                         if parameter.device.type == "meta":
                             raise _Refused(f"{key} is on the meta device")
                         parameter.copy_(tensors[by_model_key[key]])
             if is_trainable:
                 for layer in layers.values():
-                    layer.set_requires_grad(adapter_name, True)  # type: ignore[operator]
+                    layer.set_requires_grad(adapter_name, True)
             _extend_unique(tuner.targeted_module_names, targets)
             if not is_trainable:
                 _eval(peft_model, index, layers.values(), adapter_name)
@@ -457,17 +474,17 @@ def _plan(
 ) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, ...]]]:
     """The targets that are LoRA Linear layers already and need nothing but two new matrices
     ({name: (r, alpha)}), and the model keys and shapes of their new parameters."""
-    from peft.tuners.lora.layer import Linear
-
     quick: dict[str, tuple[int, float]] = {}
     expected: dict[str, tuple[int, ...]] = {}
     plain = not (config.use_dora or config.lora_bias)
     for name in targets:
         layer = index.modules[name]
-        if not (plain and type(layer) is Linear and not hasattr(layer, "lora_arrow")):
+        if not (plain and type(layer) is _lora_layer.Linear and not hasattr(layer, "lora_arrow")):
             continue
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+        alpha = config.alpha_pattern.get(
+            get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha
+        )
         if not isinstance(r, int) or r <= 0:
             continue  # PEFT's update_layer raises its own error
         quick[name] = (r, alpha)
@@ -478,7 +495,10 @@ def _plan(
 
 
 def _check_checkpoint(
-    checkpoint: Checkpoint, by_model_key: dict[str, str], expected: dict[str, tuple[int, ...]], adapter_name: str
+    checkpoint: Checkpoint,
+    by_model_key: dict[str, str],
+    expected: dict[str, tuple[int, ...]],
+    adapter_name: str,
 ) -> None:
     missing = [key for key in expected if key not in by_model_key]
     if missing:
@@ -486,7 +506,8 @@ def _check_checkpoint(
     unexpected = [by_model_key[key] for key in by_model_key if key not in expected]
     if unexpected:
         raise _Refused(
-            f"the checkpoint holds {len(unexpected)} tensors outside the adapter's modules (e.g. {unexpected[0]})"
+            f"the checkpoint holds {len(unexpected)} tensors outside the adapter's modules "
+            f"(e.g. {unexpected[0]})"
         )
     for key, shape in expected.items():
         found = checkpoint[by_model_key[key]]
@@ -502,8 +523,6 @@ def _inject_with_peft(
 ) -> None:
     """PEFT's own per-module step: `update_layer` on a LoRA layer (without its O(adapters) passes),
     or `_create_and_replace` for a module not wrapped yet."""
-    from peft.tuners.tuners_utils import _get_submodules
-
     target = index.modules[name]
     if isinstance(target, BaseTunerLayer):
         if not isinstance(target, LoraLayer) or type(target).__module__ != LoraLayer.__module__:
@@ -516,8 +535,8 @@ def _inject_with_peft(
         injection.remember(target)
         # update_layer ends with the layer's set_adapter, a pass over every adapter the layer
         # holds; its effect on the new adapter is applied by the caller.
-        target.set_adapter = _no_set_adapter  # type: ignore[method-assign]
-        target._move_adapter_to_device_of_base_layer = _mover(target)  # type: ignore[method-assign]
+        target.set_adapter = _no_set_adapter
+        target._move_adapter_to_device_of_base_layer = _mover(target)
         try:
             target.update_layer(
                 adapter_name,
@@ -530,7 +549,7 @@ def _inject_with_peft(
             del target.set_adapter, target._move_adapter_to_device_of_base_layer
         return
     model = tuner.model
-    parent, old, child_name = _get_submodules(model, name)
+    parent, old, child_name = _tuners_utils._get_submodules(model, name)
     tuner._check_target_module_compatiblity(config, model, child_name)
     # _create_and_replace freezes the whole new layer, base weights included; inject_adapter then
     # restores every parameter that existed before, which here are the old module's.
@@ -589,15 +608,20 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-def _upcast_dtypes() -> set[torch.dtype]:
-    from peft.tuners.tuners_utils import UPCAST_DTYPES
+def _is_adapter_dict(holder: Any) -> bool:
+    """A layer's per-adapter container (ModuleDict, ParameterDict, BufferDict)."""
+    return isinstance(holder, (nn.ModuleDict, nn.ParameterDict, BufferDict))
 
+
+def _upcast_dtypes() -> set[torch.dtype]:
     low = {torch.float16, torch.bfloat16}
-    low.update(dtype for name in UPCAST_DTYPES if (dtype := getattr(torch, name, None)) is not None)
+    low.update(
+        dtype for name in _tuners_utils.UPCAST_DTYPES if (dtype := getattr(torch, name, None)) is not None
+    )
     return low
 
 
-def _mover(layer: LoraLayer) -> Callable[..., None]:
+def _mover(layer: Any) -> Callable[..., None]:
     """PEFT's `_move_adapter_to_device_of_base_layer` for a new adapter, which skips an adapter dict
     when any parameter in it is on the meta device: it checks the dict's every adapter (O(adapters)
     per layer). Only the new entry can be on the meta device (a finished load leaves none there), so
@@ -609,10 +633,17 @@ def _mover(layer: LoraLayer) -> Callable[..., None]:
         target_device = device if device is not None else base_device
         if target_device is None:
             return
-        target_dtype = base_dtype if base_dtype is not None and (base_dtype.is_floating_point or base_dtype.is_complex) else None
+        target_dtype = (
+            base_dtype
+            if base_dtype is not None and (base_dtype.is_floating_point or base_dtype.is_complex)
+            else None
+        )
         for attribute in layer.adapter_layer_names + layer.other_param_names:
             holder = getattr(layer, attribute, None)
-            if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or adapter_name not in holder:
+            if (
+                not isinstance(holder, (nn.ModuleDict, nn.ParameterDict, BufferDict))
+                or adapter_name not in holder
+            ):
                 continue
             item = holder[adapter_name]
             own = [item] if isinstance(item, torch.Tensor) else list(item.parameters())
@@ -650,8 +681,8 @@ def _eval(peft_model: Any, index: _Index, layers: Any, adapter_name: str) -> Non
         return
     for layer in layers:
         for attribute in (*layer.adapter_layer_names, *layer.other_param_names):
-            holder = getattr(layer, attribute, None)
-            if isinstance(holder, nn.Module):
+            holder: Any = getattr(layer, attribute, None)
+            if _is_adapter_dict(holder):
                 if holder.training:
                     peft_model.eval()
                     return
@@ -785,7 +816,9 @@ def load_one(
     if adapter_name in peft_model.peft_config:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"adapter {adapter_name!r}: the checkpoint must be a directory path, not {type(path).__name__}")
+        raise TypeError(
+            f"adapter {adapter_name!r}: the checkpoint must be a directory path, not {type(path).__name__}"
+        )
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(2, f"adapter {adapter_name!r}: no such checkpoint directory", str(directory))
@@ -833,7 +866,9 @@ def load_many(
     """Loads each adapter in order; a failure keeps the ones loaded before it and raises."""
     _check_model(peft_model)
     if not isinstance(adapters, Mapping):
-        raise TypeError(f"adapters must map adapter names to checkpoint directories, not {type(adapters).__name__}")
+        raise TypeError(
+            f"adapters must map adapter names to checkpoint directories, not {type(adapters).__name__}"
+        )
     names = list(adapters)
     for name in names:
         if not isinstance(name, str) or not name:
@@ -867,7 +902,7 @@ def _progress_reporter(
     started = time.perf_counter()
     shown = [False]
 
-    def bar(done: int, total: int, name: str) -> None:
+    def draw(done: int, total: int, name: str) -> None:
         if done < 0:
             if shown[0]:
                 sys.stderr.write("\n")
@@ -875,9 +910,9 @@ def _progress_reporter(
         width = 30
         filled = width * done // max(total, 1)
         elapsed = time.perf_counter() - started
-        sys.stderr.write(f"\rloading adapters [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:.1f}s {name[:30]:<30}")
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\rloading adapters [{bar}] {done}/{total} {elapsed:.1f}s {name[:30]:<30}")
         sys.stderr.flush()
         shown[0] = True
 
-    return bar
-
+    return draw
