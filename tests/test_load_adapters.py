@@ -321,6 +321,10 @@ def test_index_survives_deletes_and_model_surgery(tmp_path: Path) -> None:
         torch.manual_seed(5)
         model.base_model.model.model.layers[0].mlp.up_proj = torch.nn.Linear(32, 64)
         load(wider, "three")
+        # replaced behind torch's back (no registration hook fires): the index must still notice
+        torch.manual_seed(6)
+        model.base_model.model.model.layers[1].mlp._modules["up_proj"] = torch.nn.Linear(32, 64)
+        load(wider, "four")
     index = _loader._indexes[models[1].base_model.model]
     assert (
         index.modules["model.layers.0.mlp.up_proj"] is models[1].base_model.model.model.layers[0].mlp.up_proj

@@ -88,15 +88,21 @@ _generation = 0  # bumped whenever a module is registered outside a tuner layer'
 _quiet = threading.local()
 _hook_lock = threading.Lock()
 _hook_installed = False
+_base_dicts: weakref.WeakSet[Any] = weakref.WeakSet()  # ModuleDicts outside tuner layers
 
 
 def _on_register(parent: Any, name: str, child: Any | None) -> None:
     global _generation
     if getattr(_quiet, "depth", 0):
         return
-    # Adapters come and go inside tuner layers (their ModuleDicts): that never changes the names
-    # PEFT's matcher visits, so it must not cost a re-index.
-    if isinstance(parent, (nn.ModuleDict, BaseTunerLayer)) and not isinstance(child, BaseTunerLayer):
+    # Adapters come and go inside tuner layers (their ModuleDicts, or fresh dicts PEFT merges into
+    # them): that never changes the names PEFT's matcher visits, so it must not cost a re-index. A
+    # ModuleDict of the base model itself (one an index has seen) does count.
+    if (
+        isinstance(parent, (nn.ModuleDict, BaseTunerLayer))
+        and not isinstance(child, BaseTunerLayer)
+        and parent not in _base_dicts
+    ):
         return
     _generation += 1
 
@@ -134,6 +140,8 @@ class _Index:
             if not name or (inner is not None and name.startswith(inner)):
                 continue
             self.modules[name] = module
+            if isinstance(module, nn.ModuleDict):
+                _base_dicts.add(module)
             segments.update(name.split("."))
             segments.update(module._parameters)
             if isinstance(module, BaseTunerLayer):
@@ -146,6 +154,13 @@ class _Index:
         self.segments = segments
         self.matches: dict[str, list[tuple[str, Any]]] = {}
 
+    def attached(self, model: Any, names: list[str]) -> bool:
+        """Each of `names` still resolves to the module the index holds for it."""
+        try:
+            return all(model.get_submodule(name) is self.modules[name] for name in names)
+        except (AttributeError, KeyError):
+            return False
+
     def wrapped(self, name: str, module: Any) -> None:
         self.modules[name] = module
         if isinstance(module, BaseTunerLayer):
@@ -156,11 +171,12 @@ class _Index:
 _indexes: weakref.WeakKeyDictionary[Any, _Index] = weakref.WeakKeyDictionary()
 
 
-def _index_of(model: Any) -> _Index:
-    """The model's index, rebuilt when a module was registered outside the fast path since."""
+def _index_of(model: Any, rebuild: bool = False) -> _Index:
+    """The model's index, rebuilt when a module was registered outside the fast path since (or when
+    the caller found a module moved: removals fire no hook)."""
     _install_hook()
     index = _indexes.get(model)
-    if index is None or index.generation != _generation:
+    if rebuild or index is None or index.generation != _generation:
         index = _indexes[model] = _Index(model)
     return index
 
@@ -284,6 +300,15 @@ def _refusal(peft_model: Any, adapter_name: str, config: Any, index: _Index) -> 
     return None
 
 
+def _selected(tuner: Any, config: Any, index: _Index) -> list[str]:
+    """The names PEFT's matcher selects and does not exclude."""
+    return [
+        name
+        for name, result in _targets(tuner, config, index)
+        if not isinstance(result, _tuners_utils._ExcludedModule)
+    ]
+
+
 def _targets(tuner: Any, config: Any, index: _Index) -> list[tuple[str, Any]]:
     """(name, match result) of every indexed module PEFT's matcher selects or excludes, cached per
     matching-relevant config fields."""
@@ -394,11 +419,11 @@ def _load_fast(
     tuner = peft_model.base_model
     peft_model._check_new_adapter_config(config, is_trainable=is_trainable)
     config.inference_mode = not is_trainable
-    targets = [
-        name
-        for name, result in _targets(tuner, config, index)
-        if not isinstance(result, _tuners_utils._ExcludedModule)
-    ]
+    targets = _selected(tuner, config, index)
+    if not index.attached(tuner.model, targets):
+        # a module was removed or replaced without registering anything: index afresh
+        index = _index_of(tuner.model, rebuild=True)
+        targets = _selected(tuner, config, index)
     if not targets:
         raise _Refused("the config matches no module (PEFT raises its own error)")
     active = list(tuner.active_adapters)
