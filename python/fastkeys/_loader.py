@@ -711,8 +711,14 @@ def _eval(peft_model: Any, index: _Index, layers: Any, adapter_name: str) -> Non
                 if holder.training:
                     peft_model.eval()
                     return
-                if adapter_name in holder and isinstance(holder[adapter_name], nn.Module):
-                    holder[adapter_name].eval()
+                if adapter_name not in holder:  # ModuleDict has no get()
+                    continue
+                entry = holder[adapter_name]
+                if isinstance(entry, nn.Module):
+                    if entry._modules:
+                        entry.eval()
+                    else:  # a leaf (Linear, Dropout, Identity): what eval() does, without its recursion
+                        entry.training = False
 
 
 # ---------------------------------------------------------------------------------------------
