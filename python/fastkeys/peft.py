@@ -1,13 +1,13 @@
-"""Loading PEFT adapters with fastkeys' verdict on the raw load result.
+"""Loading PEFT adapters: PEFT's end state, fastkeys' verdict on missing keys, at the adapter's cost.
 
 PEFT filters the missing keys with its substring rule before its callers see them, so the keys it
-wrongly drops cannot be recovered from its answer. These functions load exactly as PEFT does (they
-call PEFT) and read the raw result that torch's `load_state_dict` returned inside PEFT's
-`set_peft_model_state_dict`.
-
-To see that raw result, the first call wraps `peft.peft_model.set_peft_model_state_dict` with a
-pass-through that records results only for the thread inside a fastkeys call; everything else PEFT
-does is untouched. Importing this module imports neither torch nor peft; calling it needs both.
+wrongly drops cannot be recovered from its answer. `load_adapter` and `load_adapters` load LoRA
+adapters by a per-adapter path (`_loader`) that ends in exactly the state PEFT's `load_adapter`
+would, and give everything else to PEFT; `from_pretrained` calls PEFT. Where PEFT loads, fastkeys
+reads the raw result that torch's `load_state_dict` returned inside PEFT's
+`set_peft_model_state_dict`: the first call wraps that function with a pass-through that records
+results only for the thread inside a fastkeys call. Importing this module imports neither torch nor
+peft; calling it needs both.
 """
 
 from __future__ import annotations
