@@ -58,6 +58,12 @@ def end_state(model: Any) -> dict[str, Any]:
             if isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer)
         ],
         "targeted": list(tuner.targeted_module_names),
+        # the per-adapter numbers a LoRA layer keeps outside its state_dict
+        "layer_options": [
+            (name, {key: dict(getattr(module, key)) for key in ("r", "lora_alpha", "scaling", "use_dora")})
+            for name, module in model.named_modules()
+            if isinstance(module, peft.tuners.lora.LoraLayer)
+        ],
     }
 
 
@@ -67,7 +73,16 @@ def assert_same_state(expected: dict[str, Any], actual: dict[str, Any]) -> None:
         got_dtype, got_device, got = actual["state_dict"][key]
         assert (got_dtype, got_device) == (dtype, device), key
         assert torch.equal(got, value), f"{key} differs"
-    for part in ("modules", "requires_grad", "training", "peft_config", "active", "layer_active", "targeted"):
+    for part in (
+        "modules",
+        "requires_grad",
+        "training",
+        "peft_config",
+        "active",
+        "layer_active",
+        "targeted",
+        "layer_options",
+    ):
         assert actual[part] == expected[part], part
 
 
@@ -113,7 +128,7 @@ def generated_config(
     if rng.random() < 0.15 and isinstance(target, list) and len(chosen) > 1:
         kwargs["exclude_modules"] = [chosen[-1]]
         kwargs["target_modules"] = chosen
-    if rng.random() < 0.1:
+    if rng.random() < 0.1 and not kwargs["use_dora"]:  # PEFT refuses lora_bias with DoRA
         kwargs["lora_bias"] = True
     if rng.random() < 0.1:
         kwargs["bias"] = "lora_only"

@@ -613,8 +613,10 @@ def _add_lora_linear(
     layer.lora_alpha[adapter_name] = alpha
     dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
     layer.lora_dropout[adapter_name] = dropout
-    layer.lora_A[adapter_name] = _linear(weight_a.to(device=device, dtype=dtype))
-    layer.lora_B[adapter_name] = _linear(weight_b.to(device=device, dtype=dtype))
+    # always a fresh allocation, as PEFT's parameters are: a tensor read from the file may sit at an
+    # unaligned address, and matmul kernels can round differently there (seen: r=1 outputs differ)
+    layer.lora_A[adapter_name] = _linear(weight_a.to(device=device, dtype=dtype, copy=True))
+    layer.lora_B[adapter_name] = _linear(weight_b.to(device=device, dtype=dtype, copy=True))
     layer.lora_bias[adapter_name] = False
     layer.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
     layer.use_rslora[adapter_name] = config.use_rslora
