@@ -8,7 +8,7 @@ RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
 .DEFAULT_GOAL := help
-.PHONY: help install build test test-rust test-native test-python test-wheels wheels fuzz demo docs lint bench clean
+.PHONY: help install build test test-rust test-native test-python test-wheels wheels fuzz demo docs lint bench bench-adapters clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ test: lint test-rust test-native test-python test-wheels ## Everything CI runs: 
 
 bench: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## The full benchmark suite (benches/): table, benches/results.json, docs/bench.png
 	$(PY) -m benches.run --full
+
+bench-adapters: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## 100 LoRA adapters: PEFT's load_adapter loop vs load_adapters (benches/adapters.json, docs/adapters.png; ~20 min)
+	$(PY) -m benches.adapters
 
 demo: build ## The seed scenario: what load_state_dict reports, what fastkeys keeps, and the timing
 	$(PY) -m fastkeys demo

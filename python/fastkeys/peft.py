@@ -1,29 +1,35 @@
-"""Loading PEFT adapters with fastkeys' verdict on the raw load result.
+"""Loading PEFT adapters: PEFT's end state, fastkeys' verdict on missing keys, at the adapter's cost.
 
 PEFT filters the missing keys with its substring rule before its callers see them, so the keys it
-wrongly drops cannot be recovered from its answer. These functions load exactly as PEFT does (they
-call PEFT) and read the raw result that torch's `load_state_dict` returned inside PEFT's
-`set_peft_model_state_dict`.
-
-To see that raw result, the first call wraps `peft.peft_model.set_peft_model_state_dict` with a
-pass-through that records results only for the thread inside a fastkeys call; everything else PEFT
-does is untouched. Importing this module imports neither torch nor peft; calling it needs both.
+wrongly drops cannot be recovered from its answer. `load_adapter` and `load_adapters` load LoRA
+adapters by a per-adapter path (`_loader`) that ends in exactly the state PEFT's `load_adapter`
+would, and give everything else to PEFT; `from_pretrained` calls PEFT. Where PEFT loads, fastkeys
+reads the raw result that torch's `load_state_dict` returned inside PEFT's
+`set_peft_model_state_dict`: the first call wraps that function with a pass-through that records
+results only for the thread inside a fastkeys call. Importing this module imports neither torch nor
+peft; calling it needs both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .matching import MissingAdapterKeysWarning, filter_missing
 
-__all__ = ["filter_load_result", "from_pretrained", "load_adapter"]
+__all__ = ["AdapterLoadResult", "filter_load_result", "from_pretrained", "load_adapter", "load_adapters"]
+
+if TYPE_CHECKING:
+    from ._loader import AdapterLoadResult
 
 _TESTED_WITH = "0.21"
+# Inside `_raw_results` a caller wants torch's raw load result, which only PEFT's loader produces.
+_RAW_REQUESTED = "the raw load result was requested"
 _SHOWN = 5
 _recording = threading.local()
 _install_lock = threading.Lock()
@@ -97,6 +103,14 @@ def _last(records: list[Any], what: str) -> Any:
     return records[-1]
 
 
+def __getattr__(name: str) -> Any:
+    if name == "AdapterLoadResult":
+        from ._loader import AdapterLoadResult
+
+        return AdapterLoadResult
+    raise AttributeError(f"module 'fastkeys.peft' has no attribute {name!r}")
+
+
 def filter_load_result(peft_model: Any, load_result: Any, adapter_name: str) -> Any:
     """fastkeys' verdict on a raw load result of `adapter_name`, using the method and options of
     `peft_model.peft_config[adapter_name]`. Returns the same type with `missing_keys` filtered."""
@@ -110,27 +124,83 @@ def filter_load_result(peft_model: Any, load_result: Any, adapter_name: str) -> 
     return filter_missing(load_result, adapter_name, config=configs[adapter_name])
 
 
-def load_adapter(peft_model: Any, model_id: str, adapter_name: str, **kwargs: Any) -> Any:
-    """`peft_model.load_adapter(model_id, adapter_name, **kwargs)`, with the same arguments and side
-    effects, returning a load result whose `missing_keys` are fastkeys' verdict on the raw result."""
+def load_adapter(
+    peft_model: Any,
+    model_id: str | os.PathLike[str],
+    adapter_name: str,
+    *,
+    is_trainable: bool = False,
+    torch_device: str | None = None,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
+) -> AdapterLoadResult:
+    """`peft_model.load_adapter(model_id, adapter_name, ...)` with the same end state, from a local
+    directory with a single or sharded safetensors checkpoint (or a `.bin`, through PEFT).
+
+    LoRA adapters (DoRA, rsLoRA) load by a path that touches only the adapter's own modules; every
+    other case goes through PEFT's loader, and the result's `loader`/`reason` say so. A failed load
+    leaves the model as it was. `missing_keys` is fastkeys' verdict on what the checkpoint lacks."""
+    from . import _loader
+
     _peft_model_module()
-    with _raw_results() as records:
-        peft_model.load_adapter(model_id, adapter_name, **kwargs)
-    return filter_load_result(peft_model, _last(records, "load_adapter"), adapter_name)
+    return _loader.load_one(
+        peft_model,
+        adapter_name,
+        model_id,
+        is_trainable=is_trainable,
+        torch_device=torch_device,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+        force_peft=_RAW_REQUESTED if getattr(_recording, "stack", None) else None,
+    )
+
+
+def load_adapters(
+    peft_model: Any,
+    adapters: Mapping[str, str | os.PathLike[str]],
+    *,
+    is_trainable: bool = False,
+    torch_device: str | None = None,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
+    progress: bool | Callable[[int, int, str], None] | None = None,
+) -> dict[str, AdapterLoadResult]:
+    """Loads many adapters (name -> checkpoint directory, in order) into `peft_model`, each as
+    `load_adapter` would, at a cost that does not grow with the adapters already loaded.
+
+    A failing adapter raises after leaving no trace of itself; those loaded before it stay.
+    `progress`: None shows a bar on stderr when it is a terminal (and several adapters load), False
+    hides it, True forces it, a callable is called as `progress(done, total, adapter_name)`."""
+    from . import _loader
+
+    _peft_model_module()
+    return _loader.load_many(
+        peft_model,
+        adapters,
+        progress=progress,
+        is_trainable=is_trainable,
+        torch_device=torch_device,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
 
 
 def from_pretrained(model: Any, model_id: str, adapter_name: str = "default", **kwargs: Any) -> Any:
     """`PeftModel.from_pretrained(model, model_id, adapter_name, **kwargs)`, returning the PeftModel.
+    A local directory with a sharded checkpoint (`adapter_model.safetensors.index.json` and shards)
+    is read too: PEFT gets its shards merged into a temporary single file.
 
     Warns once, with `fastkeys.MissingAdapterKeysWarning`, when tensors of the adapter are missing
     from the checkpoint; PEFT's own warning about missing keys is filtered out while PEFT loads
     (other warnings pass; like any `warnings.catch_warnings`, this is not thread-safe).
     """
+    from . import _loader
+
     peft_model_module = _peft_model_module()
-    with _raw_results() as records, warnings.catch_warnings():
+    with _raw_results() as records, warnings.catch_warnings(), _loader.readable_by_peft(model_id) as source:
         for message in _PEFT_MISSING_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        loaded = peft_model_module.PeftModel.from_pretrained(model, model_id, adapter_name, **kwargs)
+        loaded = peft_model_module.PeftModel.from_pretrained(model, source, adapter_name, **kwargs)
     result = filter_load_result(loaded, _last(records, "from_pretrained"), adapter_name)
     missing = list(result.missing_keys)
     if missing:

@@ -1,0 +1,531 @@
+"""fastkeys.peft.load_adapters against PEFT's own `load_adapter` loop, on real tiny models.
+
+Every end state is compared with the one PEFT produces: state_dict keys, values (bitwise), dtypes
+and devices; module names and types; requires_grad and training flags; peft_config.to_dict();
+active adapters (model, tuner, every layer); targeted_module_names; and the outputs with each adapter
+active. The default slice loads a few dozen generated adapters; FASTKEYS_FULL=1 runs a larger
+generated sweep (minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastkeys.peft
+from fastkeys import _loader
+from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
+
+FULL = os.environ.get("FASTKEYS_FULL") == "1"
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BERT_MODULES = ["query", "key", "value", "dense"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What "the same end state" means.
+
+
+def end_state(model: Any) -> dict[str, Any]:
+    tuner = model.base_model
+    return {
+        "state_dict": {
+            key: (value.dtype, value.device, value.detach().clone())
+            for key, value in model.state_dict().items()
+        },
+        "modules": [(name, type(module).__qualname__) for name, module in model.named_modules()],
+        "requires_grad": [(name, p.requires_grad) for name, p in model.named_parameters()],
+        "training": [(name, module.training) for name, module in model.named_modules()],
+        "peft_config": {name: config.to_dict() for name, config in model.peft_config.items()},
+        "active": (model.active_adapter, tuner.active_adapter),
+        "layer_active": [
+            (name, module.active_adapter)
+            for name, module in model.named_modules()
+            if isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer)
+        ],
+        "targeted": list(tuner.targeted_module_names),
+        # the per-adapter numbers a LoRA layer keeps outside its state_dict
+        "layer_options": [
+            (name, {key: dict(getattr(module, key)) for key in ("r", "lora_alpha", "scaling", "use_dora")})
+            for name, module in model.named_modules()
+            if isinstance(module, peft.tuners.lora.LoraLayer)
+        ],
+    }
+
+
+def assert_same_state(expected: dict[str, Any], actual: dict[str, Any]) -> None:
+    assert list(actual["state_dict"]) == list(expected["state_dict"])
+    for key, (dtype, device, value) in expected["state_dict"].items():
+        got_dtype, got_device, got = actual["state_dict"][key]
+        assert (got_dtype, got_device) == (dtype, device), key
+        assert torch.equal(got, value), f"{key} differs"
+    for part in (
+        "modules",
+        "requires_grad",
+        "training",
+        "peft_config",
+        "active",
+        "layer_active",
+        "targeted",
+        "layer_options",
+    ):
+        assert actual[part] == expected[part], part
+
+
+def assert_same_outputs(expected: Any, actual: Any, inputs: torch.Tensor) -> None:
+    for name in expected.peft_config:
+        expected.set_adapter(name)
+        actual.set_adapter(name)
+        outputs = []
+        for model in (expected, actual):
+            torch.manual_seed(0)  # dropout in training mode
+            with torch.no_grad():
+                outputs.append(model(inputs)[0])
+        assert torch.equal(outputs[0], outputs[1]), f"outputs with adapter {name!r} differ"
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated adapters.
+
+
+def generated_config(
+    rng: random.Random, modules: list[str], layers_pattern: str
+) -> tuple[Any, dict[str, Any]]:
+    """A random LoRA config over `modules` and how to save it (dtype)."""
+    chosen = rng.sample(modules, rng.randint(1, len(modules)))
+    target: Any = chosen
+    if rng.random() < 0.25:
+        target = r".*\.(" + "|".join(chosen) + ")"
+    kwargs: dict[str, Any] = {
+        "r": rng.choice([1, 2, 4, 8]),
+        "lora_alpha": rng.choice([1, 8, 16, 3]),
+        "target_modules": target,
+        "use_rslora": rng.random() < 0.3,
+        "use_dora": rng.random() < 0.2,
+        "lora_dropout": rng.choice([0.0, 0.0, 0.1]),
+    }
+    if rng.random() < 0.3:
+        kwargs["rank_pattern"] = {chosen[0]: rng.choice([2, 3])}
+    if rng.random() < 0.3:
+        kwargs["alpha_pattern"] = {chosen[-1]: rng.choice([5, 7])}
+    if rng.random() < 0.2 and isinstance(target, list):
+        kwargs["layers_to_transform"] = [rng.randint(0, 1)]
+        kwargs["layers_pattern"] = layers_pattern
+    if rng.random() < 0.15 and isinstance(target, list) and len(chosen) > 1:
+        kwargs["exclude_modules"] = [chosen[-1]]
+        kwargs["target_modules"] = chosen
+    if rng.random() < 0.1 and not kwargs["use_dora"]:  # PEFT refuses lora_bias with DoRA
+        kwargs["lora_bias"] = True
+    if rng.random() < 0.1:
+        kwargs["bias"] = "lora_only"
+    dtype = rng.choice([None, None, torch.float16, torch.bfloat16])
+    return peft.LoraConfig(**kwargs), {"dtype": dtype, "shards": rng.choice([1, 1, 2, 3])}
+
+
+ARCHITECTURES: dict[str, tuple[Callable[[], Any], list[str], str]] = {
+    "llama": (tiny_llama, LLAMA_MODULES, "layers"),
+    "bert": (tiny_bert, BERT_MODULES, "layer"),
+}
+
+
+def merged_copy(directory: Path, target: Path) -> Path:
+    """What PEFT can read: the shards of `directory` merged into one file."""
+    if (directory / "adapter_model.safetensors").is_file():
+        return directory
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(directory / "adapter_config.json", target / "adapter_config.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("adapter_model-*.safetensors")):
+        tensors.update(load_file(shard))
+    save_file(tensors, target / "adapter_model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def both_loops(
+    factory: Callable[[], Any],
+    first: Path,
+    adapters: dict[str, Path],
+    scratch: Path,
+    **options: Any,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(the model after PEFT's load_adapter loop, the model after load_adapters, the results)."""
+    expected = peft.PeftModel.from_pretrained(factory(), first, "first")
+    for name, directory in adapters.items():
+        expected.load_adapter(merged_copy(directory, scratch / f"merged-{name}"), name, **options)
+    actual = peft.PeftModel.from_pretrained(factory(), first, "first")
+    results = fastkeys.peft.load_adapters(actual, adapters, **options)
+    return expected, actual, results
+
+
+def run_sweep(tmp_path: Path, architecture: str, seed: int, count: int, **options: Any) -> dict[str, Any]:
+    factory, modules, layers_pattern = ARCHITECTURES[architecture]
+    rng = random.Random(seed)
+    first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=modules[:2]), tmp_path / "first", factory)
+    adapters: dict[str, Path] = {}
+    biased = False
+    for index in range(count):
+        config, saving = generated_config(rng, modules, layers_pattern)
+        if biased:  # PEFT allows one adapter that trains biases
+            config.bias = "none"
+        biased = biased or config.bias != "none"
+        adapters[f"a{index}"] = save_seeded_adapter(
+            config, tmp_path / f"a{index}", factory, seed=seed * 100 + index, **saving
+        )
+    expected, actual, results = both_loops(factory, first, adapters, tmp_path, **options)
+    assert_same_state(end_state(expected), end_state(actual))
+    inputs = torch.tensor([[1, 5, 9, 2, 7]])
+    assert_same_outputs(expected, actual, inputs)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Differential tests: the default slice.
+
+
+@pytest.mark.parametrize("architecture", ["llama", "bert"])
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_generated_adapters_end_like_peft_loop(tmp_path: Path, architecture: str, is_trainable: bool) -> None:
+    results = run_sweep(tmp_path, architecture, seed=7 + is_trainable, count=6, is_trainable=is_trainable)
+    loaders = {name: result.loader for name, result in results.items()}
+    # bias="lora_only" and a few special cases go through PEFT; the plain ones must not
+    assert list(loaders.values()).count("fastkeys") >= 3, results
+    for result in results.values():
+        assert result.missing_keys == [] and result.unexpected_keys == []
+        assert (result.reason is None) == (result.loader == "fastkeys")
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_half_precision_checkpoints_cast_like_peft(tmp_path: Path, autocast: bool) -> None:
+    first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")
+    adapters = {
+        "fp16": save_seeded_adapter(
+            peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+            tmp_path / "h",
+            seed=1,
+            dtype=torch.float16,
+        ),
+        "bf16": save_seeded_adapter(
+            peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+            tmp_path / "b",
+            seed=2,
+            dtype=torch.bfloat16,
+        ),
+    }
+
+    def half_llama() -> Any:
+        return tiny_llama().to(torch.bfloat16)
+
+    expected, actual, results = both_loops(
+        half_llama, first, adapters, tmp_path, autocast_adapter_dtype=autocast
+    )
+    assert_same_state(end_state(expected), end_state(actual))
+    dtypes = {value[0] for key, value in end_state(actual)["state_dict"].items() if ".fp16." in key}
+    assert dtypes == ({torch.float32} if autocast else {torch.bfloat16})
+    assert [result.loader for result in results.values()] == ["fastkeys", "fastkeys"]
+
+
+def test_low_cpu_mem_usage_ends_like_peft(tmp_path: Path) -> None:
+    first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")
+    adapters = {
+        f"x{i}": save_seeded_adapter(
+            peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]), tmp_path / f"x{i}", seed=i
+        )
+        for i in range(2)
+    }
+    expected, actual, results = both_loops(tiny_llama, first, adapters, tmp_path, low_cpu_mem_usage=True)
+    assert_same_state(end_state(expected), end_state(actual))
+    assert {result.loader for result in results.values()} == {"fastkeys"}
+
+
+def test_methods_and_options_the_fast_path_leaves_to_peft(tmp_path: Path) -> None:
+    """Exactness first: these go through PEFT's loader, say why, and end as PEFT's loop does."""
+    first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path / "first")
+    configs = {
+        "all": peft.LoraConfig(r=2, target_modules="all-linear"),
+        "saved": peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        "later": peft.LoraConfig(r=4, target_modules=["k_proj"]),
+        # last: PEFT 0.21 expects a trainable-token wrapper's tensor in every later checkpoint
+        "tokens": peft.LoraConfig(r=4, target_modules=["v_proj"], trainable_token_indices=[0, 3]),
+    }
+    adapters = {
+        name: save_seeded_adapter(c, tmp_path / name, seed=i) for i, (name, c) in enumerate(configs.items())
+    }
+    expected, actual, results = both_loops(tiny_llama, first, adapters, tmp_path)
+    assert_same_state(end_state(expected), end_state(actual))
+    assert_same_outputs(expected, actual, torch.tensor([[3, 1, 4, 1, 5]]))
+    assert results["saved"].loader == "peft" and "modules_to_save" in (results["saved"].reason or "")
+    assert results["tokens"].loader == "peft"
+    # save_pretrained stores "all-linear" resolved to the module names, which the fast path matches
+    assert results["all"].loader == "fastkeys"
+    # the auxiliary wrappers now in the model keep every later adapter on PEFT's loader too
+    assert results["later"].loader == "peft" and "auxiliary wrappers" in (results["later"].reason or "")
+
+
+def test_other_methods_go_through_peft(tmp_path: Path) -> None:
+    config = peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"])
+    first = save_seeded_adapter(config, tmp_path / "first")
+    adapters = {"loha": save_seeded_adapter(config, tmp_path / "loha", seed=3, shards=2)}
+    expected, actual, results = both_loops(tiny_llama, first, adapters, tmp_path)
+    assert_same_state(end_state(expected), end_state(actual))
+    assert results["loha"].loader == "peft"
+    assert results["loha"].reason == "the fast path covers LoRA (with DoRA, rsLoRA); this is LOHA"
+
+
+def test_incomplete_checkpoint_goes_through_peft_with_the_missing_keys(tmp_path: Path) -> None:
+    first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")
+    directory = save_seeded_adapter(
+        peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "lost", seed=1
+    )
+    tensors = load_file(directory / "adapter_model.safetensors")
+    lost = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    del tensors[lost]
+    save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = peft.PeftModel.from_pretrained(tiny_llama(), first, "first")
+    result = fastkeys.peft.load_adapter(model, directory, "lost")
+    assert result.loader == "peft" and "lacks 1 of the adapter's tensors" in (result.reason or "")
+    assert result.missing_keys == ["base_model.model.model.layers.1.self_attn.q_proj.lora_B.lost.weight"]
+
+
+def test_adapter_names_that_are_module_names_go_through_peft(tmp_path: Path) -> None:
+    first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")
+    directory = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "x", seed=1)
+    names = {"mlp": tmp_path / "x", "1": tmp_path / "x", "fine": tmp_path / "x"}
+    del directory
+    expected, actual, results = both_loops(tiny_llama, first, names, tmp_path)
+    assert_same_state(end_state(expected), end_state(actual))
+    assert [results[name].loader for name in names] == ["peft", "peft", "fastkeys"]
+    assert "segment of the model's parameter names" in (results["mlp"].reason or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The index stays valid as adapters come and go.
+
+
+def test_index_survives_deletes_and_model_surgery(tmp_path: Path) -> None:
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    first = save_seeded_adapter(config, tmp_path / "first")
+    directory = save_seeded_adapter(config, tmp_path / "x", seed=1)
+    wider = save_seeded_adapter(peft.LoraConfig(r=2, target_modules=["up_proj"]), tmp_path / "w", seed=2)
+    models: list[Any] = [peft.PeftModel.from_pretrained(tiny_llama(), first, "first") for _ in range(2)]
+    for step, model in enumerate(models):
+
+        def load(path: Path, name: str, model: Any = model, step: int = step) -> None:
+            if step == 0:
+                model.load_adapter(path, name)
+            else:
+                fastkeys.peft.load_adapter(model, path, name)
+
+        load(directory, "one")
+        model.delete_adapter("one")
+        load(directory, "two")
+        # a module replaced by hand: the index must notice and not use the old module
+        torch.manual_seed(5)
+        model.base_model.model.model.layers[0].mlp.up_proj = torch.nn.Linear(32, 64)
+        load(wider, "three")
+        # replaced behind torch's back (no registration hook fires): the index must still notice
+        torch.manual_seed(6)
+        model.base_model.model.model.layers[1].mlp._modules["up_proj"] = torch.nn.Linear(32, 64)
+        load(wider, "four")
+    index = _loader._indexes[models[1].base_model.model]
+    assert (
+        index.modules["model.layers.0.mlp.up_proj"] is models[1].base_model.model.model.layers[0].mlp.up_proj
+    )
+    assert_same_state(end_state(models[0]), end_state(models[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints and checkpoints that lie: clear errors, and the model as it was.
+
+
+def fresh_model_with_first(tmp_path: Path) -> Any:
+    first = tmp_path / "first"
+    if not first.exists():
+        save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), first)
+    return peft.PeftModel.from_pretrained(tiny_llama(), first, "first")
+
+
+def sharded(tmp_path: Path, name: str, config: Any | None = None) -> Path:
+    config = config or peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj"])
+    return save_seeded_adapter(config, tmp_path / name, seed=11, shards=3)
+
+
+def test_sharded_checkpoint_loads_like_the_merged_one(tmp_path: Path) -> None:
+    directory = sharded(tmp_path, "sharded")
+    assert not (directory / "adapter_model.safetensors").exists()
+    expected = fresh_model_with_first(tmp_path)
+    expected.load_adapter(merged_copy(directory, tmp_path / "merged"), "s")
+    actual = fresh_model_with_first(tmp_path)
+    result = fastkeys.peft.load_adapter(actual, directory, "s")
+    assert result == _loader.AdapterLoadResult([], [], "fastkeys", None)
+    assert_same_state(end_state(expected), end_state(actual))
+
+
+def assert_untouched(model: Any, before: dict[str, Any], name: str) -> None:
+    assert name not in model.peft_config
+    assert_same_state(before, end_state(model))
+
+
+def test_index_listing_a_tensor_its_shard_lacks(tmp_path: Path) -> None:
+    directory = sharded(tmp_path, "liar")
+    index_file = directory / "adapter_model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    key = min(name for name, shard in index["weight_map"].items() if shard.startswith("adapter_model-00001"))
+    index["weight_map"][key] = "adapter_model-00003-of-00003.safetensors"
+    index_file.write_text(json.dumps(index))
+    model = fresh_model_with_first(tmp_path)
+    before = end_state(model)
+    with pytest.raises(ValueError) as caught:
+        fastkeys.peft.load_adapter(model, directory, "liar")
+    assert str(caught.value) == (
+        f"the index lists tensor {key!r} in {directory / 'adapter_model-00003-of-00003.safetensors'}, "
+        f"but it is in {directory / 'adapter_model-00001-of-00003.safetensors'}"
+    )
+    assert_untouched(model, before, "liar")
+
+
+def test_index_naming_a_missing_shard(tmp_path: Path) -> None:
+    directory = sharded(tmp_path, "gone")
+    (directory / "adapter_model-00002-of-00003.safetensors").unlink()
+    model = fresh_model_with_first(tmp_path)
+    before = end_state(model)
+    with pytest.raises(FileNotFoundError, match=r"adapter_model-00002-of-00003\.safetensors"):
+        fastkeys.peft.load_adapter(model, directory, "gone")
+    assert_untouched(model, before, "gone")
+
+
+def test_shard_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    directory = sharded(tmp_path, "escape")
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(directory / "adapter_model-00001-of-00003.safetensors", outside)
+    index_file = directory / "adapter_model.safetensors.index.json"
+    text = index_file.read_text().replace(
+        "adapter_model-00001-of-00003.safetensors", "../outside.safetensors"
+    )
+    index_file.write_text(text)
+    model = fresh_model_with_first(tmp_path)
+    before = end_state(model)
+    with pytest.raises(ValueError, match="not a regular file inside the checkpoint"):
+        fastkeys.peft.load_adapter(model, directory, "escape")
+    assert_untouched(model, before, "escape")
+
+
+@pytest.mark.parametrize("path", ["fastkeys", "peft"])
+def test_shape_that_does_not_fit_the_module(tmp_path: Path, path: str) -> None:
+    """A tensor of the wrong shape: an error naming the file and the tensor, nothing injected
+    (on the fast path) and everything undone (on PEFT's path, here forced by modules_to_save)."""
+    extra: dict[str, Any] = {"modules_to_save": ["lm_head"]} if path == "peft" else {}
+    directory = sharded(
+        tmp_path, "wrong", peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"], **extra)
+    )
+    index = json.loads((directory / "adapter_model.safetensors.index.json").read_text())
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"
+    shard = directory / index["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key] = torch.zeros(4, 31)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    model = fresh_model_with_first(tmp_path)
+    before = end_state(model)
+    error = ValueError if path == "fastkeys" else RuntimeError
+    with pytest.raises(error, match=r"up_proj\.lora_A") as caught:
+        fastkeys.peft.load_adapter(model, directory, "wrong")
+    if path == "fastkeys":
+        assert str(caught.value) == (
+            f"{shard}: tensor '{key}' has shape [4, 31], but adapter 'wrong' needs [4, 32] there"
+        )
+    assert_untouched(model, before, "wrong")
+
+
+def test_failure_in_the_middle_keeps_the_adapters_before_it(tmp_path: Path) -> None:
+    good = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["o_proj"]), tmp_path / "good", seed=1)
+    broken = sharded(tmp_path, "broken")
+    (broken / "adapter_model-00001-of-00003.safetensors").unlink()
+    model = fresh_model_with_first(tmp_path)
+    reference = fresh_model_with_first(tmp_path)
+    reference.load_adapter(good, "good")
+    with pytest.raises(FileNotFoundError):
+        fastkeys.peft.load_adapters(model, {"good": good, "broken": broken, "never": good})
+    assert list(model.peft_config) == ["first", "good"]
+    assert_same_state(end_state(reference), end_state(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments, errors, progress.
+
+
+def test_bad_arguments_are_named(tmp_path: Path) -> None:
+    model = fresh_model_with_first(tmp_path)
+    with pytest.raises(TypeError, match=r"peft_model must be a peft\.PeftModel, not LlamaForCausalLM"):
+        fastkeys.peft.load_adapters(tiny_llama(), {})
+    with pytest.raises(
+        TypeError, match="adapters must map adapter names to checkpoint directories, not list"
+    ):
+        fastkeys.peft.load_adapters(model, [tmp_path])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"the model already has adapters named \['first'\]"):
+        fastkeys.peft.load_adapters(model, {"first": tmp_path / "first"})
+    with pytest.raises(FileNotFoundError, match="adapter 'x': no such checkpoint directory"):
+        fastkeys.peft.load_adapters(model, {"x": tmp_path / "nowhere"})
+    with pytest.raises(TypeError, match="adapter 'x': the checkpoint must be a directory path, not int"):
+        fastkeys.peft.load_adapters(model, {"x": 3})  # type: ignore[dict-item]
+    assert list(model.peft_config) == ["first"]
+
+
+def test_progress_callback_and_quiet_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = save_seeded_adapter(peft.LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "p", seed=1)
+    model = fresh_model_with_first(tmp_path)
+    calls: list[tuple[int, int, str]] = []
+    fastkeys.peft.load_adapters(
+        model,
+        {"p1": directory, "p2": directory},
+        progress=lambda done, total, name: calls.append((done, total, name)),
+    )
+    assert calls == [(1, 2, "p1"), (2, 2, "p2")]
+    fastkeys.peft.load_adapters(model, {f"q{i}": directory for i in range(5)})  # stderr is not a terminal
+    assert capsys.readouterr().err == ""
+    fastkeys.peft.load_adapters(model, {f"r{i}": directory for i in range(2)}, progress=True)
+    err = capsys.readouterr().err
+    assert "loading adapters [" in err and "2/2" in err and err.endswith("\n")
+
+
+def test_raw_results_keep_peft_loader(tmp_path: Path) -> None:
+    """Inside fastkeys.peft._raw_results the caller wants torch's raw result: PEFT's loader runs."""
+    directory = save_seeded_adapter(peft.LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "raw", seed=1)
+    model = fresh_model_with_first(tmp_path)
+    with fastkeys.peft._raw_results() as records:
+        result = fastkeys.peft.load_adapter(model, directory, "raw")
+    assert result.loader == "peft" and result.reason == "the raw load result was requested"
+    assert len(records) == 1 and records[0].unexpected_keys == []
+
+
+def test_from_pretrained_reads_sharded_adapters(tmp_path: Path) -> None:
+    directory = sharded(tmp_path, "first-sharded")
+    expected = peft.PeftModel.from_pretrained(tiny_llama(), merged_copy(directory, tmp_path / "m"), "default")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = fastkeys.peft.from_pretrained(tiny_llama(), str(directory))
+    assert not [w for w in caught if isinstance(w.message, fastkeys.MissingAdapterKeysWarning)]
+    assert_same_state(end_state(expected), end_state(actual))
+
+
+# ---------------------------------------------------------------------------------------------
+# The long sweep: FASTKEYS_FULL=1.
+
+
+@pytest.mark.skipif(not FULL, reason="the long generated sweep runs with FASTKEYS_FULL=1")
+@pytest.mark.parametrize("architecture", ["llama", "bert"])
+@pytest.mark.parametrize("seed", range(6))
+def test_long_generated_sweep(tmp_path: Path, architecture: str, seed: int) -> None:
+    options = {"is_trainable": seed % 2 == 1, "autocast_adapter_dtype": seed % 3 != 2}
+    run_sweep(tmp_path, architecture, seed=100 + seed, count=16, **options)
