@@ -186,14 +186,10 @@ def _index_of(model: Any, rebuild: bool = False) -> _Index:
 
 
 def _checkpoint(directory: Path) -> Checkpoint:
-    """The adapter's safetensors files (single or sharded), each a regular file inside `directory`."""
-    checkpoint = scan(directory)
-    root = directory.resolve()
-    for file in checkpoint.files:
-        path = Path(file)
-        if not path.resolve().is_relative_to(root) or path.is_symlink() or not path.is_file():
-            raise ValueError(f"{directory}: the shard {file} is not a regular file inside the checkpoint")
-    return checkpoint
+    """The adapter's safetensors files (single or sharded) and its config, as `scan` reads them:
+    every file a regular file that resolves inside `directory` (a Hugging Face cache snapshot's
+    links into its `blobs/` included), the config size-capped and its fields checked."""
+    return scan(directory)
 
 
 def _is_sharded(checkpoint: Checkpoint) -> bool:
@@ -217,16 +213,14 @@ def _read_tensors(checkpoint: Checkpoint, names: list[str]) -> dict[str, torch.T
     return tensors
 
 
-def _read_config(directory: Path) -> Any:
+def _read_config(directory: Path, checkpoint: Checkpoint) -> Any:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     config_file = directory / "adapter_config.json"
-    if not config_file.is_file():
+    config = checkpoint.adapter_config  # read by `scan`: a regular file, size-capped, checked
+    if config is None:
         raise FileNotFoundError(2, "the adapter has no adapter_config.json", str(config_file))
-    try:
-        peft_type = json.loads(config_file.read_text(encoding="utf-8"))["peft_type"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{config_file}: not an adapter config with a peft_type ({error!r})") from None
+    peft_type = config.get("peft_type")
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         raise ValueError(f"{config_file}: unknown peft_type {peft_type!r}")
     return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(str(directory))
@@ -865,7 +859,7 @@ def load_one(
     if not has_safetensors and (directory / _BIN_FILE).is_file():
         return _load_with_peft(peft_model, adapter_name, directory, None, "a .bin checkpoint", None, options)
     checkpoint = _checkpoint(directory)
-    config = _read_config(directory)
+    config = _read_config(directory, checkpoint)
     index = _index_of(peft_model.base_model.model)
     reason = force_peft or _refusal(peft_model, adapter_name, config, index)
     if reason is None:
