@@ -221,9 +221,10 @@ def _read_config(directory: Path, checkpoint: Checkpoint) -> Any:
     if config is None:
         raise FileNotFoundError(2, "the adapter has no adapter_config.json", str(config_file))
     peft_type = config.get("peft_type")
-    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+    configs: dict[object, Any] = dict(PEFT_TYPE_TO_CONFIG_MAPPING)  # PeftType is a str enum
+    if peft_type not in configs:
         raise ValueError(f"{config_file}: unknown peft_type {peft_type!r}")
-    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_pretrained(str(directory))
+    return configs[peft_type].from_pretrained(str(directory))
 
 
 # ---------------------------------------------------------------------------------------------
