@@ -221,7 +221,7 @@ def _read_config(directory: Path, checkpoint: Checkpoint) -> Any:
     if config is None:
         raise FileNotFoundError(2, "the adapter has no adapter_config.json", str(config_file))
     peft_type = config.get("peft_type")
-    configs: dict[object, Any] = dict(PEFT_TYPE_TO_CONFIG_MAPPING)  # PeftType is a str enum
+    configs: dict[Any, Any] = PEFT_TYPE_TO_CONFIG_MAPPING  # keyed by PeftType, a str enum
     if peft_type not in configs:
         raise ValueError(f"{config_file}: unknown peft_type {peft_type!r}")
     return configs[peft_type].from_pretrained(str(directory))
