@@ -69,6 +69,15 @@ fn header_to_python<'py>(
     )
 }
 
+/// The thread count asked for, else one per core; at least one.
+pub(crate) fn threads_or_cores(threads: Option<usize>) -> usize {
+    threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+        .max(1)
+}
+
 /// Reads the headers of `paths` (never the tensor data) on `threads` threads (default: one
 /// per core) with the GIL released. Returns one tuple per path, in order:
 /// (names in file order, dtypes, shapes, byte sizes, metadata dict or None, file size).
@@ -81,15 +90,13 @@ pub fn read_headers<'py>(
     paths: Vec<PathBuf>,
     threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let threads = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
+    let threads = threads_or_cores(threads);
     let mut dtypes = HashMap::new();
     let out = PyList::empty(py);
     // A few files per thread at a time, then back to Python to see a pending Ctrl-C: a scan of
     // thousands of shards stays interruptible (each read is bounded: regular files only, at most
     // 8 + 100,000,000 bytes).
-    for chunk in paths.chunks(threads.max(1) * 4) {
+    for chunk in paths.chunks(threads * 4) {
         let results = py.detach(|| safetensors::read_headers(chunk, threads));
         for (path, result) in chunk.iter().zip(results) {
             let header = result.map_err(|error| header_error(path, error))?;

@@ -311,9 +311,19 @@ pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
 
 /// Reads many headers on up to `threads` threads; results in the order of `paths`.
 pub fn read_headers(paths: &[PathBuf], threads: usize) -> Vec<Result<Header, HeaderError>> {
+    for_each_file(paths, threads, read_header)
+}
+
+/// `read` applied to each of `paths` on up to `threads` scoped threads (contiguous chunks);
+/// results in the order of `paths`. Shared by the header and the value readers.
+pub fn for_each_file<T: Send>(
+    paths: &[PathBuf],
+    threads: usize,
+    read: fn(&Path) -> Result<T, HeaderError>,
+) -> Vec<Result<T, HeaderError>> {
     let threads = threads.clamp(1, paths.len().max(1));
     if threads == 1 {
-        return paths.iter().map(|path| read_header(path)).collect();
+        return paths.iter().map(|path| read(path)).collect();
     }
     let chunk = paths.len().div_ceil(threads);
     std::thread::scope(|scope| {
@@ -322,11 +332,7 @@ pub fn read_headers(paths: &[PathBuf], threads: usize) -> Vec<Result<Header, Hea
             .map(|part| {
                 (
                     part,
-                    scope.spawn(move || {
-                        part.iter()
-                            .map(|path| read_header(path))
-                            .collect::<Vec<_>>()
-                    }),
+                    scope.spawn(move || part.iter().map(|path| read(path)).collect::<Vec<_>>()),
                 )
             })
             .collect();
@@ -336,7 +342,7 @@ pub fn read_headers(paths: &[PathBuf], threads: usize) -> Vec<Result<Header, Hea
                 // A panicking worker would be a bug here; its files are reported, not lost.
                 worker.join().unwrap_or_else(|_| {
                     part.iter()
-                        .map(|_| Err(invalid("internal error while reading the header")))
+                        .map(|_| Err(invalid("internal error while reading the file")))
                         .collect()
                 })
             })

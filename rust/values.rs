@@ -173,37 +173,7 @@ pub fn read_many_values(
     paths: &[PathBuf],
     threads: usize,
 ) -> Vec<Result<Vec<ValueFlags>, HeaderError>> {
-    let threads = threads.clamp(1, paths.len().max(1));
-    if threads == 1 {
-        return paths.iter().map(|path| read_values(path)).collect();
-    }
-    let chunk = paths.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = paths
-            .chunks(chunk)
-            .map(|part| {
-                (
-                    part,
-                    scope.spawn(move || part.iter().map(|p| read_values(p)).collect::<Vec<_>>()),
-                )
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|(part, worker)| {
-                // A panicking worker would be a bug here; its files are reported, not lost.
-                worker.join().unwrap_or_else(|_| {
-                    part.iter()
-                        .map(|_| {
-                            Err(HeaderError::Invalid(
-                                "internal error while reading tensor values".into(),
-                            ))
-                        })
-                        .collect()
-                })
-            })
-            .collect()
-    })
+    safetensors::for_each_file(paths, threads, read_values)
 }
 
 #[cfg(test)]
