@@ -18,7 +18,7 @@ import pytest
 from fastkeys import _pure
 from fastkeys._contract import Engine
 
-PACKAGE = Path(_pure.__file__).parent
+PACKAGE = Path(_pure.__file__).parent.parent
 
 # Checked by mypy --strict: the fallback module satisfies the Protocol.
 FALLBACK: Engine = _pure

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastkeys import _pure, _pure_values
+from fastkeys._pure import safetensors as _headers
+from fastkeys._pure import values as _pure_values
 from fastkeys.preflight import _read_value_flags
 
 from .conftest import examples
@@ -32,7 +33,7 @@ PACKED = ("F4", "F6_E2M3", "F6_E3M2")  # no torch arithmetic: the expectation is
 
 
 def test_every_dtype_is_covered() -> None:
-    assert set(TORCH_DTYPES) | set(PACKED) == set(_pure.DTYPE_BITS) == set(_pure_values.LANES)
+    assert set(TORCH_DTYPES) | set(PACKED) == set(_headers.DTYPE_BITS) == set(_pure_values.LANES)
 
 
 def _write(path: Path, tensors: list[tuple[str, str, int, bytes]]) -> Path:
@@ -65,11 +66,11 @@ def _expected(dtype: str, data: bytes) -> tuple[bool, bool]:
 
 
 def _width(dtype: str) -> int:
-    return 3 if _pure.DTYPE_BITS[dtype] == 6 else max(1, _pure.DTYPE_BITS[dtype] // 8)
+    return 3 if _headers.DTYPE_BITS[dtype] == 6 else max(1, _headers.DTYPE_BITS[dtype] // 8)
 
 
 def _elements(dtype: str, size: int) -> int:
-    return size * 8 // _pure.DTYPE_BITS[dtype]
+    return size * 8 // _headers.DTYPE_BITS[dtype]
 
 
 SPECIAL = [b"\x00", b"\x80", b"\x7f", b"\xff", b"\x7c", b"\x7e", b"\x78", b"\x01"]
@@ -77,7 +78,7 @@ SPECIAL = [b"\x00", b"\x80", b"\x7f", b"\xff", b"\x7c", b"\x7e", b"\x78", b"\x01
 
 @st.composite
 def tensor_bytes(draw: st.DrawFn) -> tuple[str, bytes]:
-    dtype = draw(st.sampled_from(sorted(_pure.DTYPE_BITS)))
+    dtype = draw(st.sampled_from(sorted(_headers.DTYPE_BITS)))
     width = _width(dtype)
     count = draw(st.integers(0, 6))
     # Mostly zero bytes with special ones mixed in: the edges (-0, NaN codes, Inf) are hit often.

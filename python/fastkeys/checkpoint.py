@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ._engine import core
-from ._pure import open_regular
+from ._pure.safetensors import open_regular
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_INDEX_BYTES", "Checkpoint", "Tensor", "read_keys", "scan"]
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from functools import lru_cache
 
-from . import _pure
+from . import safetensors as _headers
 
 __all__ = ["LANES", "read_values"]
 
@@ -62,10 +62,10 @@ def _chunk_flags(chunk: bytes, dtype: str) -> tuple[bool, bool]:
 
 
 def _file_values(path: str) -> tuple[list[str], list[bool], list[bool]]:
-    names, dtypes, _shapes, sizes, _metadata, file_len = _pure._read_header(path)
+    names, dtypes, _shapes, sizes, _metadata, file_len = _headers._read_header(path)
     zeros: list[bool] = []
     non_finite: list[bool] = []
-    with _pure.open_regular(path) as file:
+    with _headers.open_regular(path) as file:
         file.seek(file_len - sum(sizes))  # the tensors tile the data buffer, which ends the file
         for dtype, size in zip(dtypes, sizes, strict=True):
             zero, bad = size > 0 and LANES[dtype][1] != 0, False
@@ -88,9 +88,9 @@ def read_values(
     """See `fastkeys._native.read_values` (`threads` is accepted and ignored: one thread)."""
     out = []
     for path in paths:
-        text = _pure.path_text(path)
+        text = _headers.path_text(path)
         try:
             out.append(_file_values(text))
-        except _pure._Invalid as error:
+        except _headers._Invalid as error:
             raise ValueError(f"{text}: {error}") from None
     return out
