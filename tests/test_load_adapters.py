@@ -373,6 +373,26 @@ def test_sharded_checkpoint_loads_like_the_merged_one(tmp_path: Path) -> None:
     assert_same_state(end_state(expected), end_state(actual))
 
 
+def test_a_hugging_face_cache_snapshot_loads(tmp_path: Path) -> None:
+    """The hub cache keeps a snapshot's files as links into the repository's blobs/: inside the
+    checkpoint for fastkeys (docs/hostile.md), so such an adapter loads like its plain copy."""
+    directory = sharded(tmp_path, "plain")
+    repository = tmp_path / "models--someone--adapter"
+    snapshot = repository / "snapshots" / "0123abc"
+    (repository / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for number, file in enumerate(sorted(directory.iterdir())):
+        blob = repository / "blobs" / f"blob{number}"
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    expected = fresh_model_with_first(tmp_path)
+    fastkeys.peft.load_adapter(expected, directory, "s")
+    actual = fresh_model_with_first(tmp_path)
+    result = fastkeys.peft.load_adapter(actual, snapshot, "s")
+    assert result == _loader.AdapterLoadResult([], [], "fastkeys", None)
+    assert_same_state(end_state(expected), end_state(actual))
+
+
 def assert_untouched(model: Any, before: dict[str, Any], name: str) -> None:
     assert name not in model.peft_config
     assert_same_state(before, end_state(model))
@@ -417,7 +437,7 @@ def test_shard_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
     index_file.write_text(text)
     model = fresh_model_with_first(tmp_path)
     before = end_state(model)
-    with pytest.raises(ValueError, match="not a regular file inside the checkpoint"):
+    with pytest.raises(ValueError, match=r"'\.\./outside\.safetensors' lies outside the checkpoint"):
         fastkeys.peft.load_adapter(model, directory, "escape")
     assert_untouched(model, before, "escape")
 
