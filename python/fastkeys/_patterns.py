@@ -305,6 +305,16 @@ def _translate_one(pattern: str) -> tuple[str, str, int]:
         frames[-1][0] += size
         frames[-1][1] = size
 
+    def literal(ch: str) -> None:
+        """One literal character: both cases under `(?i)` (ASCII), else escaped per engine."""
+        folded = _fold_literal(ch) if frames[-1][2] else None
+        if folded is not None:
+            both(folded)
+        else:
+            rust.append(_lit_rust(ch))
+            python.append(_lit_python(ch))
+        atom()
+
     def repeat(times: int) -> None:
         # The last atom now counts `times` over (at least once: a loop compiles one copy).
         frame = frames[-1]
@@ -317,13 +327,7 @@ def _translate_one(pattern: str) -> tuple[str, str, int]:
         if ch == "\\":
             kind, value = reader.escape()
             if kind == "char":
-                folded = _fold_literal(value) if fold else None
-                if folded is not None:
-                    both(folded)
-                else:
-                    rust.append(_lit_rust(value))
-                    python.append(_lit_python(value))
-                atom()
+                literal(value)
             elif kind == "class":
                 negate = "^" if value.isupper() else ""
                 both(f"[{negate}{_SHORTHAND_CLASS[value.lower()]}]")
@@ -381,14 +385,7 @@ def _translate_one(pattern: str) -> tuple[str, str, int]:
             both("\\}")
             atom()
         else:
-            _check_char(ch)
-            folded = _fold_literal(ch) if fold else None
-            if folded is not None:
-                both(folded)
-            else:
-                rust.append(_lit_rust(ch))
-                python.append(_lit_python(ch))
-            atom()
+            literal(_check_char(ch))
     return "".join(rust), "".join(python), sum(frame[0] for frame in frames)
 
 

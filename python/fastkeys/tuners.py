@@ -133,6 +133,22 @@ _LORA_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 _HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
+
+def _vera_like(name: str) -> Method:
+    """VeRA and PVeRA: per-layer scaling vectors `<name>_lambda_b`/`_d` (zero-initialised `b`)
+    around the model-level shared projections `<name>_A`/`<name>_B`."""
+    vectors = (f"{name}_lambda_b", f"{name}_lambda_d")
+    projections = (f"{name}_A", f"{name}_B")
+    return Method(
+        name,
+        f"{name}_lambda_",
+        exact=projections,
+        shared=projections,
+        ranks=dict.fromkeys(vectors, 1),
+        zero_factors=vectors,
+    )
+
+
 METHODS: dict[str, Method] = _methods(
     Method(
         "lora",
@@ -193,14 +209,7 @@ METHODS: dict[str, Method] = _methods(
     Method("peanut", "peanut_"),
     Method("poly", "poly_"),
     Method("psoft", "psoft_"),
-    Method(
-        "pvera",
-        "pvera_lambda_",
-        exact=("pvera_A", "pvera_B"),
-        shared=("pvera_A", "pvera_B"),
-        ranks=dict.fromkeys(("pvera_lambda_b", "pvera_lambda_d"), 1),
-        zero_factors=("pvera_lambda_b", "pvera_lambda_d"),
-    ),
+    _vera_like("pvera"),
     Method("randlora", "randlora_"),
     Method("road", "road_"),
     Method("shadow", "shadow_"),
@@ -210,14 +219,7 @@ METHODS: dict[str, Method] = _methods(
     Method("trainable_tokens", "trainable_tokens_"),
     Method("unilora", "unilora_", shared=("unilora_theta_d",)),
     Method("vblora", "vblora_", shared=("vblora_vector_bank",)),
-    Method(
-        "vera",
-        "vera_lambda_",
-        exact=("vera_A", "vera_B"),
-        shared=("vera_A", "vera_B"),
-        ranks=dict.fromkeys(("vera_lambda_b", "vera_lambda_d"), 1),
-        zero_factors=("vera_lambda_b", "vera_lambda_d"),
-    ),
+    _vera_like("vera"),
     Method("waveft", "waveft_", zero_factors=("waveft_spectrum",)),
     Method("xlora", "xlora_"),
     Method("cartridge", "cartridge_", prompt_learning=True),
