@@ -41,8 +41,8 @@ import peft
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, scan
-from .matching import filter_missing, insert_adapter_name
+from ..checkpoint import Checkpoint, scan
+from ..matching import filter_missing, insert_adapter_name
 
 # PEFT's internals, the same ones its loader uses (typed Any: PEFT ships no complete annotations).
 _tuners_utils: Any = importlib.import_module("peft.tuners.tuners_utils")
@@ -731,7 +731,7 @@ def _load_with_peft(
     index: _Index | None,
     options: dict[str, Any],
 ) -> AdapterLoadResult:
-    from . import peft as glue
+    from .. import peft as glue
 
     glue._peft_model_module()
     snapshot = _Snapshot(peft_model)
