@@ -125,7 +125,155 @@ def test_python_dash_m_and_demo() -> None:
 
 def test_the_benchmark_suite_is_not_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     """The suite lives in benches/ (a source checkout), not in the installed package."""
-    with pytest.raises(SystemExit) as stopped:
-        cli.main(["bench"])
-    assert stopped.value.code == 2
-    assert "invalid choice: 'bench'" in capsys.readouterr().err
+    assert cli.main(["bench"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("fastkeys: error: argument command: invalid choice: 'bench'")
+
+
+# --- usage errors: one line, and the JSON object with --json ------------------------------------
+
+REQUIRED = "error: the following arguments are required:"
+USAGE_ERRORS = [
+    # (argv, whether it asks for --json, the line on stderr; the JSON "error" is after "error: ")
+    (["check"], False, f"fastkeys check: {REQUIRED} base, adapter"),
+    (["check", "--json"], True, f"fastkeys check: {REQUIRED} base, adapter"),
+    (["check", "b", "--js"], True, f"fastkeys check: {REQUIRED} adapter"),  # as argparse reads it
+    (["inspect", "--bogus", "x"], False, "fastkeys inspect: error: unrecognized arguments: --bogus"),
+    (["inspect", "--json", "--bogus", "x"], True, "fastkeys inspect: error: unrecognized arguments: --bogus"),
+    (["inspect", "x", "y", "--json"], True, "fastkeys inspect: error: unrecognized arguments: y"),
+    (["demo", "--json"], True, "fastkeys demo: error: unrecognized arguments: --json"),
+    (["demo", "--layers", "x"], False, "fastkeys demo: error: argument --layers: invalid int value: 'x'"),
+    (["bench"], False, "fastkeys: error: argument command: invalid choice: 'bench'"),
+    (["--json", "bench"], True, "fastkeys: error: argument command: invalid choice: 'bench'"),
+    ([], False, f"fastkeys: {REQUIRED} command"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "json_wanted", "line"), USAGE_ERRORS, ids=[" ".join(case[0]) or "-" for case in USAGE_ERRORS]
+)
+def test_usage_errors_are_one_line_and_a_json_object(
+    capsys: pytest.CaptureFixture[str], argv: list[str], json_wanted: bool, line: str
+) -> None:
+    """argparse's errors follow the contract of every other error: exit 2, one line on stderr (no
+    usage line); with --json anywhere in argv, the object {"error", "type", "exit_code"} on stdout.
+    (The lines are prefixes: Python versions word the choices differently.)"""
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(line) and err.count("\n") == 1 and err.endswith("\n"), err
+    if not json_wanted:
+        assert out == ""
+        return
+    message = err.rstrip("\n").split(": error: ", 1)[1]
+    assert json.loads(out) == {"error": message, "type": "UsageError", "exit_code": 2}
+    assert out.count("\n") == 1
+
+
+def test_a_usage_error_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    done = _fastkeys(["check", "--json"])
+    assert done.returncode == 2
+    assert done.stderr == b"fastkeys check: error: the following arguments are required: base, adapter\n"
+    assert json.loads(done.stdout)["type"] == "UsageError"
+    with pytest.raises(SystemExit) as stopped:  # --help is unchanged
+        cli.main(["check", "--help"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: fastkeys check [-h] [--values] [--json] base")
+
+
+# --- stdout closed, gone or failing; stderr closed ----------------------------------------------
+
+# Python buffers stdout that is not a terminal unless PYTHONUNBUFFERED is set (as it may be where
+# the suite runs). The children run buffered, as from a user's shell: then a write can fail as late
+# as the interpreter's exit (`Exception ignored ...`, exit 120) as well as in a print.
+_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+FASTKEYS = [sys.executable, "-m", "fastkeys"]
+TIMEOUT = 60
+
+
+def _fastkeys(argv: list[str], redirect: str = "") -> subprocess.CompletedProcess[bytes]:
+    """`python -m fastkeys ARGV REDIRECT` in sh, stdout and stderr captured unless redirected
+    (`>&-` closes fd 1: subprocess' DEVNULL would not)."""
+    command = ["sh", "-c", f'exec "$@" {redirect}', "sh", *FASTKEYS, *argv]
+    return subprocess.run(command, capture_output=True, env=_ENV, timeout=TIMEOUT, check=False)
+
+
+def _answers(tmp_path: Path) -> list[tuple[list[str], int]]:
+    """Commands and the exit code of their answer: clean (0) and findings (1), text and --json."""
+    base = str(_base(tmp_path / "base.safetensors"))
+    good = str(_adapter(tmp_path / "good"))
+    wide = str(_adapter(tmp_path / "wide", out=16))
+    return [
+        (["inspect", good], 0),
+        (["inspect", "--json", good], 0),
+        (["check", base, good], 0),
+        (["check", base, wide], 1),
+        (["check", "--json", base, wide], 1),
+        (["check", "--json", base, good, wide], 1),
+        (["--help"], 0),
+    ]
+
+
+@pytest.mark.parametrize("redirect", [">&-", "1</dev/null"], ids=["closed", "read-only"])
+def test_a_closed_stdout_ends_quietly_with_the_answers_code(tmp_path: Path, redirect: str) -> None:
+    """`fastkeys inspect CKPT >&-`: Python starts with sys.stdout None; a stdout open for reading
+    only fails each write (EBADF). Neither is an error of the input: the answer's exit code,
+    nothing said (before: exit 2, `internal error (AttributeError ...)` or `Bad file descriptor`)."""
+    for argv, code in _answers(tmp_path):
+        done = _fastkeys(argv, redirect)
+        assert (done.returncode, done.stderr) == (code, b""), argv
+    # An unusable input is still one line and exit 2; its JSON object goes nowhere.
+    done = _fastkeys(["inspect", "--json", str(tmp_path / "absent")], redirect)
+    assert done.returncode == 2
+    assert done.stderr == f"fastkeys inspect: {tmp_path / 'absent'}: No such file or directory\n".encode()
+    done = _fastkeys(["check", "--json"], redirect)
+    assert done.returncode == 2 and done.stderr.count(b"\n") == 1
+
+
+def test_a_reader_gone_before_or_during_the_output_ends_quietly(tmp_path: Path) -> None:
+    """`| head -0` (the reader gone before the first write) and `| head -1` (gone mid-output:
+    ~240 kB, more than a pipe holds, so the writer meets the closed pipe)."""
+    for argv, code in _answers(tmp_path):
+        read, write = os.pipe()
+        os.close(read)
+        with os.fdopen(write, "wb") as gone:
+            done = subprocess.run(
+                [*FASTKEYS, *argv],
+                stdout=gone,
+                stderr=subprocess.PIPE,
+                env=_ENV,
+                timeout=TIMEOUT,
+                check=False,
+            )
+        assert (done.returncode, done.stderr) == (code, b""), argv
+    many = _adapter(tmp_path / "many", targets=["q_proj", *(f"module_{i}" for i in range(3000))])
+    for json_flag in ([], ["--json"]):
+        command = [*FASTKEYS, "check", *json_flag, str(tmp_path / "base.safetensors"), str(many)]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_ENV) as child:
+            assert child.stdout is not None and child.stderr is not None
+            assert child.stdout.readline()
+            child.stdout.close()  # `| head -1`
+            err = child.stderr.read()
+            assert (child.wait(timeout=TIMEOUT), err) == (1, b""), json_flag
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_failing_stdout_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A write that fails for another reason (a full disk) loses the answer: that is said, once."""
+    for argv, _code in _answers(tmp_path):
+        if argv == ["--help"]:
+            continue  # the help is not an answer: it is dropped quietly
+        done = _fastkeys(argv, ">/dev/full")
+        assert done.returncode == 2, argv
+        assert done.stderr == f"fastkeys {argv[0]}: <stdout>: No space left on device\n".encode(), argv
+
+
+def test_a_closed_stderr_changes_nothing_on_stdout(tmp_path: Path) -> None:
+    """`2>&-`: sys.stderr is None (before: inspect exited 2, and print(file=None) sent the error line
+    to stdout, ahead of the JSON object)."""
+    for argv, code in _answers(tmp_path):
+        done = _fastkeys(argv, "2>&-")
+        assert done.returncode == code and done.stdout == _fastkeys(argv).stdout != b"", argv
+    done = _fastkeys(["inspect", "--json", str(tmp_path / "absent")], "2>&-")
+    assert done.returncode == 2 and json.loads(done.stdout)["type"] == "FileNotFoundError"
+    done = _fastkeys(["check", "--json"], "2>&-")
+    assert done.returncode == 2 and json.loads(done.stdout)["type"] == "UsageError"

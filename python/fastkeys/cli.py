@@ -3,25 +3,66 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from . import IMPLEMENTATION, filter_missing, scenarios
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
+
+class _StdoutFailed(Exception):
+    """Writing the answer to stdout failed (not reading the input): main's handler decides."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _out(*values: object, end: str = "\n") -> None:
+    """print() for the answer. A stdout closed before the start (`>&-`) is None: nothing is
+    written. A write that fails raises _StdoutFailed."""
+    try:
+        print(*values, end=end)
+    except OSError as error:
+        raise _StdoutFailed(error) from error
+
+
+def _flush_out() -> None:
+    """Writes what stdout holds, so that a failure shows inside main's handler, not at exit."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError as error:
+        raise _StdoutFailed(error) from error
+
+
+def _err(line: str, end: str = "\n") -> None:
+    """print() to stderr, if there is one (print(file=None) would write to stdout); a failing
+    write is dropped, as there is nowhere left to report it."""
+    if sys.stderr is not None:
+        try:
+            print(line, end=end, file=sys.stderr, flush=True)
+        except OSError:
+            _silence(sys.stderr)
 
 
 def _show(keys: Sequence[str], limit: int = 4) -> None:
     for key in keys[:limit]:
-        print(f"    {key}")
+        _out(f"    {key}")
     if len(keys) > limit:
-        print(f"    ... and {len(keys) - limit:,} more")
+        _out(f"    ... and {len(keys) - limit:,} more")
 
 
 def demo(layers: int = 32, serving_adapters: int = 900) -> None:
     """The seed scenario, then the timing of one load on a serving-sized model."""
     adapters = ["default", "default_1", "default_10", "foo"]
-    print(f"fastkeys demo (implementation: {IMPLEMENTATION})")
-    print(
+    _out(f"fastkeys demo (implementation: {IMPLEMENTATION})")
+    _out(
         f"A Llama-like model: {layers} layers, LoRA on q,k,v,o,gate,up,down; "
         f"adapters loaded: {', '.join(adapters)}"
     )
@@ -29,28 +70,28 @@ def demo(layers: int = 32, serving_adapters: int = 900) -> None:
     checkpoint = set(scenarios.adapter_keys(layers, "default"))
     # Resizing the embeddings means they are re-created, so the loader reports them as well.
     missing = [key for key in model if key not in checkpoint]
-    print(f"\nLoading adapter 'default' ({len(checkpoint)} tensors) after resizing the embeddings:")
-    print(f"  load_state_dict(strict=False) reports {len(missing):,} missing keys, e.g.")
+    _out(f"\nLoading adapter 'default' ({len(checkpoint)} tensors) after resizing the embeddings:")
+    _out(f"  load_state_dict(strict=False) reports {len(missing):,} missing keys, e.g.")
     _show(missing)
     peft_kept = scenarios.peft_substring_filter(missing, "default", "lora_")
-    print(
+    _out(
         f"  PEFT's substring filter keeps {len(peft_kept):,}: "
         "it takes 'default_1' and 'default_10' for 'default'"
     )
     _show(peft_kept, 2)
     kept = filter_missing(missing, "default", "lora")
-    print(f"  fastkeys.filter_missing keeps {len(kept)}: nothing is wrong with this load")
+    _out(f"  fastkeys.filter_missing keeps {len(kept)}: nothing is wrong with this load")
 
     lost = f"base_model.model.model.layers.{layers // 4}.mlp.up_proj.lora_B.default.weight"
     kept = filter_missing([*missing, lost], "default", "lora")
-    print(f"\nThe checkpoint lost one tensor. fastkeys.filter_missing keeps {len(kept)}:")
+    _out(f"\nThe checkpoint lost one tensor. fastkeys.filter_missing keeps {len(kept)}:")
     _show(kept)
     assert kept == [lost]
 
     names = [f"adapter_{i}" for i in range(serving_adapters)]
     serving = scenarios.model_keys(80, names)
     target = names[len(names) // 2]
-    print(
+    _out(
         f"\nServing: a Llama-70B-shaped model (80 layers) holding {serving_adapters} adapters; "
         f"loading '{target}', {len(serving):,} missing keys. Median of 5 interleaved rounds:"
     )
@@ -62,11 +103,11 @@ def demo(layers: int = 32, serving_adapters: int = 900) -> None:
     seconds = _median_seconds(contenders, rounds=5)
     reference = seconds["fastkeys.filter_missing"]
     for label, taken in seconds.items():
-        print(
+        _out(
             f"  {label:<27} {taken * 1e3:8.2f} ms  {taken * 1e9 / len(serving):6.1f} ns/key"
             f"  {taken / reference:5.2f}x"
         )
-    print("  (the full benchmark suite: `make bench` in a source checkout, see docs/benchmarks.md)")
+    _out("  (the full benchmark suite: `make bench` in a source checkout, see docs/benchmarks.md)")
 
 
 def _median_seconds(contenders: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -95,12 +136,11 @@ def _median_seconds(contenders: Mapping[str, Callable[[], object]], rounds: int)
 
 def _progress() -> Callable[[int, int], None] | None:
     """A one-line progress display on stderr, only at a terminal."""
-    if not sys.stderr.isatty():
+    if sys.stderr is None or not sys.stderr.isatty():
         return None
 
     def show(done: int, total: int) -> None:
-        end = "\n" if done >= total else ""
-        print(f"\rscanning shards: {done}/{total}", end=end, file=sys.stderr, flush=True)
+        _err(f"\rscanning shards: {done}/{total}", end="\n" if done >= total else "")
 
     return show
 
@@ -179,21 +219,60 @@ def inspect_report(path: str) -> dict[str, object]:
 def _print_inspect(report: dict[str, object]) -> None:
     files = report["files"]
     assert isinstance(files, dict)
-    print(
+    _out(
         f"{report['path']}: {report['tensors']:,} tensors, {report['bytes']:,} bytes in {len(files)} file(s)"
     )
     for file, count in files.items():
-        print(f"  {count:>8,}  {file}")
+        _out(f"  {count:>8,}  {file}")
     for label in ("dtypes", "methods", "adapters", "adapter_config", "metadata"):
         value = report[label]
         if value:
             shown = ", ".join(f"{k}: {v}" for k, v in value.items())  # type: ignore[attr-defined]
-            print(f"{label}: {shown}")
+            _out(f"{label}: {shown}")
+
+
+class UsageError(Exception):
+    """A command line argparse refuses: an unknown option, a missing argument, a bad choice."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error raises UsageError instead of printing the usage and
+    exiting: main reports it as any other error. `--help` still prints the usage, exit 0."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        """To stdout as an answer: nothing if stdout is closed (argparse would turn to stderr),
+        quietly if a write fails (`| head -1`)."""
+        if file is not None:
+            super().print_help(file)
+            return
+        try:
+            _out(self.format_help(), end="")
+            _flush_out()
+        except _StdoutFailed:
+            _silence(sys.stdout)
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether argv asks for --json, read as argparse reads it: before `--`, maybe abbreviated."""
+    for token in argv:
+        if token == "--":
+            return False
+        option = token.partition("=")[0]
+        if len(option) > 2 and "--json".startswith(option):
+            return True
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="fastkeys", description=__doc__)
+    parser = _Parser(prog="fastkeys", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="the seed scenario and a timing, on synthetic keys")
     demo_parser.add_argument("--layers", type=int, default=32, help="layers of the seed model (default 32)")
@@ -217,16 +296,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--values", action="store_true", help="read the adapters' tensor data too: untrained, NaN/Inf"
     )
     check_parser.add_argument("--json", action="store_true", help="print JSON: one object per adapter")
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's parser: `fastkeys check: error: unrecognized ...`
+            parsers = {"demo": demo_parser, "inspect": inspect_parser, "check": check_parser}
+            parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    except UsageError as error:  # `fastkeys check: error: <message>`, no usage line; exit 2
+        return _report(f"{error.prog}: error", " ".join(str(error).split()), error, _wants_json(argv))
     args.status = 0
     try:
         return _command(args)
-    except BrokenPipeError:
-        # `fastkeys check ... | head -1`: the reader has gone; end quietly with the answer's code.
-        _silence_stdout()
-        return int(args.status)
+    except _StdoutFailed as failed:
+        return _stdout_failed(args, failed.error)
     except KeyboardInterrupt:
-        print(f"fastkeys {args.command}: interrupted", file=sys.stderr)
+        _err(f"fastkeys {args.command}: interrupted")
         return 130
     except Exception as error:  # every unusable input: one line (and a JSON object), exit 2
         return _fail(args, error)
@@ -246,40 +329,63 @@ def _describe(args: argparse.Namespace, error: BaseException) -> str:
 
 
 def _fail(args: argparse.Namespace, error: BaseException) -> int:
+    return _report(f"fastkeys {args.command}", _describe(args, error), error, getattr(args, "json", False))
+
+
+def _report(speaker: str, message: str, error: BaseException, json_wanted: bool) -> int:
+    """Exit 2: one line on stderr, `<speaker>: <message>`; with --json, the error object."""
     import json
 
-    message = _describe(args, error)
-    try:
-        print(f"fastkeys {args.command}: {message}", file=sys.stderr)
-        if getattr(args, "json", False):
-            print(json.dumps({"error": message, "type": type(error).__name__, "exit_code": 2}))
-    except BrokenPipeError:
-        _silence_stdout()
+    _err(f"{speaker}: {message}")
+    if json_wanted:
+        try:
+            _out(json.dumps({"error": message, "type": type(error).__name__, "exit_code": 2}))
+            _flush_out()
+        except _StdoutFailed:
+            _silence(sys.stdout)
     return 2
 
 
-def _silence_stdout() -> None:
-    """Points stdout at /dev/null so that the interpreter's final flush cannot fail again."""
+def _stdout_failed(args: argparse.Namespace, error: OSError) -> int:
+    """The answer could not be written. Nobody reads it (`| head -1`: EPIPE; a stdout not open
+    for writing: EBADF): end quietly with the answer's code. Else (a full disk): one line, exit 2."""
+    _silence(sys.stdout)
+    if error.errno in (errno.EPIPE, errno.EBADF):
+        return int(args.status)
+    _err(f"fastkeys {args.command}: <stdout>: {error.strerror or error}")
+    return 2
+
+
+def _silence(stream: TextIO) -> None:
+    """Points a stream whose write failed at /dev/null, so that the interpreter's final flush of
+    what it still holds cannot fail again (`Exception ignored ...`, exit 120)."""
     try:
+        target = stream.fileno()
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # not a file: an in-process caller's capture
+        return
+    try:
+        os.dup2(devnull, target)
+    except OSError:
         pass
+    finally:
+        os.close(devnull)
 
 
 def _command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         demo(args.layers, args.adapters)
+        _flush_out()
         return 0
     import json
 
     if args.command == "inspect":
         report = inspect_report(args.path)
         if args.json:
-            print(json.dumps(report, indent=2))
+            _out(json.dumps(report, indent=2))
         else:
             _print_inspect(report)
-        sys.stdout.flush()  # a closed pipe shows here, inside main's handler, not at exit
+        _flush_out()
         return 0
     return _check(args)
 
@@ -318,24 +424,24 @@ def _check(args: argparse.Namespace) -> int:
                         "type": type(error).__name__,
                     }
                 )
-        print(json.dumps(objects, indent=2))
-        sys.stdout.flush()  # a closed pipe shows here, inside main's handler, not at exit
+        _out(json.dumps(objects, indent=2))
+        _flush_out()
         return int(args.status)
     for answer in answers:
         if isinstance(answer, BaseException):
-            print(f"fastkeys check: {_describe(args, answer)}", file=sys.stderr)
+            _err(f"fastkeys check: {_describe(args, answer)}")
     if len(answers) > 1:
         _print_check_table(args.adapters, answers)
     limit = _FINDINGS_SHOWN if len(answers) > 1 else None
     for answer in answers:
         if not isinstance(answer, BaseCheck) or (len(answers) > 1 and not answer):
             continue
-        print(answer.verdict(args.base))
+        _out(answer.verdict(args.base))
         for finding in answer[:limit]:
-            print(f"  [{finding.kind}] {finding.key}: {finding.message}")
+            _out(f"  [{finding.kind}] {finding.key}: {finding.message}")
         if limit is not None and len(answer) > limit:
-            print(f"  ... and {len(answer) - limit} more (--json lists them all)")
-    sys.stdout.flush()
+            _out(f"  ... and {len(answer) - limit} more (--json lists them all)")
+    _flush_out()
     return int(args.status)
 
 
@@ -343,12 +449,12 @@ def _print_check_table(adapters: Sequence[str], answers: Sequence[object]) -> No
     from .preflight import BaseCheck
 
     width = max(len(adapter) for adapter in adapters)
-    print(f"{'adapter':<{width}}  {'verdict':<8}  {'modules':>7}  {'layers':>6}  findings")
+    _out(f"{'adapter':<{width}}  {'verdict':<8}  {'modules':>7}  {'layers':>6}  findings")
     counts: dict[str, int] = {"fits": 0, "findings": 0, "unusable": 0}
     for adapter, answer in zip(adapters, answers, strict=True):
         if not isinstance(answer, BaseCheck):
             counts["unusable"] += 1
-            print(f"{adapter:<{width}}  {'unusable':<8}  {'-':>7}  {'-':>6}  see the error above")
+            _out(f"{adapter:<{width}}  {'unusable':<8}  {'-':>7}  {'-':>6}  see the error above")
             continue
         kinds: dict[str, int] = {}
         for finding in answer:
@@ -357,8 +463,8 @@ def _print_check_table(adapters: Sequence[str], answers: Sequence[object]) -> No
         counts[verdict] += 1
         shown = ", ".join(f"{kind}: {count}" for kind, count in kinds.items()) or "-"
         coverage = answer.coverage
-        print(f"{adapter:<{width}}  {verdict:<8}  {coverage.modules:>7}  {coverage.layers:>6}  {shown}")
-    print(
+        _out(f"{adapter:<{width}}  {verdict:<8}  {coverage.modules:>7}  {coverage.layers:>6}  {shown}")
+    _out(
         ", ".join(f"{count} {label}" for label, count in counts.items() if count)
         + f" ({len(answers)} adapters)"
     )
