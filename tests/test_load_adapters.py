@@ -24,7 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastkeys.peft
-from fastkeys import _loader
+from fastkeys._loader import boundary
+from fastkeys._loader.result import AdapterLoadResult
+from fixtures.loading import assert_same_outputs, assert_same_state, both_loops, end_state, merged_copy
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
 FULL = os.environ.get("FASTKEYS_FULL") == "1"
@@ -33,68 +35,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_MODULES = ["query", "key", "value", "dense"]
-
-
-# ---------------------------------------------------------------------------------------------
-# What "the same end state" means.
-
-
-def end_state(model: Any) -> dict[str, Any]:
-    tuner = model.base_model
-    return {
-        "state_dict": {
-            key: (value.dtype, value.device, value.detach().clone())
-            for key, value in model.state_dict().items()
-        },
-        "modules": [(name, type(module).__qualname__) for name, module in model.named_modules()],
-        "requires_grad": [(name, p.requires_grad) for name, p in model.named_parameters()],
-        "training": [(name, module.training) for name, module in model.named_modules()],
-        "peft_config": {name: config.to_dict() for name, config in model.peft_config.items()},
-        "active": (model.active_adapter, tuner.active_adapter),
-        "layer_active": [
-            (name, module.active_adapter)
-            for name, module in model.named_modules()
-            if isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer)
-        ],
-        "targeted": list(tuner.targeted_module_names),
-        # the per-adapter numbers a LoRA layer keeps outside its state_dict
-        "layer_options": [
-            (name, {key: dict(getattr(module, key)) for key in ("r", "lora_alpha", "scaling", "use_dora")})
-            for name, module in model.named_modules()
-            if isinstance(module, peft.tuners.lora.LoraLayer)
-        ],
-    }
-
-
-def assert_same_state(expected: dict[str, Any], actual: dict[str, Any]) -> None:
-    assert list(actual["state_dict"]) == list(expected["state_dict"])
-    for key, (dtype, device, value) in expected["state_dict"].items():
-        got_dtype, got_device, got = actual["state_dict"][key]
-        assert (got_dtype, got_device) == (dtype, device), key
-        assert torch.equal(got, value), f"{key} differs"
-    for part in (
-        "modules",
-        "requires_grad",
-        "training",
-        "peft_config",
-        "active",
-        "layer_active",
-        "targeted",
-        "layer_options",
-    ):
-        assert actual[part] == expected[part], part
-
-
-def assert_same_outputs(expected: Any, actual: Any, inputs: torch.Tensor) -> None:
-    for name in expected.peft_config:
-        expected.set_adapter(name)
-        actual.set_adapter(name)
-        outputs = []
-        for model in (expected, actual):
-            torch.manual_seed(0)  # dropout in training mode
-            with torch.no_grad():
-                outputs.append(model(inputs)[0])
-        assert torch.equal(outputs[0], outputs[1]), f"outputs with adapter {name!r} differ"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,35 +79,6 @@ ARCHITECTURES: dict[str, tuple[Callable[[], Any], list[str], str]] = {
     "llama": (tiny_llama, LLAMA_MODULES, "layers"),
     "bert": (tiny_bert, BERT_MODULES, "layer"),
 }
-
-
-def merged_copy(directory: Path, target: Path) -> Path:
-    """What PEFT can read: the shards of `directory` merged into one file."""
-    if (directory / "adapter_model.safetensors").is_file():
-        return directory
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(directory / "adapter_config.json", target / "adapter_config.json")
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(directory.glob("adapter_model-*.safetensors")):
-        tensors.update(load_file(shard))
-    save_file(tensors, target / "adapter_model.safetensors", metadata={"format": "pt"})
-    return target
-
-
-def both_loops(
-    factory: Callable[[], Any],
-    first: Path,
-    adapters: dict[str, Path],
-    scratch: Path,
-    **options: Any,
-) -> tuple[Any, Any, dict[str, Any]]:
-    """(the model after PEFT's load_adapter loop, the model after load_adapters, the results)."""
-    expected = peft.PeftModel.from_pretrained(factory(), first, "first")
-    for name, directory in adapters.items():
-        expected.load_adapter(merged_copy(directory, scratch / f"merged-{name}"), name, **options)
-    actual = peft.PeftModel.from_pretrained(factory(), first, "first")
-    results = fastkeys.peft.load_adapters(actual, adapters, **options)
-    return expected, actual, results
 
 
 def run_sweep(tmp_path: Path, architecture: str, seed: int, count: int, **options: Any) -> dict[str, Any]:
@@ -339,10 +250,6 @@ def test_index_survives_deletes_and_model_surgery(tmp_path: Path) -> None:
         torch.manual_seed(6)
         model.base_model.model.model.layers[1].mlp._modules["up_proj"] = torch.nn.Linear(32, 64)
         load(wider, "four")
-    index = _loader._indexes[models[1].base_model.model]
-    assert (
-        index.modules["model.layers.0.mlp.up_proj"] is models[1].base_model.model.model.layers[0].mlp.up_proj
-    )
     assert_same_state(end_state(models[0]), end_state(models[1]))
 
 
@@ -369,7 +276,7 @@ def test_sharded_checkpoint_loads_like_the_merged_one(tmp_path: Path) -> None:
     expected.load_adapter(merged_copy(directory, tmp_path / "merged"), "s")
     actual = fresh_model_with_first(tmp_path)
     result = fastkeys.peft.load_adapter(actual, directory, "s")
-    assert result == _loader.AdapterLoadResult([], [], "fastkeys", None)
+    assert result == AdapterLoadResult([], [], "fastkeys", None, [])
     assert_same_state(end_state(expected), end_state(actual))
 
 
@@ -389,7 +296,7 @@ def test_a_hugging_face_cache_snapshot_loads(tmp_path: Path) -> None:
     fastkeys.peft.load_adapter(expected, directory, "s")
     actual = fresh_model_with_first(tmp_path)
     result = fastkeys.peft.load_adapter(actual, snapshot, "s")
-    assert result == _loader.AdapterLoadResult([], [], "fastkeys", None)
+    assert result == AdapterLoadResult([], [], "fastkeys", None, [])
     assert_same_state(end_state(expected), end_state(actual))
 
 
@@ -493,8 +400,6 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
         TypeError, match="adapters must map adapter names to checkpoint directories, not list"
     ):
         fastkeys.peft.load_adapters(model, [tmp_path])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"the model already has adapters named \['first'\]"):
-        fastkeys.peft.load_adapters(model, {"first": tmp_path / "first"})
     with pytest.raises(FileNotFoundError, match="adapter 'x': no such checkpoint directory"):
         fastkeys.peft.load_adapters(model, {"x": tmp_path / "nowhere"})
     with pytest.raises(TypeError, match="adapter 'x': the checkpoint must be a directory path, not int"):
@@ -523,7 +428,7 @@ def test_raw_results_keep_peft_loader(tmp_path: Path) -> None:
     """Inside fastkeys.peft._raw_results the caller wants torch's raw result: PEFT's loader runs."""
     directory = save_seeded_adapter(peft.LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "raw", seed=1)
     model = fresh_model_with_first(tmp_path)
-    with fastkeys.peft._raw_results() as records:
+    with boundary.recorded_results() as records:
         result = fastkeys.peft.load_adapter(model, directory, "raw")
     assert result.loader == "peft" and result.reason == "the raw load result was requested"
     assert len(records) == 1 and records[0].unexpected_keys == []

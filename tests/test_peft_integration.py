@@ -22,6 +22,7 @@ pytest.importorskip("transformers")
 
 import fastkeys.peft as fkpeft  # noqa: E402
 from fastkeys import MissingAdapterKeysWarning, filter_missing  # noqa: E402
+from fastkeys._loader import boundary  # noqa: E402
 from fixtures.peft_models import (  # noqa: E402
     METHOD_CONFIGS,
     TRICKY_NAMES,
@@ -99,7 +100,7 @@ def test_from_pretrained_warns_once_exactly_when_relevant(
     dropped = without(directory, key, tmp_path / "dropped")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with fkpeft._raw_results() as records:
+        with boundary.recorded_results() as records:
             fkpeft.from_pretrained(tiny_llama(resized=True), str(dropped), "default")
     ours = [w for w in caught if issubclass(w.category, MissingAdapterKeysWarning)]
     assert len(ours) == 1
@@ -107,7 +108,7 @@ def test_from_pretrained_warns_once_exactly_when_relevant(
     message = str(ours[0].message)
     assert "adapter 'default'" in message
     # The complete load's raw result, to name exactly what went missing.
-    with fkpeft._raw_results() as complete_records:
+    with boundary.recorded_results() as complete_records:
         fkpeft.from_pretrained(tiny_llama(resized=True), str(directory), "default")
     newly = sorted(set(records[-1].missing_keys) - set(complete_records[-1].missing_keys))
     assert f"{len(newly)} of its tensors are missing" in message
@@ -151,7 +152,7 @@ def test_second_architecture_bert_classifier(tmp_path: Path) -> None:
 
     def load(path: Path) -> tuple[Any, Any]:
         model = peft.PeftModel.from_pretrained(tiny_bert(), directory, "default")
-        with fkpeft._raw_results() as records:
+        with boundary.recorded_results() as records:
             verdict = fkpeft.load_adapter(model, str(path), "default_1")
         return verdict, records[-1]
 
@@ -189,7 +190,7 @@ def test_a_peft_without_the_internal_fails_clearly(monkeypatch: pytest.MonkeyPat
 
 
 def test_recording_is_a_pass_through_outside_fastkeys(saved: dict[str, Path]) -> None:
-    fkpeft._peft_model_module()  # installs the recorder
+    boundary.install()  # installs the recorder
     model = peft.PeftModel.from_pretrained(tiny_llama(), saved["lora"], "default")
     result = model.load_adapter(saved["lora"], "other")
     # PEFT's own (filtered) behaviour is unchanged when fastkeys is not asked: its substring rule
@@ -206,8 +207,8 @@ def test_the_copy_of_peft_filter_is_faithful(method: str, saved: dict[str, Path]
         path = directory if key is None else without(directory, key, tmp_path / f"d{index}")
         model = peft.PeftModel.from_pretrained(tiny_llama(resized=True), directory, "default")
         try:
-            with fkpeft._raw_results() as records:
-                fkpeft._peft_model_module()
+            with boundary.recorded_results() as records:
+                boundary.install()
                 peft_result = model.load_adapter(str(path), "default_1")
         except (ValueError, KeyError):
             continue

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import fastkeys.peft as fkpeft  # noqa: E402
 from fastkeys import check_adapter, check_base, scan  # noqa: E402
+from fastkeys._loader import boundary  # noqa: E402
 from fixtures.peft_models import (  # noqa: E402
     METHOD_CONFIGS,
     checkpoint_keys,
@@ -30,7 +31,7 @@ CHECKED = ["lora", "dora", "loha", "ia3", "vera", "vblora", "tinylora", "unilora
 
 def _load(directory: Path, path: Path) -> tuple[Any, Any, list[str]]:
     model = peft.PeftModel.from_pretrained(tiny_llama(resized=True), directory, "default")
-    with fkpeft._raw_results() as records:
+    with boundary.recorded_results() as records:
         verdict = fkpeft.load_adapter(model, str(path), "target")
     return verdict, records[-1], list(model.state_dict())
 

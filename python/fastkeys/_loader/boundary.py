@@ -1,0 +1,209 @@
+"""Everything fastkeys uses of PEFT's (and torch's) internals, and the versions it was verified on.
+
+The fast path re-does, for one adapter, what PEFT's `load_adapter` does to the whole model, so it
+is exact only on the PEFT and torch releases it was checked against (`VERIFIED`); anywhere else the
+loader goes through PEFT's own code and says why (`version_refusal`). A private symbol that is gone
+refuses the fast path the same way instead of failing on import.
+
+PEFT's own loader needs two hooks, both pass-throughs installed once for the whole process that act
+only for the thread inside a fastkeys call:
+- `recorded_results()`: torch's raw `load_state_dict` result from inside
+  `set_peft_model_state_dict`, before PEFT filters it;
+- `fed_tensors(path, tensors)`: PEFT reads an adapter's weights with `safetensors.torch.load_file`;
+  for the placeholder file named `path` it gets the tensors fastkeys already read from the files it
+  checked, so PEFT never opens the user's checkpoint by path a second time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import peft
+import torch
+
+# Checked by the differential tests (tests/test_load_adapters.py) against PEFT's own loop. PEFT by
+# release: its loader changes in patch releases too. torch by minor release.
+VERIFIED = {"peft": ("0.21.2",), "torch": ("2.15",)}
+
+
+def _symbol(module: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+# The private PEFT symbols the fast path uses (None where this PEFT lacks one).
+_SYMBOLS = {
+    "BaseTunerLayer": ("peft.tuners.tuners_utils", "BaseTunerLayer"),
+    "ExcludedModule": ("peft.tuners.tuners_utils", "_ExcludedModule"),
+    "check_target_module_exists": ("peft.tuners.tuners_utils", "check_target_module_exists"),
+    "get_submodules": ("peft.tuners.tuners_utils", "_get_submodules"),
+    "set_layer_requires_grad": ("peft.tuners.tuners_utils", "_set_layer_requires_grad"),
+    "UPCAST_DTYPES": ("peft.tuners.tuners_utils", "UPCAST_DTYPES"),
+    "LoraLayer": ("peft.tuners.lora.layer", "LoraLayer"),
+    "LoraLinear": ("peft.tuners.lora.layer", "Linear"),
+    "LoraModel": ("peft.tuners.lora.model", "LoraModel"),
+    "AuxiliaryTrainingWrapper": ("peft.utils.other", "AuxiliaryTrainingWrapper"),
+    "get_pattern_key": ("peft.utils.other", "get_pattern_key"),
+    "BufferDict": ("peft.tuners._buffer_dict", "BufferDict"),
+    "get_checkpoint_conversion_mapping": (
+        "peft.utils.transformers_weight_conversion",
+        "get_checkpoint_conversion_mapping",
+    ),
+    "EMBEDDING_LAYER_NAMES": ("peft.utils.constants", "EMBEDDING_LAYER_NAMES"),
+    "CONFIG_MAPPING": ("peft.mapping", "PEFT_TYPE_TO_CONFIG_MAPPING"),
+}
+_found = {key: _symbol(module, name) for key, (module, name) in _SYMBOLS.items()}
+MISSING = [f"{_SYMBOLS[key][0]}.{_SYMBOLS[key][1]}" for key, value in _found.items() if value is None]
+
+BaseTunerLayer: Any = _found["BaseTunerLayer"]
+ExcludedModule: Any = _found["ExcludedModule"]
+check_target_module_exists: Any = _found["check_target_module_exists"]
+get_submodules: Any = _found["get_submodules"]
+set_layer_requires_grad: Any = _found["set_layer_requires_grad"]
+LoraLayer: Any = _found["LoraLayer"]
+LoraLinear: Any = _found["LoraLinear"]
+LoraModel: Any = _found["LoraModel"]
+AuxiliaryTrainingWrapper: Any = _found["AuxiliaryTrainingWrapper"]
+get_pattern_key: Any = _found["get_pattern_key"]
+BufferDict: Any = _found["BufferDict"]
+get_checkpoint_conversion_mapping: Any = _found["get_checkpoint_conversion_mapping"]
+# PEFT's `save_embedding_layers` saves the base weights of modules with these names
+EMBEDDING_LAYER_NAMES: tuple[str, ...] = tuple(_found["EMBEDDING_LAYER_NAMES"] or ("embed_tokens", "lm_head"))
+CONFIG_MAPPING: dict[Any, Any] = _found["CONFIG_MAPPING"] or {}
+LORA: Any = peft.PeftType.LORA
+
+
+def upcast_dtypes() -> set[torch.dtype]:
+    """The dtypes PEFT's `cast_adapter_dtype` raises to fp32."""
+    low = {torch.float16, torch.bfloat16}
+    names = _found["UPCAST_DTYPES"] or ()
+    low.update(dtype for name in names if isinstance(dtype := getattr(torch, name, None), torch.dtype))
+    return low
+
+
+def versions() -> dict[str, str]:
+    return {"peft": str(getattr(peft, "__version__", "?")), "torch": torch.__version__.split("+")[0]}
+
+
+def version_refusal() -> str | None:
+    """Why this PEFT/torch is not one the fast path was verified on, or None."""
+    found = versions()
+    if found["peft"] not in VERIFIED["peft"]:
+        return (
+            f"PEFT {found['peft']} is not a version the fast path was verified on "
+            f"({', '.join(VERIFIED['peft'])})"
+        )
+    if ".".join(found["torch"].split(".")[:2]) not in VERIFIED["torch"]:
+        return (
+            f"torch {found['torch']} is not a version the fast path was verified on "
+            f"({', '.join(VERIFIED['torch'])})"
+        )
+    if MISSING:
+        return f"this PEFT has no {MISSING[0]}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The two pass-through hooks on PEFT's loader.
+
+_local = threading.local()
+_install_lock = threading.Lock()
+
+
+def _wrap_once(module: Any, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:
+    """Replaces `module.name` by `make(original)` unless fastkeys did already."""
+    with _install_lock:
+        original = getattr(module, name, None)
+        if original is None:
+            raise RuntimeError(
+                f"fastkeys.peft relies on {module.__name__}.{name}, which peft "
+                f"{versions()['peft']} does not have (fastkeys is verified with peft "
+                f"{', '.join(VERIFIED['peft'])}); use fastkeys.filter_missing on a load result instead"
+            )
+        if getattr(original, "__fastkeys_wrapper__", False):
+            return
+        wrapper = functools.wraps(original)(make(original))
+        wrapper.__fastkeys_wrapper__ = True  # type: ignore[attr-defined]
+        setattr(module, name, wrapper)
+
+
+def install() -> None:
+    """Installs both hooks (idempotent). RuntimeError naming the version if PEFT lacks a function."""
+    peft_model = importlib.import_module("peft.peft_model")
+    save_and_load = importlib.import_module("peft.utils.save_and_load")
+    _wrap_once(peft_model, "set_peft_model_state_dict", _recording)
+    _wrap_once(save_and_load, "safe_load_file", _feeding)
+
+
+def _recording(original: Callable[..., Any]) -> Callable[..., Any]:
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        for records in getattr(_local, "stack", ()):
+            # PEFT filters `missing_keys` in place right after this returns: keep a copy.
+            records.append(result._replace(missing_keys=list(result.missing_keys)))
+        return result
+
+    return recording
+
+
+def _feeding(original: Callable[..., Any]) -> Callable[..., Any]:
+    def feeding(filename: Any, device: Any = "cpu") -> Any:
+        feed = getattr(_local, "feed", None)
+        if feed is not None and os.fspath(filename) == feed[0]:
+            # the placeholder is an empty safetensors file: reading it checks `device` as safetensors
+            # does (same errors), then the checked tensors go where they would have gone
+            original(filename, device=device)
+            return {name: tensor.to(device) for name, tensor in feed[1].items()}
+        return original(filename, device=device)
+
+    return feeding
+
+
+@contextlib.contextmanager
+def recorded_results() -> Iterator[list[Any]]:
+    """Collects the raw results of this thread's PEFT loads while open (nested ones included)."""
+    install()
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    records: list[Any] = []
+    stack.append(records)
+    try:
+        yield records
+    finally:
+        stack.pop()
+
+
+def recording() -> bool:
+    """Whether this thread is inside `recorded_results` (its caller wants torch's raw result)."""
+    return bool(getattr(_local, "stack", None))
+
+
+@contextlib.contextmanager
+def fed_tensors(path: str, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While open, PEFT's read of the file `path` (an empty safetensors file) on this thread
+    returns `tensors` instead."""
+    install()
+    previous = getattr(_local, "feed", None)
+    _local.feed = (path, tensors)
+    try:
+        yield
+    finally:
+        _local.feed = previous
+
+
+def last_result(records: list[Any], what: str) -> Any:
+    if not records:
+        raise RuntimeError(
+            f"PEFT's {what} did not call set_peft_model_state_dict, so there is no load result to check "
+            f"(fastkeys is verified with peft {', '.join(VERIFIED['peft'])})"
+        )
+    return records[-1]

@@ -1,0 +1,193 @@
+"""PEFT's own loader, for every load the fast path does not reproduce, held to the same rules.
+
+- **What PEFT reads**: a scratch directory with the config fastkeys checked and an empty placeholder
+  for the weights; PEFT's read of the placeholder is fed the tensors fastkeys read from the files it
+  checked (`boundary.fed_tensors`). PEFT never opens the user's checkpoint, so containment, regular
+  files, size caps and sharded checkpoints work as on the fast path.
+- **Expressions**: PEFT's matching of config expressions runs on the linear engine.
+- **Base weights**: a load-time hook on the base model sees the state dict torch is about to copy.
+  A tensor that would overwrite a pre-existing base-model weight is refused (ValueError, before it
+  is written) unless PEFT's own saving puts such weights in a checkpoint: an embedding
+  (`save_embedding_layers`: `embed_tokens`, `lm_head`, a resized vocabulary) or a bias of an adapter
+  whose config trains biases. One that would overwrite another adapter's weights is refused.
+  Every base weight the load changed, by that copy or in place (special initialisations), is
+  reported.
+- **All or nothing**: a transaction records every module first and protects the values of every
+  pre-existing tensor that is written; a failure or an interruption anywhere in PEFT's code rolls
+  the model back, values included.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import boundary
+from .expressions import linear_matching
+from .files import CONFIG_FILE, SINGLE_FILE
+from .transaction import Transaction
+
+
+class BaseWeights:
+    """The base model's tensors by name (outside adapter containers), with their versions: what a
+    load may write in place and must report."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.tensors: dict[str, torch.Tensor] = {}
+        for module_name, module in _base_modules(model):
+            prefix = module_name + "." if module_name else ""
+            for name, tensor in (*module._parameters.items(), *module._buffers.items()):
+                if tensor is not None and name not in self.tensors:
+                    self.tensors[prefix + name] = tensor
+        self.ids = {id(tensor) for tensor in self.tensors.values()}
+        self.versions = {name: tensor._version for name, tensor in self.tensors.items()}
+
+    def changed(self) -> list[str]:
+        """Base tensors written (in place, or replaced) since this was made."""
+        owners = dict(_base_modules(self.model))
+        changed = []
+        for name, tensor in self.tensors.items():
+            module_name, _, attribute = name.rpartition(".")
+            owner = owners.get(module_name)
+            current = (
+                None if owner is None else owner._parameters.get(attribute, owner._buffers.get(attribute))
+            )
+            if current is not tensor or tensor._version != self.versions[name]:
+                changed.append(name)
+        return changed
+
+
+def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The base model's modules: not entering a tuner layer but through its `base_layer`, nor an
+    auxiliary wrapper but through its `original_module`."""
+    memo: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in memo:
+            continue
+        memo.add(id(module))
+        yield name, module
+        if isinstance(module, boundary.BaseTunerLayer):
+            allowed: tuple[str, ...] | None = ("base_layer",)
+        elif isinstance(module, boundary.AuxiliaryTrainingWrapper):
+            allowed = ("original_module",)
+        else:
+            allowed = None
+        prefix = name + "." if name else ""
+        children = [
+            (prefix + key, child)
+            for key, child in module._modules.items()
+            if child is not None and (allowed is None or key in allowed)
+        ]
+        stack.extend(reversed(children))
+
+
+def _saved_by_peft(module_path: str, attribute: str, config: dict[str, object]) -> bool:
+    """Whether PEFT's own saving writes this base weight into an adapter checkpoint: an embedding
+    (`save_embedding_layers`, a resized vocabulary), or a bias when the adapter trains biases."""
+    if attribute == "bias" and config.get("bias") not in (None, "none"):
+        return True
+    segments = [s for s in module_path.split(".") if s not in ("base_layer", "original_module")]
+    return bool(segments) and segments[-1] in boundary.EMBEDDING_LAYER_NAMES
+
+
+@contextmanager
+def _guarded_writes(
+    base_model: nn.Module, base: BaseWeights, adapter_name: str, config: dict[str, object], tx: Transaction
+) -> Iterator[None]:
+    """While open, every `load_state_dict` that reaches `base_model` is checked before torch copies:
+    see the module docstring."""
+    existing = {id(t) for m in base_model.modules() for t in (*m._parameters.values(), *m._buffers.values())}
+
+    def check(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+        for key in state_dict:
+            if not key.startswith(prefix):
+                continue
+            local = key[len(prefix) :]
+            path, _, attribute = local.rpartition(".")
+            try:
+                owner = module.get_submodule(path)
+            except AttributeError:
+                continue  # torch reports it as unexpected
+            tensor = owner._parameters.get(attribute, owner._buffers.get(attribute))
+            if tensor is None or id(tensor) not in existing:
+                continue  # created by this load
+            if id(tensor) in base.ids:
+                if not _saved_by_peft(path, attribute, config):
+                    raise ValueError(
+                        f"the checkpoint of adapter {adapter_name!r} holds {key!r}, which would overwrite "
+                        "a weight of the base model that every adapter shares; fastkeys loads only the base "
+                        "weights PEFT itself saves: embeddings with save_embedding_layers "
+                        f"({', '.join(boundary.EMBEDDING_LAYER_NAMES)}), biases when the config trains them"
+                    )
+            elif adapter_name not in local.split("."):
+                raise ValueError(
+                    f"the checkpoint of adapter {adapter_name!r} holds {key!r}, which would overwrite "
+                    "another adapter's weights"
+                )
+            tx.protect(tensor)
+
+    handle = base_model.register_load_state_dict_pre_hook(check)  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def peft_load(
+    call: Callable[[str], Any],
+    base_model: nn.Module,
+    adapter_name: str,
+    config: dict[str, object],
+    tensors: dict[str, torch.Tensor],
+    tx: Transaction,
+    protect: list[torch.Tensor],
+) -> tuple[Any, Any, list[str]]:
+    """Runs `call(directory)` (PEFT's `load_adapter` or `from_pretrained` on a scratch directory
+    holding `config`, fed `tensors`) under the rules above. The caller recorded the model in `tx`
+    and rolls it back if this raises. Returns (PEFT's return value, torch's raw load result, the
+    base weights the load changed)."""
+    base = BaseWeights(base_model)
+    for tensor in protect:
+        tx.protect(tensor)
+    with tempfile.TemporaryDirectory(prefix="fastkeys-adapter-") as scratch:
+        directory = Path(scratch)
+        (directory / CONFIG_FILE).write_text(json.dumps(config), encoding="utf-8")
+        placeholder = directory / SINGLE_FILE
+        save_file({}, placeholder)
+        with (
+            boundary.recorded_results() as records,
+            boundary.fed_tensors(str(placeholder), tensors),
+            linear_matching(),
+            _guarded_writes(base_model, base, adapter_name, config, tx),
+        ):
+            returned = call(str(directory))
+    raw = boundary.last_result(records, "loader")
+    return returned, raw, base.changed()
+
+
+def special_init_targets(config: Any, index_modules: dict[str, Any]) -> list[torch.Tensor]:
+    """The base weights a special initialisation (PiSSA, OLoRA, CorDA, ...) may rewrite in place:
+    those of the modules the config targets, protected before PEFT runs."""
+    init = getattr(config, "init_lora_weights", True)
+    if init is True or init is False or init == "gaussian":
+        return []
+    found: list[torch.Tensor] = []
+    with linear_matching():
+        for name, module in index_modules.items():
+            if boundary.check_target_module_exists(config, name):
+                base = module.get_base_layer() if isinstance(module, boundary.BaseTunerLayer) else module
+                found.extend(
+                    t for t in (*base._parameters.values(), *base._buffers.values()) if t is not None
+                )
+    return found

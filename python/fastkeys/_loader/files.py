@@ -1,0 +1,111 @@
+"""Reading an adapter's tensors through the checks `scan` made, never by a second blind open.
+
+Every file is opened with O_NONBLOCK and checked on the open descriptor: a regular file (a FIFO
+swapped in after the scan is refused at once instead of blocking), inside the checkpoint directory
+(the descriptor's own path, so a symlink swapped in after the scan cannot lead outside), and holding
+the tensors, shapes and sizes the scan read from its header. Files are read in chunks, so Ctrl-C
+interrupts a long read as a KeyboardInterrupt. PEFT's own loader is then fed these tensors
+(`boundary.fed_tensors`) and never opens the checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._pure.safetensors import open_regular
+from ..checkpoint import Checkpoint, _adapter_config, _inside, _regular_file, scan
+
+SINGLE_FILE = "adapter_model.safetensors"
+BIN_FILE = "adapter_model.bin"
+CONFIG_FILE = "adapter_config.json"
+_CHUNK = 64 << 20
+
+
+def read_checked(path: str, directory: Path) -> bytes:
+    """The whole of `path`, a regular file that resolves inside `directory` (as `scan` allows:
+    a Hugging Face cache snapshot's links into its `blobs/` included)."""
+    try:
+        file = open_regular(path)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    with file:
+        descriptor_path = f"/proc/self/fd/{file.fileno()}"
+        real = os.readlink(descriptor_path) if os.path.exists(descriptor_path) else os.path.realpath(path)
+        if not _inside(directory, real):
+            raise ValueError(f"{path}: lies outside the checkpoint directory {directory}")
+        size = os.fstat(file.fileno()).st_size
+        parts: list[bytes] = []
+        remaining = size
+        while remaining > 0:
+            part = file.read(min(_CHUNK, remaining))
+            if not part:
+                break
+            parts.append(part)
+            remaining -= len(part)
+    data = b"".join(parts)
+    if len(data) != size:
+        raise ValueError(f"{path}: the file changed while being read")
+    return data
+
+
+def read_tensors(checkpoint: Checkpoint, directory: Path, names: list[str] | None = None) -> dict[str, Any]:
+    """The tensors `names` (all when None) of a scanned checkpoint, read from the files the scan
+    checked, each as its header said (ValueError naming the file if it changed since)."""
+    from safetensors.torch import load
+
+    wanted = list(checkpoint) if names is None else names
+    by_file: dict[str, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(checkpoint.shard_of(name), []).append(name)
+    tensors: dict[str, Any] = {}
+    for file, file_names in by_file.items():
+        data = read_checked(file, directory)
+        try:
+            found = load(data)
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"{file}: not a safetensors file fastkeys can read ({error})") from None
+        expected = [name for name in checkpoint if checkpoint.shard_of(name) == file]
+        if sorted(found) != sorted(expected):
+            raise ValueError(f"{file}: its tensors changed since the checkpoint was scanned")
+        for name in file_names:
+            tensor, header = found[name], checkpoint[name]
+            if tuple(tensor.shape) != header.shape or tensor.numel() * tensor.element_size() != header.nbytes:
+                raise ValueError(f"{file}: tensor {name!r} changed since the checkpoint was scanned")
+            tensors[name] = tensor
+    return tensors
+
+
+def scan_directory(directory: Path) -> Checkpoint:
+    """`scan` of an adapter directory (single or sharded safetensors)."""
+    return scan(directory)
+
+
+def has_safetensors(directory: Path) -> bool:
+    return (directory / SINGLE_FILE).is_file() or any(directory.glob("*.safetensors.index.json"))
+
+
+def read_bin(directory: Path) -> tuple[dict[str, object], dict[str, Any]]:
+    """(adapter_config.json, tensors) of a directory holding `adapter_model.bin`, with the rules of
+    `scan`: both regular files inside the directory, the config capped and checked, and the pickle
+    read by torch's weights-only loader from the bytes checked."""
+    culprit = str(directory)
+    config_path = _regular_file(directory, CONFIG_FILE, culprit)
+    if not os.path.lexists(config_path):
+        raise FileNotFoundError(2, "the adapter has no adapter_config.json", config_path)
+    config = _adapter_config(Path(config_path))
+    path = _regular_file(directory, BIN_FILE, culprit)
+    data = read_checked(path, directory)
+    try:
+        tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # the unpickler raises many error types
+        raise ValueError(f"{path}: not a weights-only torch checkpoint ({error})") from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise ValueError(f"{path}: must hold a dict of named tensors")
+    return config, tensors

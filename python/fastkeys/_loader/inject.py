@@ -1,0 +1,336 @@
+"""The fast path: PEFT's `load_adapter` for one LoRA adapter, touching only the adapter's modules.
+
+PEFT's loop walks the whole model several times per adapter, and inside each targeted layer every
+adapter the layer holds. Here, per target: a plain LoRA target that already is a `lora.Linear` gets
+its two matrices built around the loaded tensors (no random initialisation that loading overwrites);
+any other target runs PEFT's own `update_layer` (without its O(adapters) passes, whose effect on the
+new adapter is applied directly) or `_create_and_replace` for a module not wrapped yet, and the
+loaded tensors are then copied in as `load_state_dict` would. PEFT snapshots and restores the
+`requires_grad` of every pre-existing parameter around an injection, so its whole-model passes
+change nothing but the new adapter; that is what makes the per-adapter path exact.
+
+Every change is recorded first in the caller's transaction; a `Refused` or any other exception
+(KeyboardInterrupt included) leaves the caller to roll it back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from . import boundary
+from .expressions import linear_matching
+from .files import read_tensors
+from .index import ModelIndex
+from .plan import MODEL_PREFIX, Refused, check_checkpoint, make_plan
+from .transaction import Transaction
+
+
+def load_fast(
+    peft_model: Any,
+    adapter_name: str,
+    config: Any,
+    checkpoint: Checkpoint,
+    directory: Path,
+    index: ModelIndex,
+    tx: Transaction,
+    *,
+    is_trainable: bool,
+    autocast_adapter_dtype: bool,
+    low_cpu_mem_usage: bool,
+) -> None:
+    tuner = peft_model.base_model
+    peft_model._check_new_adapter_config(config, is_trainable=is_trainable)
+    config.inference_mode = not is_trainable
+    plan = make_plan(tuner, config, index, checkpoint, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    active = list(tuner.active_adapters)
+    tx.record(tuner, adapter_name)
+    peft_model.peft_config[adapter_name] = config
+    tuner._check_new_adapter_config(config)
+    touched: dict[int, Any] = {}
+    with torch.no_grad():
+        for name in plan.targets:
+            if name not in plan.quick:
+                layer = _inject_with_peft(tuner, index, tx, name, config, adapter_name)
+                touched[id(layer)] = layer
+        expected = dict(plan.expected)
+        for name in plan.targets:
+            if name not in plan.quick:
+                for key, parameter in _new_parameters(index.modules[name], adapter_name, name).items():
+                    if parameter.device.type == "meta":
+                        raise Refused(f"{key} is on the meta device")
+                    expected[key] = tuple(parameter.shape)
+        check_checkpoint(checkpoint, plan, expected, adapter_name)
+        tensors = read_tensors(checkpoint, directory, [plan.by_model_key[key] for key in expected])
+        for name, (r, alpha) in plan.quick.items():
+            layer = index.modules[name]
+            _record_layer(tx, layer, adapter_name)
+            touched[id(layer)] = layer
+            prefix = f"{MODEL_PREFIX}{name}."
+            _add_lora_linear(
+                layer,
+                adapter_name,
+                r,
+                alpha,
+                config,
+                tensors[plan.by_model_key[f"{prefix}lora_A.{adapter_name}.weight"]],
+                tensors[plan.by_model_key[f"{prefix}lora_B.{adapter_name}.weight"]],
+                autocast_adapter_dtype,
+            )
+        for layer in touched.values():
+            # what update_layer's set_adapter(active, inference_mode) does to the new adapter: it
+            # is not active, so its weights are frozen
+            for attribute in layer.adapter_layer_names:
+                holder = getattr(layer, attribute)
+                if adapter_name in holder:
+                    boundary.set_layer_requires_grad(holder[adapter_name], False)
+        # inject_adapter's model-wide set_adapter stores the active list in every layer
+        for layer in index.layers.values():
+            tx.record_attributes(layer, ("_active_adapter",))
+            layer._active_adapter = list(active)
+        tuner.active_adapter = list(active)
+        for layer in touched.values():
+            layer._freeze_non_trainable_peft_weights([adapter_name])
+        for name in plan.targets:
+            if name not in plan.quick:
+                layer = index.modules[name]
+                if autocast_adapter_dtype:
+                    _upcast(layer, adapter_name)
+                for key, parameter in _new_parameters(layer, adapter_name, name).items():
+                    parameter.copy_(tensors[plan.by_model_key[key]])
+        if is_trainable:
+            for layer in touched.values():
+                layer.set_requires_grad(adapter_name, True)
+        _extend_unique(tuner.targeted_module_names, plan.targets)
+        if not is_trainable:
+            _eval(peft_model, index, touched.values(), adapter_name, tx)
+
+
+def _record_layer(tx: Transaction, layer: Any, adapter_name: str) -> None:
+    """A tuner layer and its per-adapter containers, as far as adding `adapter_name` changes them."""
+    tx.record(layer, adapter_name)
+    for child in layer._modules.values():
+        if isinstance(child, (nn.ModuleDict, nn.ParameterDict, boundary.BufferDict)):
+            tx.record(child, adapter_name)
+
+
+def _new_parameters(layer: Any, adapter_name: str, module_name: str) -> dict[str, Any]:
+    """The new adapter's parameters in `layer`, by model key."""
+    found: dict[str, Any] = {}
+    for attribute in layer.adapter_layer_names:
+        holder = getattr(layer, attribute, None)
+        if holder is None or adapter_name not in holder:
+            continue
+        entry = holder[adapter_name]
+        key = f"{MODEL_PREFIX}{module_name}.{attribute}.{adapter_name}"
+        if isinstance(entry, nn.Parameter):
+            found[key] = entry
+        else:
+            for local, parameter in entry.named_parameters():
+                found[f"{key}.{local}"] = parameter
+    return found
+
+
+def _upcast(layer: Any, adapter_name: str) -> None:
+    """PEFT's `cast_adapter_dtype` for one adapter of one layer: fp16/bf16 (and float8) -> fp32."""
+    low = boundary.upcast_dtypes()
+    # PEFT walks the whole layer (every adapter's modules); the adapter's entries are in the
+    # layer's own dicts.
+    for holder in layer._modules.values():
+        if not _is_adapter_dict(holder) or adapter_name not in holder:
+            continue
+        entry = holder[adapter_name]
+        if isinstance(entry, torch.Tensor):
+            if entry.dtype in low:
+                holder[adapter_name] = entry.to(torch.float32)
+            continue
+        for owner in entry.modules():
+            for local, parameter in list(owner.named_parameters(recurse=False)):
+                if parameter.dtype in low:
+                    setattr(
+                        owner,
+                        local,
+                        nn.Parameter(parameter.data.to(torch.float32), requires_grad=parameter.requires_grad),
+                    )
+
+
+def _inject_with_peft(
+    tuner: Any, index: ModelIndex, tx: Transaction, name: str, config: Any, adapter_name: str
+) -> Any:
+    """PEFT's own per-module step: `update_layer` on a LoRA layer (without its O(adapters) passes),
+    or `_create_and_replace` for a module not wrapped yet. Returns the layer."""
+    get_pattern_key = boundary.get_pattern_key
+    target = index.modules[name]
+    if isinstance(target, boundary.BaseTunerLayer):
+        if (
+            not isinstance(target, boundary.LoraLayer)
+            or type(target).__module__ != boundary.LoraLayer.__module__
+        ):
+            raise Refused(f"{name} is a {type(target).__name__}, not a LoRA layer")
+        variant = target.resolve_lora_variant(config=config)
+        if variant is not None and not type(variant).__name__.startswith("Dora"):
+            raise Refused(f"the LoRA variant {type(variant).__name__} is not covered")
+        with linear_matching():
+            r_key = get_pattern_key(config.rank_pattern.keys(), name)
+            alpha_key = get_pattern_key(config.alpha_pattern.keys(), name)
+        _record_layer(tx, target, adapter_name)
+        # update_layer ends with the layer's set_adapter, a pass over every adapter the layer
+        # holds; its effect on the new adapter is applied by the caller.
+        target.set_adapter = _no_set_adapter
+        target._move_adapter_to_device_of_base_layer = _mover(target)
+        try:
+            target.update_layer(
+                adapter_name,
+                config.rank_pattern.get(r_key, config.r),
+                lora_alpha=config.alpha_pattern.get(alpha_key, config.lora_alpha),
+                target_name=name,
+                config=config,
+            )
+        finally:
+            del target.set_adapter, target._move_adapter_to_device_of_base_layer
+        return target
+    model = tuner.model
+    parent, old, child_name = boundary.get_submodules(model, name)
+    tuner._check_target_module_compatiblity(config, model, child_name)
+    tx.record(parent, child_name)
+    tx.record_all(old.modules())
+    # _create_and_replace freezes the whole new layer, base weights included; inject_adapter then
+    # restores every parameter that existed before, which here are the old module's.
+    existing = [(parameter, parameter.requires_grad) for parameter in old.parameters()]
+    tuner._create_and_replace(config, adapter_name, old, child_name, parent, current_key=name)
+    for parameter, requires_grad in existing:
+        parameter.requires_grad = requires_grad
+    new = getattr(parent, child_name)
+    index.modules[name] = new
+    if not isinstance(new, boundary.LoraLayer):
+        raise Refused(f"PEFT wrapped {name} as a {type(new).__name__}")
+    index.layers[name] = new
+    return new
+
+
+def _add_lora_linear(
+    layer: Any,
+    adapter_name: str,
+    r: int,
+    alpha: float,
+    config: Any,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    autocast_adapter_dtype: bool,
+) -> None:
+    """`lora.Linear.update_layer` for a plain LoRA adapter, with the loaded weights in place of the
+    random initialisation that loading overwrites: same modules, dtypes (the base layer's, then
+    fp16/bf16 upcast to fp32 as `cast_adapter_dtype` does) and values (one cast from the checkpoint's
+    dtype, as `load_state_dict`'s copy does)."""
+    base = layer.get_base_layer()
+    device, dtype = layer._get_base_layer_device_and_dtype(base)
+    if dtype is None or not (dtype.is_floating_point or dtype.is_complex):
+        dtype = torch.get_default_dtype()
+    if autocast_adapter_dtype and dtype in boundary.upcast_dtypes():
+        dtype = torch.float32
+    layer.r[adapter_name] = r
+    layer.lora_alpha[adapter_name] = alpha
+    dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
+    layer.lora_dropout[adapter_name] = dropout
+    # always a fresh allocation, as PEFT's parameters are: a tensor read from the file may sit at an
+    # unaligned address, and matmul kernels can round differently there (seen: r=1 outputs differ)
+    layer.lora_A[adapter_name] = _frozen_linear(weight_a.to(device=device, dtype=dtype, copy=True))
+    layer.lora_B[adapter_name] = _frozen_linear(weight_b.to(device=device, dtype=dtype, copy=True))
+    layer.lora_bias[adapter_name] = False
+    layer.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    layer.use_rslora[adapter_name] = config.use_rslora
+    layer.use_dora[adapter_name] = False
+
+
+def _frozen_linear(weight: torch.Tensor) -> nn.Linear:
+    """`nn.Linear(in, out, bias=False)` holding `weight` (frozen), without the random
+    initialisation its constructor would spend (a third of a load's time) on values loading
+    overwrites."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.out_features, linear.in_features = weight.shape
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    linear.register_parameter("bias", None)
+    return linear
+
+
+def _is_adapter_dict(holder: Any) -> bool:
+    """A layer's per-adapter container (ModuleDict, ParameterDict, BufferDict)."""
+    return isinstance(holder, (nn.ModuleDict, nn.ParameterDict, boundary.BufferDict))
+
+
+def _mover(layer: Any) -> Callable[..., None]:
+    """PEFT's `_move_adapter_to_device_of_base_layer` for a new adapter, which skips an adapter dict
+    when any parameter in it is on the meta device: it checks the dict's every adapter (O(adapters)
+    per layer). Only the new entry can be on the meta device (a finished load leaves none there), so
+    checking the new entry is the same test."""
+
+    def move(adapter_name: str, device: Any = None) -> None:
+        base_layer = layer.get_base_layer()
+        base_device, base_dtype = layer._get_base_layer_device_and_dtype(base_layer)
+        target_device = device if device is not None else base_device
+        if target_device is None:
+            return
+        target_dtype = (
+            base_dtype
+            if base_dtype is not None and (base_dtype.is_floating_point or base_dtype.is_complex)
+            else None
+        )
+        for attribute in layer.adapter_layer_names + layer.other_param_names:
+            holder: Any = getattr(layer, attribute, None)
+            if not _is_adapter_dict(holder) or adapter_name not in holder:
+                continue
+            item = holder[adapter_name]
+            own = [item] if isinstance(item, torch.Tensor) else list(item.parameters())
+            if any(p.device.type == "meta" for p in own):
+                continue
+            item_dtype = getattr(item, "dtype", None)
+            cast = item_dtype is None or item_dtype.is_floating_point or item_dtype.is_complex
+            if target_dtype is not None and cast:
+                holder[adapter_name] = item.to(target_device, dtype=target_dtype)
+            else:
+                holder[adapter_name] = item.to(target_device)
+
+    return move
+
+
+def _no_set_adapter(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+def _extend_unique(names: list[str], new: list[str]) -> None:
+    seen = set(names)
+    names.extend(name for name in new if name not in seen and not seen.add(name))  # type: ignore[func-returns-value]
+
+
+def _eval(
+    peft_model: Any, index: ModelIndex, layers: Iterable[Any], adapter_name: str, tx: Transaction
+) -> None:
+    """PEFT ends a non-trainable load with `peft_model.eval()`. When the model is already in eval
+    mode (every indexed module and every adapter container says so), only the new modules need it."""
+    if peft_model.training or any(module.training for module in index.modules.values()):
+        tx.record_training(peft_model.modules())
+        peft_model.eval()
+        return
+    for layer in layers:
+        for attribute in (*layer.adapter_layer_names, *layer.other_param_names):
+            holder: Any = getattr(layer, attribute, None)
+            if _is_adapter_dict(holder):
+                if holder.training:
+                    tx.record_training(peft_model.modules())
+                    peft_model.eval()
+                    return
+                if adapter_name not in holder:  # ModuleDict has no get()
+                    continue
+                entry = holder[adapter_name]
+                if isinstance(entry, nn.Module):
+                    if entry._modules:
+                        entry.eval()
+                    else:  # a leaf (Linear, Dropout, Identity): what eval() does, without its recursion
+                        entry.training = False

@@ -1,0 +1,115 @@
+"""What the fast path will do for one adapter, decided before the model changes.
+
+The targets come from PEFT's own matcher (`_check_target_module_exists`) run over the model index,
+with config expressions matched in linear time (`expressions.linear_matching`). Targets that are
+plain LoRA `Linear` layers already need only two new matrices, whose keys and shapes are known up
+front; the others go through PEFT's own per-layer code (`inject.py`). The checkpoint is checked
+against the plan before anything changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..matching import insert_adapter_name
+from . import boundary
+from .expressions import linear_matching
+from .index import ModelIndex
+
+MODEL_PREFIX = "base_model.model."
+
+
+class Refused(Exception):
+    """The fast path cannot reproduce PEFT exactly for this load; the message is the reason."""
+
+
+class Plan(NamedTuple):
+    targets: list[str]
+    quick: dict[str, tuple[int, float]]  # plain LoRA Linear targets: (r, alpha)
+    expected: dict[str, tuple[int, ...]]  # model key -> shape, for the quick targets
+    by_model_key: dict[str, str]  # model key -> checkpoint tensor name
+
+
+def selected(tuner: Any, config: Any, index: ModelIndex) -> list[str]:
+    """The module names PEFT's matcher selects and does not exclude, in PEFT's order."""
+    excluded = boundary.ExcludedModule
+    with linear_matching():
+        return [
+            name
+            for name in index.modules
+            if (result := tuner._check_target_module_exists(config, name))
+            and not isinstance(result, excluded)
+        ]
+
+
+def make_plan(
+    tuner: Any,
+    config: Any,
+    index: ModelIndex,
+    checkpoint: Checkpoint,
+    adapter_name: str,
+    *,
+    low_cpu_mem_usage: bool,
+) -> Plan:
+    targets = selected(tuner, config, index)
+    if not targets:
+        raise Refused("the config matches no module (PEFT raises its own error)")
+    if low_cpu_mem_usage:
+        for name in targets:
+            module = index.modules[name]
+            base = module.get_base_layer() if isinstance(module, boundary.BaseTunerLayer) else module
+            weight = getattr(base, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32:
+                raise Refused(
+                    "low_cpu_mem_usage=True rounds adapter weights through the base layer's dtype; "
+                    f"{name} is not float32"
+                )
+    quick: dict[str, tuple[int, float]] = {}
+    expected: dict[str, tuple[int, ...]] = {}
+    plain = not (config.use_dora or config.lora_bias)
+    get_pattern_key = boundary.get_pattern_key
+    with linear_matching():
+        for name in targets:
+            layer = index.modules[name]
+            if not (plain and type(layer) is boundary.LoraLinear and not hasattr(layer, "lora_arrow")):
+                continue
+            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+            alpha = config.alpha_pattern.get(
+                get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha
+            )
+            if not isinstance(r, int) or r <= 0:
+                continue  # PEFT's update_layer raises its own error
+            quick[name] = (r, alpha)
+            prefix = f"{MODEL_PREFIX}{name}."
+            expected[f"{prefix}lora_A.{adapter_name}.weight"] = (r, layer.in_features)
+            expected[f"{prefix}lora_B.{adapter_name}.weight"] = (layer.out_features, r)
+    names = list(checkpoint)
+    by_model_key = dict(zip(insert_adapter_name(names, adapter_name, "lora"), names, strict=True))
+    return Plan(targets, quick, expected, by_model_key)
+
+
+def check_checkpoint(
+    checkpoint: Checkpoint, plan: Plan, expected: dict[str, tuple[int, ...]], adapter_name: str
+) -> None:
+    """Every tensor the adapter needs is in the checkpoint with its shape, and nothing else is:
+    Refused (for PEFT's loader to handle) or ValueError naming the file and the tensor."""
+    by_model_key = plan.by_model_key
+    missing = [key for key in expected if key not in by_model_key]
+    if missing:
+        raise Refused(f"the checkpoint lacks {len(missing)} of the adapter's tensors (e.g. {missing[0]})")
+    unexpected = [by_model_key[key] for key in by_model_key if key not in expected]
+    if unexpected:
+        raise Refused(
+            f"the checkpoint holds {len(unexpected)} tensors outside the adapter's modules "
+            f"(e.g. {unexpected[0]})"
+        )
+    for key, shape in expected.items():
+        found = checkpoint[by_model_key[key]]
+        if tuple(found.shape) != shape:
+            raise ValueError(
+                f"{found.file}: tensor {by_model_key[key]!r} has shape {list(found.shape)}, "
+                f"but adapter {adapter_name!r} needs {list(shape)} there"
+            )

@@ -1,0 +1,492 @@
+"""fastkeys.peft's loader fails closed: exact as PEFT's loop, or PEFT's own loader with the reason,
+and every load all or nothing (issue 16). Differential against PEFT's loop on tiny real models."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import sys
+import weakref
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastkeys.peft
+from fastkeys._loader import boundary, files, policy
+from fixtures.loading import assert_same_state, both_loops, end_state
+from fixtures.peft_models import save_seeded_adapter, tiny_llama
+
+QV = ["q_proj", "v_proj"]
+
+
+@pytest.fixture
+def first(tmp_path: Path) -> Path:
+    return save_seeded_adapter(peft.LoraConfig(r=4, target_modules=QV), tmp_path / "first")
+
+
+def adapter(tmp_path: Path, name: str, seed: int = 1, dtype: Any = None, **config: Any) -> Path:
+    config.setdefault("r", 4)
+    config.setdefault("target_modules", QV)
+    return save_seeded_adapter(peft.LoraConfig(**config), tmp_path / name, seed=seed, dtype=dtype)
+
+
+def with_first(first: Path) -> Any:
+    return peft.PeftModel.from_pretrained(tiny_llama(), first, "first")
+
+
+def rewrite(directory: Path, change: Any) -> Path:
+    """Applies `change(tensors)` to a single-file checkpoint."""
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return directory
+
+
+def edit_config(directory: Path, **fields: Any) -> Path:
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(fields)
+    path.write_text(json.dumps(config))
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The allow-list: fields, versions, options.
+
+
+def test_every_field_of_this_peft_is_on_the_allow_list() -> None:
+    """A new LoraConfig field must be looked at (and verified) before the fast path takes it."""
+    fields = {field.name for field in dataclasses.fields(peft.LoraConfig)}
+    assert fields <= set(policy.ALLOWED), fields - set(policy.ALLOWED)
+
+
+def test_a_config_field_the_fast_path_does_not_know_goes_to_peft(
+    tmp_path: Path, first: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @dataclasses.dataclass
+    class NewLoraConfig(peft.LoraConfig):
+        shiny_new_option: bool = False
+
+    monkeypatch.setitem(boundary.CONFIG_MAPPING, peft.PeftType.LORA, NewLoraConfig)
+    model = with_first(first)
+    result = fastkeys.peft.load_adapter(model, adapter(tmp_path, "x"), "x")
+    assert result.loader == "peft"
+    assert result.reason == "NewLoraConfig.shiny_new_option is not a field the fast path was verified with"
+
+
+@pytest.mark.parametrize(
+    ("library", "version", "reason"),
+    [
+        ("peft", "0.99.0", "PEFT 0.99.0 is not a version the fast path was verified on (0.21.2)"),
+        ("torch", "2.99.1+cpu", "torch 2.99.1 is not a version the fast path was verified on (2.15)"),
+    ],
+)
+def test_an_unverified_version_goes_to_peft(
+    tmp_path: Path, first: Path, monkeypatch: pytest.MonkeyPatch, library: str, version: str, reason: str
+) -> None:
+    monkeypatch.setattr(sys.modules[library], "__version__", version)
+    expected, actual, results = both_loops(tiny_llama, first, {"x": adapter(tmp_path, "x")}, tmp_path)
+    assert (results["x"].loader, results["x"].reason) == ("peft", reason)
+    assert_same_state(end_state(expected), end_state(actual))
+
+
+def test_torch_device_is_peft_s(tmp_path: Path, first: Path) -> None:
+    """PEFT raises for the meta device: so does fastkeys (PEFT's own error), and nothing changes."""
+    directory = adapter(tmp_path, "x")
+    reference = with_first(first)
+    with pytest.raises(Exception) as peft_error:
+        reference.load_adapter(directory, "x", torch_device="meta")
+    model = with_first(first)
+    before = end_state(model)
+    with pytest.raises(type(peft_error.value)):
+        fastkeys.peft.load_adapter(model, directory, "x", torch_device="meta")
+    assert_same_state(before, end_state(model))
+    result = fastkeys.peft.load_adapter(model, directory, "y", torch_device="cpu")
+    assert result.loader == "peft" and result.reason == "torch_device='cpu' is honoured by PEFT's loader"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_cpu_mem_usage_exact_or_routed(tmp_path: Path, first: Path, dtype: torch.dtype) -> None:
+    def factory() -> Any:
+        return tiny_llama().to(dtype)
+
+    adapters = {"x": adapter(tmp_path, "x", dtype=torch.float32)}
+    expected, actual, results = both_loops(factory, first, adapters, tmp_path, low_cpu_mem_usage=True)
+    assert_same_state(end_state(expected), end_state(actual))
+    if dtype == torch.float32:
+        assert results["x"].loader == "fastkeys"
+    else:
+        assert results["x"].loader == "peft"
+        assert "low_cpu_mem_usage=True rounds adapter weights" in (results["x"].reason or "")
+
+
+def test_loading_over_an_existing_name_replaces_its_weights(tmp_path: Path, first: Path) -> None:
+    one, two = adapter(tmp_path, "one", seed=1), adapter(tmp_path, "two", seed=2)
+    expected = with_first(first)
+    expected.load_adapter(one, "x")
+    expected.load_adapter(two, "x")
+    actual = with_first(first)
+    assert fastkeys.peft.load_adapter(actual, one, "x").loader == "fastkeys"
+    result = fastkeys.peft.load_adapter(actual, two, "x")
+    assert result.loader == "peft" and "already has an adapter named 'x'" in (result.reason or "")
+    assert result.base_weights_written == []
+    assert_same_state(end_state(expected), end_state(actual))
+
+
+def test_no_random_numbers_are_drawn_before_a_load_is_routed(tmp_path: Path, first: Path) -> None:
+    """A checkpoint that lacks a tensor goes to PEFT after the fast path began; under the same seed
+    the lost tensor is initialised as PEFT's loop initialises it."""
+    directory = adapter(tmp_path, "lost", target_modules=["q_proj", "up_proj"])
+    rewrite(directory, lambda t: t.pop("base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"))
+    expected = with_first(first)
+    torch.manual_seed(123)
+    expected.load_adapter(directory, "lost")
+    actual = with_first(first)
+    torch.manual_seed(123)
+    result = fastkeys.peft.load_adapter(actual, directory, "lost")
+    assert result.loader == "peft" and "lacks 1 of the adapter's tensors" in (result.reason or "")
+    assert_same_state(end_state(expected), end_state(actual))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. An index that cannot go stale or leak.
+
+
+def _insert(model: Any) -> None:
+    torch.manual_seed(3)
+    layers = model.base_model.model.model.layers
+    layers.insert(1, type(layers[0])(model.base_model.model.config, layer_idx=1))
+
+
+def _append(model: Any) -> None:
+    torch.manual_seed(3)
+    layers = model.base_model.model.model.layers
+    layers.append(type(layers[0])(model.base_model.model.config, layer_idx=2))
+
+
+def _behind_torch(model: Any) -> None:
+    torch.manual_seed(4)
+    model.base_model.model.model.layers[1].mlp._modules["up_proj"] = torch.nn.Linear(32, 64)
+
+
+def _new_parameter(model: Any) -> None:
+    model.base_model.model.model.norm.register_parameter("scale", torch.nn.Parameter(torch.ones(32)))
+
+
+def _new_buffer(model: Any) -> None:
+    model.base_model.model.model.norm.register_buffer("scale", torch.ones(32))
+
+
+def _setattr_module(model: Any) -> None:
+    torch.manual_seed(5)
+    model.base_model.model.model.layers[0].mlp.extra_proj = torch.nn.Linear(32, 32)
+
+
+def _delattr_module(model: Any) -> None:
+    del model.base_model.model.model.layers[1].mlp.up_proj
+
+
+def _pop(model: Any) -> None:
+    model.base_model.model.model.layers.pop(1)
+
+
+MUTATIONS = [
+    _insert,
+    _append,
+    _behind_torch,
+    _new_parameter,
+    _new_buffer,
+    _setattr_module,
+    _delattr_module,
+    _pop,
+]
+
+
+@pytest.mark.parametrize("mutate", MUTATIONS, ids=lambda f: f.__name__.strip("_"))
+def test_the_model_may_change_between_loads(tmp_path: Path, first: Path, mutate: Any) -> None:
+    """Public torch mutations between two loads: the second load ends as PEFT's loop ends (names
+    like `scale` included: a segment of the model's parameter names then)."""
+    before = adapter(tmp_path, "before", seed=1, target_modules=["q_proj", "up_proj", "extra_proj"])
+    after = adapter(tmp_path, "after", seed=2, target_modules=["q_proj", "up_proj", "extra_proj"])
+    models = []
+    for loader in ("peft", "fastkeys"):
+        model = with_first(first)
+        for name, directory in (("before", before), ("after", after), ("scale", after)):
+            if loader == "peft":
+                model.load_adapter(directory, name)
+            else:
+                fastkeys.peft.load_adapter(model, directory, name)
+            if name == "before":
+                mutate(model)
+        models.append(model)
+    assert_same_state(end_state(models[0]), end_state(models[1]))
+
+
+def test_no_process_wide_hook_and_nothing_outlives_the_model(tmp_path: Path, first: Path) -> None:
+    registration = torch.nn.modules.module._global_module_registration_hooks
+    hooks_before = dict(registration)
+    model = with_first(first)
+    model.base_model.model.model.layers[0].back_to_root = [model]  # a cycle through the root
+    fastkeys.peft.load_adapters(model, {"a": adapter(tmp_path, "a"), "b": adapter(tmp_path, "b", seed=2)})
+    assert dict(registration) == hooks_before
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. All or nothing; base weights.
+
+
+def _untouched(model: Any, before: dict[str, Any], name: str) -> None:
+    assert name not in model.peft_config
+    assert_same_state(before, end_state(model))
+    assert_same_outputs_single(model, before)
+
+
+def assert_same_outputs_single(model: Any, _before: dict[str, Any]) -> None:
+    # every layer's per-adapter dicts hold no stray entry of a failed adapter
+    for module in model.modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            for attribute in (*module.adapter_layer_names, *module.other_param_names):
+                holder = getattr(module, attribute, {})
+                assert set(holder) <= set(model.peft_config), (attribute, set(holder))
+
+
+def test_a_checkpoint_writing_a_base_weight_is_refused(tmp_path: Path, first: Path) -> None:
+    directory = adapter(tmp_path, "hostile")
+    rewrite(
+        directory,
+        lambda t: t.update(
+            {"base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight": torch.zeros(32, 32)}
+        ),
+    )
+    model = with_first(first)
+    before = end_state(model)
+    with pytest.raises(
+        ValueError, match=r"would overwrite a weight of the base model that every adapter shares"
+    ):
+        fastkeys.peft.load_adapter(model, directory, "hostile")
+    _untouched(model, before, "hostile")
+
+
+def test_a_failure_after_torch_copied_a_base_weight_restores_its_values(tmp_path: Path, first: Path) -> None:
+    """An allowed base weight (an embedding) is copied, then a bad tensor fails the load: the
+    embedding's values come back."""
+    directory = adapter(tmp_path, "bad")
+    rewrite(
+        directory,
+        lambda t: t.update(
+            {
+                "base_model.model.model.embed_tokens.weight": torch.zeros(64, 32),
+                "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight": torch.zeros(4, 31),
+            }
+        ),
+    )
+    model = with_first(first)
+    before = end_state(model)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fastkeys.peft.load_adapter(model, directory, "bad")
+    _untouched(model, before, "bad")
+
+
+@pytest.mark.parametrize(("name", "fields"), [("x", {"init_lora_weights": "x"}), ("a.b", {})])
+def test_a_failure_inside_peft_s_injection_leaves_no_trace(
+    tmp_path: Path, first: Path, name: str, fields: dict[str, Any]
+) -> None:
+    directory = (
+        edit_config(adapter(tmp_path, "broken"), r=2**20, **fields) if fields else adapter(tmp_path, "b")
+    )
+    model = with_first(first)
+    before = end_state(model)
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        fastkeys.peft.load_adapter(model, directory, name)
+    _untouched(model, before, name)
+
+
+def test_save_embedding_layers_checkpoints_load_and_say_so(tmp_path: Path) -> None:
+    """PEFT's legitimate base weights: a resized vocabulary's embeddings, saved with the adapter."""
+    torch.manual_seed(7)
+    base = tiny_llama(resized=True)
+    trained: Any = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=QV), adapter_name="emb")
+    with torch.no_grad():
+        trained.base_model.model.model.embed_tokens.weight.add_(1.0)
+    trained.save_pretrained(str(tmp_path / "emb"), save_embedding_layers=True)
+    first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=QV), tmp_path / "first")
+    expected = peft.PeftModel.from_pretrained(tiny_llama(resized=True), first, "first")
+    expected.load_adapter(tmp_path / "emb" / "emb", "emb")
+    actual = peft.PeftModel.from_pretrained(tiny_llama(resized=True), first, "first")
+    result = fastkeys.peft.load_adapter(actual, tmp_path / "emb" / "emb", "emb")
+    assert result.loader == "peft"
+    assert "model.embed_tokens.weight" in result.base_weights_written
+    assert_same_state(end_state(expected), end_state(actual))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Containment on every entry point; reads through what was checked.
+
+
+def test_a_shard_swapped_for_a_fifo_after_the_scan_is_refused_at_once(
+    tmp_path: Path, first: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = adapter(tmp_path, "swap")
+    from fastkeys._loader import api
+
+    scanned = api.scan  # type: ignore[attr-defined]
+
+    def scan_then_swap(path: Any) -> Any:
+        checkpoint = scanned(path)
+        target = Path(path) / "adapter_model.safetensors"
+        target.unlink()
+        os.mkfifo(target)
+        return checkpoint
+
+    monkeypatch.setattr(api, "scan", scan_then_swap)  # the name api reads checkpoints through
+    model = with_first(first)
+    before = end_state(model)
+    with pytest.raises(ValueError, match="not a regular file"):
+        fastkeys.peft.load_adapter(model, directory, "swap")
+    _untouched(model, before, "swap")
+
+
+def _bin_adapter(tmp_path: Path, name: str) -> Path:
+    directory = adapter(tmp_path, name)
+    tensors = load_file(directory / "adapter_model.safetensors")
+    torch.save(tensors, directory / "adapter_model.bin")
+    (directory / "adapter_model.safetensors").unlink()
+    return directory
+
+
+def test_bin_checkpoints_load_like_peft_through_the_same_checks(tmp_path: Path, first: Path) -> None:
+    directory = _bin_adapter(tmp_path, "bin")
+    expected = with_first(first)
+    expected.load_adapter(directory, "bin")
+    actual = with_first(first)
+    result = fastkeys.peft.load_adapter(actual, directory, "bin")
+    assert result.loader == "peft" and result.reason == "a .bin checkpoint"
+    assert_same_state(end_state(expected), end_state(actual))
+    outside = tmp_path / "outside.bin"
+    shutil.move(directory / "adapter_model.bin", outside)
+    (directory / "adapter_model.bin").symlink_to(outside)
+    with pytest.raises(ValueError, match="lies outside the checkpoint directory"):
+        fastkeys.peft.load_adapter(actual, directory, "escaped")
+    (directory / "adapter_model.bin").unlink()
+    shutil.copy(outside, directory / "adapter_model.bin")
+    with open(directory / "adapter_config.json", "a") as config:
+        config.truncate(5 << 20)  # past the 4 MiB cap (sparse)
+    with pytest.raises(ValueError, match="more than the limit"):
+        fastkeys.peft.load_adapter(actual, directory, "big")
+
+
+def test_from_pretrained_reads_a_single_file_through_the_checks(tmp_path: Path) -> None:
+    directory = adapter(tmp_path, "single")
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(directory / "adapter_model.safetensors", outside)
+    (directory / "adapter_model.safetensors").symlink_to(outside)
+    base = tiny_llama()
+    before = {key: value.clone() for key, value in base.state_dict().items()}
+    with pytest.raises(ValueError, match="lies outside the checkpoint directory"):
+        fastkeys.peft.from_pretrained(base, str(directory))
+    assert [name for name, _ in base.named_modules() if "lora" in name] == []
+    assert all(torch.equal(before[key], value) for key, value in base.state_dict().items())
+
+
+def test_ctrl_c_while_reading_tensors_stays_a_keyboard_interrupt(
+    tmp_path: Path, first: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(path: str, directory: Path) -> bytes:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "read_checked", interrupted)
+    model = with_first(first)
+    before = end_state(model)
+    with pytest.raises(KeyboardInterrupt):
+        fastkeys.peft.load_adapter(model, adapter(tmp_path, "x"), "x")
+    _untouched(model, before, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Interruptions: a KeyboardInterrupt at points spread over a whole load.
+
+_TRACED = (os.path.dirname(boundary.__file__), os.path.dirname(peft.__file__))
+
+
+def _line_events(load: Any) -> int:
+    count = 0
+
+    def tracer(frame: Any, event: str, _arg: Any) -> Any:
+        nonlocal count
+        if not frame.f_code.co_filename.startswith(_TRACED):
+            return None
+        if event == "line":
+            count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        load()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def _interrupted_at(load: Any, point: int) -> bool:
+    """Runs `load` with a KeyboardInterrupt raised at its `point`-th traced line; whether it fired."""
+    count = 0
+    fired = False
+
+    def tracer(frame: Any, event: str, _arg: Any) -> Any:
+        nonlocal count, fired
+        if fired or not frame.f_code.co_filename.startswith(_TRACED):
+            return None
+        if event == "line":
+            count += 1
+            if count == point:
+                fired = True
+                raise KeyboardInterrupt
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        load()
+    finally:
+        sys.settrace(None)
+    return fired
+
+
+@pytest.mark.parametrize("path", ["fastkeys", "peft"])
+def test_an_interrupted_load_leaves_the_model_as_it_was_or_loaded(
+    tmp_path: Path, first: Path, path: str
+) -> None:
+    """KeyboardInterrupt at 24 points spread over every traced line of a whole load (fastkeys' loader
+    and PEFT's code): it stays a KeyboardInterrupt, and the model is as it was or as loaded."""
+    extra: dict[str, Any] = (
+        {} if path == "fastkeys" else {"target_modules": ["q_proj", "k_proj"], "bias": "lora_only"}
+    )
+    directory = adapter(tmp_path, "x", **extra)
+    loaded = with_first(first)
+    assert fastkeys.peft.load_adapter(loaded, directory, "x").loader == path
+    after = end_state(loaded)
+    fresh = with_first(first)
+    total = _line_events(lambda: fastkeys.peft.load_adapter(fresh, directory, "x"))
+    points = sorted({1 + (total - 1) * i // 23 for i in range(24)})
+    interrupted = 0
+    for point in points:
+        model = with_first(first)
+        before = end_state(model)
+        try:
+            _interrupted_at(lambda model=model: fastkeys.peft.load_adapter(model, directory, "x"), point)
+        except KeyboardInterrupt:
+            interrupted += 1
+        state = end_state(model)
+        assert_same_state(after if "x" in model.peft_config else before, state)
+    assert interrupted >= len(points) - 1, (interrupted, points, total)
