@@ -117,7 +117,8 @@ def _record_layer(tx: Transaction, layer: Any, adapter_name: str) -> None:
     tx.record(layer, adapter_name)
     for child in layer._modules.values():
         if isinstance(child, (nn.ModuleDict, nn.ParameterDict, boundary.BufferDict)):
-            tx.record(child, adapter_name)
+            for entries in (child._modules, child._parameters, child._buffers):
+                tx.record_entries(entries, adapter_name)
 
 
 def _new_parameters(layer: Any, adapter_name: str, module_name: str) -> dict[str, Any]:

@@ -19,51 +19,69 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 _ABSENT = object()
+# A dict this small is copied whole even when only one key is asked for: cheap, and exact whatever
+# the load does to it.
+_SMALL = 16
+# What adding an adapter can change in a module's own dicts: its children, parameters and buffers,
+# and PEFT's per-adapter dicts (public names: `r`, `scaling`, ...). Torch's hook dicts are left out
+# of a keyed record: the fast path registers no hooks.
+_STRUCTURE = ("_modules", "_parameters", "_buffers")
+
+# Undo entries, applied last first (tuples, not closures: a load records thousands, and on a model
+# holding many adapters every allocation can trigger a garbage collection of the whole heap).
+_ATTRIBUTES, _ALL, _ONE, _COLLECTION, _GRADS, _FLAGS = range(6)
 
 
 class Transaction:
     """What a load may change. Record before changing; `roll_back()` restores everything recorded."""
 
     def __init__(self) -> None:
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[tuple[Any, ...]] = []
         self._seen: set[tuple[int, str | None]] = set()
         self._values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rng = torch.random.get_rng_state()
         self._cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
 
     def record(self, obj: Any, key: str | None = None) -> None:
-        """Records `obj` once: its attributes, the contents of its containers (with `key`, only
-        the entry `key` of each dict in it) and its parameters' `requires_grad`."""
+        """Records `obj` once: its attributes, the contents of its dicts, lists and sets, and its
+        parameters' `requires_grad`. With `key`, only what adding the entry `key` changes: of a
+        large dict only that entry, and of torch's own dicts only children, parameters, buffers."""
         if (id(obj), key) in self._seen or (id(obj), None) in self._seen:
             return
         self._seen.add((id(obj), key))
+        undo = self._undo
         attributes = dict(vars(obj))
-        for value in attributes.values():
+        undo.append((_ATTRIBUTES, obj, attributes))
+        for name, value in attributes.items():
+            if key is not None and name[0] == "_" and name not in _STRUCTURE:
+                continue
             if isinstance(value, dict):
-                self._undo.append(_keep_dict(value, key))
+                if key is None or len(value) <= _SMALL:
+                    undo.append((_ALL, value, list(value.items())))
+                else:
+                    undo.append((_ONE, value, key, value.get(key, _ABSENT)))
             elif isinstance(value, (list, set)):
-                self._undo.append(_keep_collection(value))
+                undo.append((_COLLECTION, value, list(value)))
         if isinstance(obj, nn.Module):
             parameters = obj._parameters
             chosen = parameters.values() if key is None else [parameters.get(key)]
             grads = [(p, p.requires_grad) for p in chosen if p is not None]
             if grads:
-                self._undo.append(lambda: _set_grads(grads))
+                undo.append((_GRADS, grads))
 
-        def attributes_back() -> None:
-            current = vars(obj)
-            for name in [name for name in current if name not in attributes]:
-                del current[name]
-            current.update(attributes)
-
-        self._undo.append(attributes_back)
+    def record_entries(self, value: dict[str, Any], key: str) -> None:
+        """Only the entry `key` of the dict `value` (a container's children, say)."""
+        if len(value) <= _SMALL:
+            self._undo.append((_ALL, value, list(value.items())))
+        else:
+            self._undo.append((_ONE, value, key, value.get(key, _ABSENT)))
 
     def record_all(self, objects: Iterable[Any]) -> None:
         for obj in objects:
@@ -71,27 +89,12 @@ class Transaction:
 
     def record_attributes(self, obj: Any, names: Iterable[str]) -> None:
         """Only these attributes of `obj` (by identity; the caller replaces, never mutates them)."""
-        saved = {name: vars(obj).get(name, _ABSENT) for name in names}
-
-        def back() -> None:
-            current = vars(obj)
-            for name, value in saved.items():
-                if value is _ABSENT:
-                    current.pop(name, None)
-                else:
-                    current[name] = value
-
-        self._undo.append(back)
+        current = vars(obj)
+        self._undo.append((_ATTRIBUTES, obj, {name: current.get(name, _ABSENT) for name in names}, False))
 
     def record_training(self, modules: Iterable[nn.Module]) -> None:
         """Only the `training` flags (what `eval()` changes)."""
-        flags = [(module, module.training) for module in modules]
-
-        def back() -> None:
-            for module, training in flags:
-                module.training = training
-
-        self._undo.append(back)
+        self._undo.append((_FLAGS, [(module, module.training) for module in modules]))
 
     def protect(self, tensor: torch.Tensor) -> None:
         """Keeps a copy of `tensor`'s values, to restore them in place."""
@@ -103,54 +106,49 @@ class Transaction:
             with torch.no_grad():
                 for tensor, saved in self._values.values():
                     tensor.copy_(saved)
-            for undo in reversed(self._undo):
-                undo()
+            for entry in reversed(self._undo):
+                _apply(entry)
             torch.random.set_rng_state(self._rng)
             if self._cuda_rng is not None:
                 torch.cuda.set_rng_state_all(self._cuda_rng)
 
 
-def _set_grads(grads: list[tuple[Any, bool]]) -> None:
-    for parameter, requires_grad in grads:
-        parameter.requires_grad_(requires_grad)
-
-
-# A dict this small is copied whole even when only one key is asked for (a layer's children,
-# hooks): cheap, and exact whatever the load does to it.
-_SMALL = 16
-
-
-def _keep_dict(value: dict[Any, Any], key: str | None) -> Callable[[], None]:
-    if key is None or len(value) <= _SMALL:
-        items = list(value.items())
-
-        def back() -> None:
-            value.clear()
-            value.update(items)
-
-        return back
-    old = value.get(key, _ABSENT)
-
-    def back_one() -> None:
+def _apply(entry: tuple[Any, ...]) -> None:
+    kind = entry[0]
+    if kind == _ATTRIBUTES:
+        current = vars(entry[1])
+        saved = entry[2]
+        whole = len(entry) == 3  # record_attributes names only some
+        if whole:
+            for name in [name for name in current if name not in saved]:
+                del current[name]
+        for name, value in saved.items():
+            if value is _ABSENT:
+                current.pop(name, None)
+            else:
+                current[name] = value
+    elif kind == _ALL:
+        entry[1].clear()
+        entry[1].update(entry[2])
+    elif kind == _ONE:
+        _, value, key, old = entry
         if old is _ABSENT:
             value.pop(key, None)
         else:
             value[key] = old
-
-    return back_one
-
-
-def _keep_collection(value: list[Any] | set[Any]) -> Callable[[], None]:
-    items = list(value)
-
-    def back() -> None:
+    elif kind == _COLLECTION:
+        value, items = entry[1], entry[2]
         if isinstance(value, list):
             value[:] = items
         else:
             value.clear()
             value.update(items)
-
-    return back
+    elif kind == _GRADS:
+        for parameter, requires_grad in entry[1]:
+            parameter.requires_grad_(requires_grad)
+    else:
+        for module, training in entry[1]:
+            module.training = training
 
 
 @contextlib.contextmanager
