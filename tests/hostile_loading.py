@@ -143,3 +143,29 @@ def _bin_adapter(tmp_path: Path, name: str) -> Path:
     torch.save(tensors, directory / "adapter_model.bin")
     (directory / "adapter_model.safetensors").unlink()
     return directory
+
+
+def _linked_out(directory: Path, name: str, outside: Path) -> Path:
+    shutil.move(directory / name, outside)
+    (directory / name).symlink_to(outside)
+    return directory
+
+
+def test_transformers_and_diffusers_wrappers_check_a_local_directory_first(tmp_path: Path) -> None:
+    """The same containment as `scan` before the library opens anything by path."""
+    import fastkeys.diffusers
+    import fastkeys.transformers
+    from fixtures.peft_models import save_diffusers_lora, tiny_unet
+
+    directory = _linked_out(adapter(tmp_path, "t"), "adapter_model.safetensors", tmp_path / "t.safetensors")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="lies outside the checkpoint directory"):
+        fastkeys.transformers.load_adapter(model, str(directory), "t")
+    assert not getattr(model, "_hf_peft_config_loaded", False)
+    lora = save_diffusers_lora(tiny_unet, tmp_path / "unet")
+    weights = next(lora.glob("*.safetensors")).name
+    _linked_out(lora, weights, tmp_path / "unet.safetensors")
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match="lies outside the checkpoint directory"):
+        fastkeys.diffusers.load_lora_adapter(unet, str(lora), "u")
+    assert not [name for name, _ in unet.named_modules() if "lora" in name]

@@ -109,6 +109,13 @@ def _check_seen(load: Any, model: Any, before: set[str]) -> None:
         )
 
 
+def _contained(source: Any) -> None:
+    """A local directory gets the checks of `fastkeys.scan` before diffusers reads it by path."""
+    from ._loader.files import check_local
+
+    check_local(source)
+
+
 def _check_name(adapter_name: str | None) -> None:
     if adapter_name is not None:
         _validate.name("adapter_name", adapter_name)
@@ -134,6 +141,7 @@ def load_lora_adapter(
         )
     _prepare()
     before = _adapters(model)
+    _contained(pretrained_model_name_or_path_or_dict)
     with _transformers._loading(adapter_name) as load:
         model.load_lora_adapter(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
     load.raise_error()
@@ -169,6 +177,7 @@ def load_lora_weights(
     _prepare()
     _transformers._prepare()
     before = {name: _adapters(component) for name, component in components.items()}
+    _contained(pretrained_model_name_or_path_or_dict)
     with _transformers._loading(adapter_name) as load:
         pipeline.load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
     load.raise_error()

@@ -200,6 +200,9 @@ def load_adapter(model: Any, peft_model_id: Any = None, adapter_name: str = "def
             f"not {type(model).__name__}"
         )
     _prepare()
+    from ._loader.files import check_local
+
+    check_local(peft_model_id)
     with _loading(adapter_name) as load:
         info = model.load_adapter(peft_model_id, adapter_name=adapter_name, **kwargs)
     load.raise_error()

@@ -80,11 +80,6 @@ def read_tensors(checkpoint: Checkpoint, directory: Path, names: list[str] | Non
     return tensors
 
 
-def scan_directory(directory: Path) -> Checkpoint:
-    """`scan` of an adapter directory (single or sharded safetensors)."""
-    return scan(directory)
-
-
 def has_safetensors(directory: Path) -> bool:
     return (directory / SINGLE_FILE).is_file() or any(directory.glob("*.safetensors.index.json"))
 
@@ -109,3 +104,20 @@ def read_bin(directory: Path) -> tuple[dict[str, object], dict[str, Any]]:
     ):
         raise ValueError(f"{path}: must hold a dict of named tensors")
     return config, tensors
+
+
+def check_local(path: object) -> None:
+    """Before a library (transformers, diffusers) reads a local checkpoint directory by path: the
+    checks of `scan` (files inside the directory, regular files, the config capped and its
+    expressions checked). Anything that is not a local directory (a Hub id, a dict) passes."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        return
+    directory = Path(path)
+    if has_safetensors(directory) or any(directory.glob("*.safetensors")):
+        scan(directory)
+        return
+    culprit = str(directory)
+    _regular_file(directory, BIN_FILE, culprit)
+    config_path = _regular_file(directory, CONFIG_FILE, culprit)
+    if os.path.lexists(config_path):
+        _adapter_config(Path(config_path))
