@@ -80,6 +80,14 @@ def test_an_unverified_version_goes_to_peft(
     assert_same_state(end_state(expected), end_state(actual))
 
 
+def test_a_private_peft_symbol_gone_sends_loads_to_peft(
+    tmp_path: Path, first: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(boundary, "MISSING", ["LoraModel._create_and_replace"])
+    result = fastkeys.peft.load_adapter(with_first(first), adapter(tmp_path, "x"), "x")
+    assert (result.loader, result.reason) == ("peft", "this PEFT has no LoraModel._create_and_replace")
+
+
 def test_torch_device_is_peft_s(tmp_path: Path, first: Path) -> None:
     """PEFT raises for the meta device: so does fastkeys (PEFT's own error), and nothing changes."""
     directory = adapter(tmp_path, "x")

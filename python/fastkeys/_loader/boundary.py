@@ -81,6 +81,32 @@ CONFIG_MAPPING: dict[Any, Any] = _found["CONFIG_MAPPING"] or {}
 LORA: Any = peft.PeftType.LORA
 
 
+# The private methods the fast path calls on PEFT's objects (checked like the symbols above).
+PRIVATE_METHODS = {
+    "LoraModel": (
+        "_check_new_adapter_config",
+        "_check_target_module_compatiblity",
+        "_check_target_module_exists",
+        "_create_and_replace",
+    ),
+    "LoraLayer": (
+        "_get_base_layer_device_and_dtype",
+        "_freeze_non_trainable_peft_weights",
+        "_move_adapter_to_device_of_base_layer",
+        "update_layer",
+        "resolve_lora_variant",
+    ),
+    "PeftModel": ("_check_new_adapter_config",),
+}
+_owners = {"LoraModel": LoraModel, "LoraLayer": LoraLayer, "PeftModel": peft.PeftModel}
+MISSING += [
+    f"{owner}.{method}"
+    for owner, methods in PRIVATE_METHODS.items()
+    for method in methods
+    if _owners[owner] is None or not hasattr(_owners[owner], method)
+]
+
+
 def upcast_dtypes() -> set[torch.dtype]:
     """The dtypes PEFT's `cast_adapter_dtype` raises to fp32."""
     low = {torch.float16, torch.bfloat16}
