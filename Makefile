@@ -8,7 +8,7 @@ RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
 .DEFAULT_GOAL := help
-.PHONY: help install build test test-rust test-native test-python test-wheels wheels fuzz demo docs lint bench bench-adapters clean
+.PHONY: help install build check format test test-rust test-native test-python test-wheels wheels fuzz demo docs lint bench bench-adapters clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,8 +44,18 @@ test-rust: ## cargo test: the Rust core, without Python
 test-native: build $(VENV)/.peft-installed ## pytest against the compiled extension (fails if it does not import)
 	FASTKEYS_IMPLEMENTATION=rust $(PY) -m pytest -q
 
-test-python: $(VENV)/.peft-installed ## pytest against the pure-Python fallback
-	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q
+test-python: $(VENV)/.peft-installed ## pytest against the pure-Python fallback: every test but the torch suite, plus its engine-facing modules
+	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q -m "not torch or engine"
+
+check: build ## The edit loop (under a minute): ruff, mypy on the package, the torch-free tests
+	$(BIN)/ruff check python tests benches fixtures docs scripts
+	$(BIN)/mypy --strict python/fastkeys
+	$(PY) -m pytest -q -x -m "not torch"
+
+format: $(VENV)/.dev-installed ## ruff format and cargo fmt, in place
+	$(BIN)/ruff format python tests benches fixtures docs scripts
+	$(BIN)/ruff check --fix -q python tests benches fixtures docs scripts
+	cargo fmt
 
 fuzz: build ## A long fuzzing run: proptest on the Rust core, hypothesis on both implementations
 	PROPTEST_CASES=200000 cargo test --release --quiet fuzz

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 
@@ -26,3 +27,28 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"FASTKEYS_IMPLEMENTATION={wanted} but fastkeys runs {fastkeys.IMPLEMENTATION}"
         )
+
+
+# Libraries whose import makes a test module part of the torch suite: `-m "not torch"` is the
+# torch-free run (`make check`), and the Python engine runs only the torch modules marked `engine`.
+_TORCH_LIBRARIES = {"torch", "peft", "transformers", "diffusers", "accelerate"}
+
+
+def _uses_torch(module: types.ModuleType) -> bool:
+    for value in vars(module).values():
+        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+        if isinstance(name, str) and (name.split(".")[0] in _TORCH_LIBRARIES or name == "safetensors.torch"):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    seen: dict[str, bool] = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is None:
+            continue
+        if module.__name__ not in seen:
+            seen[module.__name__] = _uses_torch(module)
+        if seen[module.__name__]:
+            item.add_marker(pytest.mark.torch)

@@ -27,8 +27,6 @@ from fixtures.loading import (
 )
 from fixtures.peft_models import save_seeded_adapter, tiny_llama
 
-pytestmark = pytest.mark.peft
-
 
 @pytest.fixture
 def first(tmp_path: Path) -> Path:

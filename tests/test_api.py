@@ -84,6 +84,7 @@ def test_load_result_dataclass_and_plain_object() -> None:
     assert plain.missing_keys == tuple(KEYS)
 
 
+@pytest.mark.torch
 def test_torch_load_result() -> None:
     torch = pytest.importorskip("torch")
     from torch import nn

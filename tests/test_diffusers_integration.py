@@ -42,8 +42,6 @@ from fixtures.peft_models import (  # noqa: E402
     without_tensor,
 )
 
-pytestmark = pytest.mark.peft
-
 FULL = os.environ.get("FASTKEYS_FULL") == "1"
 MODELS: dict[str, Callable[[], Any]] = {"unet": tiny_unet, "sd3-transformer": tiny_sd3_transformer}
 

@@ -24,6 +24,8 @@ import pytest
 
 peft = pytest.importorskip("peft")
 
+pytestmark = pytest.mark.engine  # the linear engine: both implementations
+
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from peft.tuners.ia3.model import IA3Model  # noqa: E402

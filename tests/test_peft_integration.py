@@ -38,7 +38,7 @@ from fixtures.peft_models import (  # noqa: E402
     without,
 )
 
-pytestmark = pytest.mark.peft
+pytestmark = pytest.mark.engine  # ground truth: verdicts under both implementations
 
 
 @pytest.fixture(scope="module")

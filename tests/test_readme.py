@@ -20,6 +20,7 @@ def _tables() -> ModuleType:
     return tables
 
 
+@pytest.mark.torch  # docs/tables.py surveys PEFT on real models
 def test_generated_tables_are_current() -> None:
     tables = _tables()
     for path, names in tables.PAGES.items():

@@ -11,7 +11,6 @@ from fastkeys import insert_adapter_name, remove_adapter_name
 
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.peft
 
 from fixtures.peft_models import METHOD_CONFIGS, save_adapter, tiny_llama  # noqa: E402
 

@@ -40,8 +40,6 @@ from fixtures.peft_models import (  # noqa: E402
     without,
 )
 
-pytestmark = pytest.mark.peft
-
 FULL = os.environ.get("FASTKEYS_FULL") == "1"
 FILE = "adapter_model.safetensors"
 
