@@ -22,7 +22,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from fastkeys import _pure, checkpoint, scenarios, tuners
+from fastkeys.checkpoints import scan as checkpoint
+from fastkeys.cli import demo as scenarios
+from fastkeys.engine import pure as _pure
+from fastkeys.rules import records as tuners
 
 LAYERS = 80
 PREFIX = "lora_"

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastkeys import filter_missing, tuners
-from fastkeys.scenarios import peft_substring_filter
+from fastkeys import filter_missing
+from fastkeys.cli.demo import peft_substring_filter
+from fastkeys.rules import records as tuners
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fixtures.peft_filters import peft_from_pretrained_filter
@@ -203,7 +204,7 @@ def cli_examples() -> str:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from fastkeys import cli
+    from fastkeys.cli import main as cli
     from fixtures import peft_models
 
     blocks = []

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastkeys.peft
-from fastkeys._loader import files
+from fastkeys.integrations.loader import files
 from fixtures.loading import (
     adapter,
     assert_same_state,
@@ -68,7 +68,7 @@ def test_a_shard_swapped_for_a_fifo_after_the_scan_is_refused_at_once(
     tmp_path: Path, first: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     directory = adapter(tmp_path, "swap")
-    from fastkeys._loader import api
+    from fastkeys.integrations.loader import api
 
     scanned = api.scan  # type: ignore[attr-defined]
 

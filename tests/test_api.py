@@ -288,7 +288,7 @@ def test_one_matcher_shared_by_eight_threads() -> None:
 
 
 def test_filter_missing_reuses_its_compiled_matcher() -> None:
-    from fastkeys import matching
+    from fastkeys.rules import matching
 
     filter_missing(KEYS, "reuse_me")
     before = matching._matcher_for.cache_info().hits

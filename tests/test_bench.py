@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from benches import suite as bench
-from fastkeys import scenarios
+from fastkeys.cli import demo as scenarios
 
 
 def test_quick_suite_runs_and_every_exact_contender_agrees() -> None:

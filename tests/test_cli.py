@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import fastkeys
-from fastkeys import cli
+from fastkeys.cli import main as cli
 
 
 def _adapter(

@@ -1,4 +1,4 @@
-"""One engine contract (`fastkeys._contract.Engine`), two implementations, typed for users.
+"""One engine contract (`fastkeys.engine.contract.Engine`), two implementations, typed for users.
 
 stubtest (`make lint`, part of `make test`) checks the compiled module against `_native.pyi`;
 mypy checks both modules against the Protocol (`_engine` declares its choice an `Engine`, and so
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from fastkeys import _pure
-from fastkeys._contract import Engine
+import fastkeys
+from fastkeys.engine import pure as _pure
+from fastkeys.engine.contract import Engine
 
-PACKAGE = Path(_pure.__file__).parent.parent
+PACKAGE = Path(fastkeys.__file__).parent
 
 # Checked by mypy --strict: the fallback module satisfies the Protocol.
 FALLBACK: Engine = _pure

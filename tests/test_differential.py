@@ -8,9 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastkeys import _pure, filter_missing
-from fastkeys._contract import Engine, Matcher
-from fastkeys._patterns import translate
+from fastkeys import filter_missing
+from fastkeys.engine import pure as _pure
+from fastkeys.engine.contract import Engine, Matcher
+from fastkeys.rules.expressions import translate
 
 from .conftest import examples
 
@@ -166,7 +167,7 @@ def test_ignore_expressions_agree(key: str, pattern: str) -> None:
 def test_filter_missing_agrees_with_a_direct_reading_of_the_rule(
     keys: list[str], adapter: str, peft_type: str | None
 ) -> None:
-    from fastkeys import tuners
+    from fastkeys.rules import records as tuners
 
     if "." in adapter:
         return

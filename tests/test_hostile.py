@@ -22,8 +22,9 @@ import pytest
 from safetensors.numpy import save_file
 
 import fastkeys
-from fastkeys import KeyMatcher, cli, filter_missing, read_keys, scan
-from fastkeys.checkpoint import MAX_CONFIG_BYTES, MAX_INDEX_BYTES
+from fastkeys import KeyMatcher, filter_missing, read_keys, scan
+from fastkeys.checkpoints.scan import MAX_CONFIG_BYTES, MAX_INDEX_BYTES
+from fastkeys.cli import main as cli
 
 LORA = "base_model.model.layers.0.q_proj.lora_A.default.weight"
 TIMEOUT = 60  # seconds; each child needs well under 5
@@ -231,7 +232,8 @@ def test_a_catastrophic_target_modules_or_layers_pattern_in_check(tmp_path: Path
 
 
 def test_target_modules_and_layers_pattern_follow_peft() -> None:
-    from fastkeys.preflight import _in_layers, _selects
+    from fastkeys.rules.targets import in_layers as _in_layers
+    from fastkeys.rules.targets import selects as _selects
 
     names = ["model.layers.3.self_attn.q_proj", "model.h.12.attn.c_attn", "encoder.block.0.layer.1.k"]
     for target in [r".*\.q_proj", r"model\.(h|layers)\.\d+\..*", "q_proj|c_attn", r"(?i)MODEL.*"]:

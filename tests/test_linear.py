@@ -1,4 +1,4 @@
-"""The linear engines: `fastkeys._pure.regex.Regex` (the fallback's Pike VM and lazy DFA) answers as
+"""The linear engines: `fastkeys.engine.pure.regex.Regex` (the fallback's Pike VM and lazy DFA) answers as
 Python's `re` on the expressions `translate` accepts, and as Rust's `regex` (`_native.Regex`),
 for `search` and for the group that `layers_pattern` reads."""
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastkeys._patterns import translate
-from fastkeys._pure import regex as _linear
+from fastkeys.engine.pure import regex as _linear
+from fastkeys.rules.expressions import translate
 
 from .conftest import examples
 from .test_differential import KEY, PATTERN

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastkeys.peft
-from fastkeys._loader import boundary
-from fastkeys._loader.result import AdapterLoadResult
+from fastkeys.integrations.loader import boundary
+from fastkeys.integrations.loader.result import AdapterLoadResult
 from fixtures.loading import assert_same_outputs, assert_same_state, both_loops, end_state, merged_copy
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 

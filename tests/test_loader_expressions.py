@@ -33,9 +33,9 @@ from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
 from peft.utils.other import get_pattern_key  # noqa: E402
 
 import fastkeys  # noqa: E402
-from fastkeys._loader import expressions  # noqa: E402
-from fastkeys._loader.expressions import LinearMatch, check_expressions, linear_matching  # noqa: E402
-from fastkeys._patterns import _checked  # noqa: E402
+from fastkeys.integrations.loader import peft_re as expressions  # noqa: E402
+from fastkeys.integrations.loader.peft_re import LinearMatch, check_expressions, linear_matching  # noqa: E402
+from fastkeys.rules.expressions import _checked  # noqa: E402
 from fixtures.peft_models import save_adapter, tiny_bert, tiny_llama  # noqa: E402
 
 from .conftest import examples  # noqa: E402
@@ -515,7 +515,7 @@ def test_hostile_expressions_load_in_linear_time_and_hang_without(tmp_path: Path
         f"""
         import json, signal, time
         import peft
-        from fastkeys._loader.expressions import linear_matching
+        from fastkeys.integrations.loader.peft_re import linear_matching
         from fixtures.peft_models import tiny_llama
 
         def ring(*_):

@@ -18,7 +18,7 @@ import torch
 
 import fastkeys
 import fastkeys.peft
-from fastkeys._loader import boundary, policy
+from fastkeys.integrations.loader import boundary, policy
 from fixtures.loading import (
     QV,
     adapter,

@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 
 import fastkeys.peft as fkpeft  # noqa: E402
 from fastkeys import MissingAdapterKeysWarning, filter_missing  # noqa: E402
-from fastkeys._loader import boundary  # noqa: E402
+from fastkeys.integrations.loader import boundary  # noqa: E402
 from fixtures.peft_models import (  # noqa: E402
     METHOD_CONFIGS,
     TRICKY_NAMES,
@@ -132,7 +132,7 @@ def test_overlapping_adapter_names(target: str, lora_with_mlp: Path, tmp_path: P
     verdict, complete = raw_load(directory, target, existing)
     assert verdict == []
     # PEFT's own filter gets these wrong: the raw result holds the other adapters' keys.
-    from fastkeys.scenarios import peft_substring_filter
+    from fastkeys.cli.demo import peft_substring_filter
 
     assert bool(peft_substring_filter(complete.missing_keys, target, "lora_")) == (target in TRIPS_PEFT)
 

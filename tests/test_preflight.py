@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import fastkeys.peft as fkpeft  # noqa: E402
 from fastkeys import check_adapter, check_base, scan  # noqa: E402
-from fastkeys._loader import boundary  # noqa: E402
+from fastkeys.integrations.loader import boundary  # noqa: E402
 from fixtures.peft_models import (  # noqa: E402
     METHOD_CONFIGS,
     checkpoint_keys,

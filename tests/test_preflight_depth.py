@@ -17,8 +17,9 @@ torch = pytest.importorskip("torch")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from fastkeys import check_base, cli  # noqa: E402
-from fastkeys.preflight import BaseCheck, Coverage, check_many  # noqa: E402
+from fastkeys import check_base  # noqa: E402
+from fastkeys.cli import main as cli  # noqa: E402
+from fastkeys.preflight.checks import BaseCheck, Coverage, check_many  # noqa: E402
 from fixtures.peft_models import METHOD_CONFIGS, save_adapter, tiny_llama, tiny_llava  # noqa: E402
 
 QV = ["q_proj", "v_proj"]

@@ -1,4 +1,4 @@
-"""Each PEFT method is one record in `fastkeys.tuners`; everything else reads it. No torch needed.
+"""Each PEFT method is one record in `fastkeys.rules.records`; everything else reads it. No torch needed.
 
 The PEFT-facing checks of the table (prefixes and flags against the installed PEFT) are in
 test_tuners.py; these check that the records are consistent and that a new record is all a new
@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from fastkeys import KeyMatcher, check_base, filter_missing, insert_adapter_name, remove_adapter_name, tuners
-from fastkeys.cli import _methods_found
+from fastkeys import KeyMatcher, check_base, filter_missing, insert_adapter_name, remove_adapter_name
+from fastkeys.cli.main import _methods_found
+from fastkeys.rules import records as tuners
 from fixtures.headers import write_adapter, write_safetensors
 
 

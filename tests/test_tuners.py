@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastkeys import METHODS, filter_missing, tuners
+from fastkeys import METHODS, filter_missing
+from fastkeys.rules import records as tuners
 
 peft_mapping = pytest.importorskip("peft.mapping")
 from peft import PeftType  # noqa: E402

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastkeys._pure import safetensors as _headers
-from fastkeys._pure import values as _pure_values
-from fastkeys.preflight import _read_value_flags
+from fastkeys.engine.pure import safetensors as _headers
+from fastkeys.engine.pure import values as _pure_values
+from fastkeys.preflight.checks import _read_value_flags
 
 from .conftest import examples
 

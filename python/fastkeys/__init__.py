@@ -11,23 +11,23 @@ Checkpoints are known from their headers alone: `read_keys`, `scan` (`Checkpoint
 
 from __future__ import annotations
 
-from ._engine import IMPLEMENTATION
-from .matching import (
+from fastkeys.engine import IMPLEMENTATION
+from fastkeys.rules.matching import (
     KeyMatcher,
     MissingAdapterKeysWarning,
     filter_missing,
     insert_adapter_name,
     remove_adapter_name,
 )
-from .tuners import METHODS
+from fastkeys.rules.records import METHODS
 
 TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
 
 if TYPE_CHECKING:
     __version__: str
 
-    from .checkpoint import Checkpoint, Tensor, read_keys, scan
-    from .preflight import AdapterCheck, Finding, check_adapter, check_base
+    from fastkeys.checkpoints.scan import Checkpoint, Tensor, read_keys, scan
+    from fastkeys.preflight.checks import AdapterCheck, Finding, check_adapter, check_base
 
 __all__ = [
     "IMPLEMENTATION",
@@ -48,14 +48,14 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Checkpoint": "checkpoint",
-    "Tensor": "checkpoint",
-    "read_keys": "checkpoint",
-    "scan": "checkpoint",
-    "AdapterCheck": "preflight",
-    "Finding": "preflight",
-    "check_adapter": "preflight",
-    "check_base": "preflight",
+    "Checkpoint": "checkpoints.scan",
+    "Tensor": "checkpoints.scan",
+    "read_keys": "checkpoints.scan",
+    "scan": "checkpoints.scan",
+    "AdapterCheck": "preflight.checks",
+    "Finding": "preflight.checks",
+    "check_adapter": "preflight.checks",
+    "check_base": "preflight.checks",
 }
 
 

@@ -20,8 +20,8 @@ import functools
 import threading
 from typing import Any
 
-from . import _validate
-from . import transformers as _transformers
+from fastkeys import transformers as _transformers
+from fastkeys.rules import validate as _validate
 
 __all__ = ["load_lora_adapter", "load_lora_weights"]
 
@@ -111,7 +111,7 @@ def _check_seen(load: Any, model: Any, before: set[str]) -> None:
 
 def _contained(source: Any) -> None:
     """A local directory gets the checks of `fastkeys.scan` before diffusers reads it by path."""
-    from ._loader.files import check_local
+    from fastkeys.integrations.loader.files import check_local
 
     check_local(source)
 

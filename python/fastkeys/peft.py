@@ -5,8 +5,8 @@ wrongly drops cannot be recovered from its answer. `load_adapter` and `load_adap
 adapters by a per-adapter path that ends in exactly the state PEFT's `load_adapter` would, where
 that was verified (an allow-list of config fields, options and versions), and give everything else
 to PEFT's loader with the reason; every load is all or nothing. `from_pretrained` calls PEFT. The
-machinery is the package `fastkeys._loader` (docs/loading.md). Importing this module imports neither
-torch nor peft; calling it needs both.
+machinery is the package `fastkeys.integrations.loader` (docs/loading.md). Importing this module
+imports neither torch nor peft; calling it needs both.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._loader.result import AdapterLoadResult
-from .matching import MissingAdapterKeysWarning, filter_missing
+from fastkeys.integrations.loader.result import AdapterLoadResult
+from fastkeys.rules.matching import MissingAdapterKeysWarning, filter_missing
 
 __all__ = ["AdapterLoadResult", "filter_load_result", "from_pretrained", "load_adapter", "load_adapters"]
 
@@ -34,14 +34,15 @@ _PEFT_MISSING_WARNINGS = (
 
 
 def _loader_api() -> Any:
-    """`fastkeys._loader.api`, with PEFT's loader hooks installed; ImportError naming the extra when
-    peft or torch is missing, RuntimeError naming the version when PEFT lacks what is hooked."""
+    """`fastkeys.integrations.loader.api`, with PEFT's loader hooks installed; ImportError naming
+    the extra when peft or torch is missing, RuntimeError naming the version when PEFT lacks what
+    is hooked."""
     try:
         import peft  # noqa: F401
         import torch  # noqa: F401
     except ImportError as error:
         raise ImportError("fastkeys.peft needs peft and torch: pip install 'fastkeys[peft]'") from error
-    from ._loader import api, boundary
+    from fastkeys.integrations.loader import api, boundary
 
     boundary.install()
     return api
@@ -81,7 +82,7 @@ def load_adapter(
     changed (a checkpoint that would overwrite any other than the embeddings PEFT saves with
     `save_embedding_layers` is refused with ValueError)."""
     api = _loader_api()
-    from ._loader import boundary
+    from fastkeys.integrations.loader import boundary
 
     return api.load_one(  # type: ignore[no-any-return]
         peft_model,
@@ -133,7 +134,7 @@ def from_pretrained(model: Any, model_id: str, adapter_name: str = "default", **
     (other warnings pass; like any `warnings.catch_warnings`, this is not thread-safe).
     """
     api = _loader_api()
-    from ._loader import boundary
+    from fastkeys.integrations.loader import boundary
 
     with warnings.catch_warnings():
         for message in _PEFT_MISSING_WARNINGS:

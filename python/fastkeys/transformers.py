@@ -23,8 +23,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from . import _validate
-from .matching import MissingAdapterKeysWarning, filter_missing
+from fastkeys.rules import validate as _validate
+from fastkeys.rules.matching import MissingAdapterKeysWarning, filter_missing
 
 __all__ = ["load_adapter"]
 
@@ -200,7 +200,7 @@ def load_adapter(model: Any, peft_model_id: Any = None, adapter_name: str = "def
             f"not {type(model).__name__}"
         )
     _prepare()
-    from ._loader.files import check_local
+    from fastkeys.integrations.loader.files import check_local
 
     check_local(peft_model_id)
     with _loading(adapter_name) as load:

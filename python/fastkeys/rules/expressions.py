@@ -22,7 +22,7 @@ than `MAX_SIZE` (characters, classes and `.`, each counted as many times as the 
 around it can repeat it: `(ab){1000}` is 2000), so that both engines compile what is accepted.
 
 Matching is linear in the length of the key in both implementations: Rust's `regex` crate on
-the native side and `fastkeys._pure.regex` (a Pike VM) in the fallback; Python's `re` only checks
+the native side and `fastkeys.engine.pure.regex` (a Pike VM) in the fallback; Python's `re` only checks
 the syntax and never matches a user's expression.
 """
 
@@ -441,7 +441,7 @@ def _checked(pattern: str, what: str) -> tuple[str, str, int]:
 
 def linear(pattern: str, what: str, template: tuple[str, str] = ("{}", "{}")) -> Regex:
     """A user's expression compiled for the implementation that runs, matched in linear time:
-    `fastkeys._native.Regex` (Rust's `regex` crate) or `fastkeys._pure.regex.Regex` (a Pike VM).
+    `fastkeys._native.Regex` (Rust's `regex` crate) or `fastkeys.engine.pure.regex.Regex` (a Pike VM).
     `template` places it inside a larger expression, written for (Rust, Python); the result's
     `search(text)` and `group(text)` (group 1) answer as `re.search` would. ValueError naming
     `what` when the expression is refused."""
@@ -454,11 +454,11 @@ def linear(pattern: str, what: str, template: tuple[str, str] = ("{}", "{}")) ->
 @functools.lru_cache(maxsize=256)
 def engine(for_rust: str, for_python: str) -> Regex:
     """An expression already written for both engines, compiled for the one that runs."""
-    from ._engine import IMPLEMENTATION, core
+    from fastkeys.engine import IMPLEMENTATION, core
 
     return core.Regex(for_rust if IMPLEMENTATION == "rust" else for_python)
 
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from ._contract import Regex
+    from fastkeys.engine.contract import Regex

@@ -12,7 +12,7 @@ __all__ = ["IMPLEMENTATION", "core"]
 
 TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
 if TYPE_CHECKING:
-    from ._contract import Engine
+    from fastkeys.engine.contract import Engine
 
 
 def _choose() -> tuple[str, Engine]:
@@ -21,7 +21,7 @@ def _choose() -> tuple[str, Engine]:
         raise ImportError(f"FASTKEYS_IMPLEMENTATION must be 'rust', 'python' or unset, not {wanted!r}")
     if wanted != "python":
         try:
-            from . import _native
+            from fastkeys import _native
         except ImportError as error:
             if wanted == "rust":
                 raise ImportError(
@@ -31,9 +31,9 @@ def _choose() -> tuple[str, Engine]:
                 ) from error
         else:
             return "rust", _native
-    from . import _pure
+    from fastkeys.engine import pure
 
-    return "python", _pure
+    return "python", pure
 
 
 IMPLEMENTATION, core = _choose()

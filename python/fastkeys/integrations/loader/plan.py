@@ -13,11 +13,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..matching import insert_adapter_name
-from . import boundary
-from .expressions import linear_matching
-from .index import ModelIndex
+from fastkeys.checkpoints.scan import Checkpoint
+from fastkeys.integrations.loader import boundary
+from fastkeys.integrations.loader.index import ModelIndex
+from fastkeys.integrations.loader.peft_re import linear_matching
+from fastkeys.rules.matching import insert_adapter_name
 
 MODEL_PREFIX = "base_model.model."
 

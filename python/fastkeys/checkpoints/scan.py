@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from ._engine import core
-from ._pure.safetensors import open_regular
+from fastkeys.engine import core
+from fastkeys.engine.pure.safetensors import open_regular
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_INDEX_BYTES", "Checkpoint", "Tensor", "read_keys", "scan"]
 
@@ -275,7 +275,7 @@ def _adapter_config(path: Path) -> dict[str, object]:
     """adapter_config.json, with the fields fastkeys reads checked: their types, and the regular
     expressions (`target_modules` or `exclude_modules` as a string, `layers_pattern`) compiled
     for the linear engine, so that a hostile config is a ValueError naming the file."""
-    from ._patterns import linear
+    from fastkeys.rules.expressions import linear
 
     config = _read_json(path, MAX_CONFIG_BYTES)
     if not isinstance(config, dict):

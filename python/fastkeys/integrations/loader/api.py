@@ -15,17 +15,17 @@ from typing import Any
 import peft
 import torch
 
-from ..checkpoint import Checkpoint, scan
-from ..matching import filter_missing
-from . import boundary, policy
-from .expressions import check_expressions
-from .fallback import peft_load, special_init_targets
-from .files import BIN_FILE, CONFIG_FILE, has_safetensors, read_bin, read_tensors
-from .index import ModelIndex
-from .inject import load_fast
-from .plan import Refused
-from .result import FAST, PEFT, AdapterLoadResult
-from .transaction import Transaction
+from fastkeys.checkpoints.scan import Checkpoint, scan
+from fastkeys.integrations.loader import boundary, policy
+from fastkeys.integrations.loader.fallback import peft_load, special_init_targets
+from fastkeys.integrations.loader.files import BIN_FILE, CONFIG_FILE, has_safetensors, read_bin, read_tensors
+from fastkeys.integrations.loader.index import ModelIndex
+from fastkeys.integrations.loader.inject import load_fast
+from fastkeys.integrations.loader.peft_re import check_expressions
+from fastkeys.integrations.loader.plan import Refused
+from fastkeys.integrations.loader.result import FAST, PEFT, AdapterLoadResult
+from fastkeys.integrations.loader.transaction import Transaction
+from fastkeys.rules.matching import filter_missing
 
 _PROGRESS_AFTER = 4  # adapters: fewer load too fast for a bar to help
 

@@ -1,6 +1,6 @@
 """The mirror of `rust/matcher.rs` and `rust/rename.rs` (through `rust/py.rs`): `KeyMatcher`.
 
-Same arguments (validated by the caller, `fastkeys.matching`), same answers, same errors. The
+Same arguments (validated by the caller, `fastkeys.rules.matching`), same answers, same errors. The
 rule lives in `_verdict`; everything else is a prefilter that rejects most keys with one C-level
 substring test before the rule runs. Renaming (`insert_adapter_name`, `remove_adapter_name`) is
 on the class, as on the native one.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .regex import Regex
+from fastkeys.engine.pure.regex import Regex
 
 TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class KeyMatcher:
             for name in adapter_names:
                 adapters.setdefault(str.__str__(name), len(adapters))
         init(self, "_adapters", adapters)
-        # Matched by the linear engine: `re` would backtrack on `(a+)+$` (see fastkeys._pure.regex).
+        # Matched by the linear engine: `re` would backtrack on `(a+)+$` (see fastkeys.engine.pure.regex).
         init(self, "_ignore", [Regex(pattern) for pattern in ignore])
         # Substrings every matching key contains: an adapter name, else a prefix. (The bare name:
         # a needle that starts with "." costs more, dots being everywhere in keys.)

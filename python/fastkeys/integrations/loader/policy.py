@@ -13,8 +13,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from . import boundary
-from .index import ModelIndex
+from fastkeys.integrations.loader import boundary
+from fastkeys.integrations.loader.index import ModelIndex
 
 # PEFT condenses target lists this long against the whole model's names (inner modules included).
 PEFT_CONDENSES_TARGETS = 20

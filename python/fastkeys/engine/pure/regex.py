@@ -3,7 +3,7 @@
 Python's `re` backtracks: `(a+)+$` or `(.+)+X` take exponential time, and `a*b` searched in a
 long key quadratic time. Expressions from users and from files (`ignore`, `target_modules`,
 `layers_pattern`) therefore never reach `re` for matching. They are parsed by `re`'s own parser
-(after `fastkeys._patterns.translate` has checked and rewritten them), compiled to a Thompson NFA
+(after `fastkeys.rules.expressions.translate` has checked and rewritten them), compiled to a Thompson NFA
 and run as a Pike VM: every position of the text is visited once with at most one thread per
 instruction, so a match costs O(len(text) x len(program)) whatever the expression. Threads are
 kept in priority order, which gives the leftmost-first answer (and group span) that a

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from functools import lru_cache
 
-from . import safetensors as _headers
+from fastkeys.engine.pure import safetensors as _headers
 
 __all__ = ["LANES", "read_values"]
 

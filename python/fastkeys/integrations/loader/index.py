@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from . import boundary
+from fastkeys.integrations.loader import boundary
 
 
 class ModelIndex:

@@ -30,10 +30,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import boundary
-from .expressions import linear_matching
-from .files import CONFIG_FILE, SINGLE_FILE
-from .transaction import Transaction
+from fastkeys.integrations.loader import boundary
+from fastkeys.integrations.loader.files import CONFIG_FILE, SINGLE_FILE
+from fastkeys.integrations.loader.peft_re import linear_matching
+from fastkeys.integrations.loader.transaction import Transaction
 
 
 class BaseWeights:

@@ -4,7 +4,7 @@ An adapter's `adapter_config.json` is hostile input, and PEFT splices parts of i
 expressions that it matches with Python's backtracking `re`: `target_modules: "(.+)+X"` then holds
 a load for minutes. `linear_matching()` makes every `re.match`, `re.fullmatch` and `re.search` that
 PEFT's modules make, on the calling thread and while the block is open, run on
-`fastkeys._patterns` (Rust's `regex` crate, or the pure-Python Pike VM), with the answer `re` gives.
+`fastkeys.rules.expressions` (Rust's `regex` crate, or the pure-Python Pike VM), with the answer `re` gives.
 
 How. Each `peft.*` module's global `re` is replaced, once and for all, by `_Re`: a module object
 that hands every attribute to the real `re`, except `match`, `fullmatch` and `search`, which
@@ -17,7 +17,7 @@ called as is. Inside the block a call is answered so:
 3. The pattern is read as one of PEFT's templates (`_PEFT`, `_ENGINES`): its fixed prefix and
    suffix are written out by hand for both engines, exactly (`$` is Python's "end, or before a final
    newline"; `\\d` in `(?P<idx>\\d+)` is Unicode's decimal digits), and the config's fragment in
-   between goes through `fastkeys._patterns`, which refuses what it cannot read as `re` does.
+   between goes through `fastkeys.rules.expressions`, which refuses what it cannot read as `re` does.
    A pattern that fits no template is one fragment, anchored as the function anchors it.
    The fragment must be a whole expression on its own (balanced, nothing to repeat at its start),
    so splicing its translation where PEFT spliced its text keeps the structure `re` parses.
@@ -28,7 +28,7 @@ called as is. Inside the block a call is answered so:
    answered differently (`_read_differently`).
 
 Refused inside the block (ValueError naming the field and the expression, never handed to the real
-`re`): what `fastkeys._patterns` refuses (lookaround, back-references, possessive quantifiers,
+`re`): what `fastkeys.rules.expressions` refuses (lookaround, back-references, possessive quantifiers,
 expressions over `MAX_SIZE` atoms, ...), a non-zero `flags` argument, the case of point 4, and a
 global flag that PEFT's splicing moved into the middle of its expression (an error since Python
 3.11, a flag on the whole expression before). `check_expressions` refuses the same fragments,
@@ -50,7 +50,7 @@ import types
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from .._patterns import _checked, engine
+from fastkeys.rules.expressions import _checked, engine
 
 if sys.version_info >= (3, 11):
     from re import _constants as _c
@@ -61,7 +61,7 @@ else:  # pragma: no cover (3.10)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .._contract import Regex
+    from fastkeys.engine.contract import Regex
 
 __all__ = ["LinearMatch", "check_expressions", "linear_matching"]
 
@@ -317,7 +317,7 @@ _CLASSES, _BOUNDARY, _FOLD, _END = "\\d, \\w or \\s", "\\b", "(?i)", "$"
 
 @functools.lru_cache(maxsize=1024)
 def _constructs(fragment: str) -> frozenset[str]:
-    """The constructs of `fragment` that `fastkeys._patterns` reads as on ASCII text (`\\d \\w
+    """The constructs of `fragment` that `fastkeys.rules.expressions` reads as on ASCII text (`\\d \\w
     \\s \\b`, `(?i)`) or as the very end (`$`), where `re` reads Unicode or "end, or before a
     final newline"."""
     parsed: Any = _sre_parse.parse(fragment, 0)

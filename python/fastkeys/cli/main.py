@@ -9,7 +9,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
-from . import IMPLEMENTATION, filter_missing, scenarios
+from fastkeys.cli import demo as scenarios
+from fastkeys.engine import IMPLEMENTATION
+from fastkeys.rules.matching import filter_missing
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -154,7 +156,8 @@ def _methods_found(keys: Sequence[str]) -> dict[str, int]:
     matcher: model keys lose their adapter name, then `insert_adapter_name` marks the tensor
     segment of each adapter tensor; each distinct segment is given to the method whose matcher
     takes it (longest prefix first, as `randlora_A` is not `lora_`)."""
-    from . import KeyMatcher, tuners
+    from fastkeys.rules import records as tuners
+    from fastkeys.rules.matching import KeyMatcher
 
     prefixes, exact, shared, suffixes = tuners.patterns(None)
     every = KeyMatcher(
@@ -187,7 +190,9 @@ def _methods_found(keys: Sequence[str]) -> dict[str, int]:
 
 
 def inspect_report(path: str) -> dict[str, object]:
-    from . import KeyMatcher, scan, tuners
+    from fastkeys.checkpoints.scan import scan
+    from fastkeys.rules import records as tuners
+    from fastkeys.rules.matching import KeyMatcher
 
     checkpoint = scan(path, progress=_progress())
     keys = list(checkpoint)
@@ -398,8 +403,8 @@ def _check(args: argparse.Namespace) -> int:
     1 findings, 2 unusable). An unusable base raises; an unusable adapter is reported in its row."""
     import json
 
-    from . import scan
-    from .preflight import BaseCheck, check_many
+    from fastkeys.checkpoints.scan import scan
+    from fastkeys.preflight.checks import BaseCheck, check_many
 
     answers = check_many(scan(args.base, progress=_progress()), args.adapters, values=args.values)
     statuses = [2 if not isinstance(a, BaseCheck) else 1 if a else 0 for a in answers]
@@ -446,7 +451,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _print_check_table(adapters: Sequence[str], answers: Sequence[object]) -> None:
-    from .preflight import BaseCheck
+    from fastkeys.preflight.checks import BaseCheck
 
     width = max(len(adapter) for adapter in adapters)
     _out(f"{'adapter':<{width}}  {'verdict':<8}  {'modules':>7}  {'layers':>6}  findings")

@@ -1,4 +1,4 @@
-"""The engine contract: what `fastkeys._native` (rust/py.rs) and `fastkeys._pure` both provide.
+"""The engine contract: what `fastkeys._native` (rust/py.rs) and `fastkeys.engine.pure` both provide.
 
 Read by the type checkers only (`typing` costs a third of `import fastkeys`): `_engine` declares
 its choice as an `Engine`, so mypy checks both modules against it, and stubtest checks the
@@ -19,7 +19,7 @@ Header = tuple[list[str], list[str], list[tuple[int, ...]], list[int], dict[str,
 
 
 class Matcher(Protocol):
-    """A compiled matcher. Arguments arrive validated by `fastkeys.matching`."""
+    """A compiled matcher. Arguments arrive validated by `fastkeys.rules.matching`."""
 
     def filter(self, keys: Iterable[str]) -> list[str]: ...
     def group(self, keys: Iterable[str]) -> dict[str, list[str]]: ...
@@ -43,7 +43,7 @@ MatcherFactory = Callable[
 
 
 class Regex(Protocol):
-    """An expression checked and written by `fastkeys._patterns`, matched in linear time."""
+    """An expression checked and written by `fastkeys.rules.expressions`, matched in linear time."""
 
     def search(self, text: str) -> bool: ...
     def group(self, text: str) -> str | None: ...

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint
-from . import boundary
-from .expressions import linear_matching
-from .files import read_tensors
-from .index import ModelIndex
-from .plan import MODEL_PREFIX, Refused, check_checkpoint, make_plan
-from .transaction import Transaction
+from fastkeys.checkpoints.scan import Checkpoint
+from fastkeys.integrations.loader import boundary
+from fastkeys.integrations.loader.files import read_tensors
+from fastkeys.integrations.loader.index import ModelIndex
+from fastkeys.integrations.loader.peft_re import linear_matching
+from fastkeys.integrations.loader.plan import MODEL_PREFIX, Refused, check_checkpoint, make_plan
+from fastkeys.integrations.loader.transaction import Transaction
 
 
 def load_fast(

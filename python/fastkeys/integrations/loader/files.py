@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .._pure.safetensors import open_regular
-from ..checkpoint import Checkpoint, _adapter_config, _inside, _regular_file, scan
+from fastkeys.checkpoints.scan import Checkpoint, _adapter_config, _inside, _regular_file, scan
+from fastkeys.engine.pure.safetensors import open_regular
 
 SINGLE_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"

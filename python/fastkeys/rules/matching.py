@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping
 
-from . import _validate, tuners
-from ._engine import IMPLEMENTATION, core
-from ._patterns import translate
+from fastkeys.engine import IMPLEMENTATION, core
+from fastkeys.rules import records as tuners
+from fastkeys.rules import validate as _validate
+from fastkeys.rules.expressions import translate
 
 __all__ = [
     "KeyMatcher",
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     # The checkers see the stub's methods, with their types, whichever engine runs.
-    from ._native import KeyMatcher as _Core
+    from fastkeys._native import KeyMatcher as _Core
 
     Result = TypeVar("Result")
 else:
@@ -60,7 +61,7 @@ class KeyMatcher(_Core):
     `remove_adapter_name(keys)` convert between checkpoint and model keys; `wrappers` are
     segments dropped together with the name (`modules_to_save`), `suffixes` maps a segment to the
     parameter its checkpoint key lacks (`{"lora_magnitude_vector": "weight"}`, DoRA).
-    `fastkeys.tuners` holds these rules for every PEFT method.
+    `fastkeys.rules.records` holds these rules for every PEFT method.
     """
 
     __slots__ = ()
