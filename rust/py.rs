@@ -280,6 +280,28 @@ impl PyKeyMatcher {
         })
     }
 
+    /// For each checkpoint key, the span (start, end), in characters, of the segment its adapter
+    /// name would go after (`insert_adapter_name`), or None for a key that is not an adapter tensor.
+    fn locate<'py>(&self, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+        let py = keys.py();
+        let out = PyList::empty(py);
+        for_each_key(keys, |key| {
+            let bytes = KeyBytes::of(key)?;
+            let key = bytes.bytes();
+            match rename::tensor_segment(&self.matcher, &self.renames, key) {
+                Some((start, end)) => {
+                    // characters, not bytes: count the bytes that start a (WTF-8) character
+                    let chars =
+                        |bytes: &[u8]| bytes.iter().filter(|&&b| (b & 0xC0) != 0x80).count();
+                    let first = chars(&key[..start]);
+                    out.append((first, first + chars(&key[start..end])))
+                }
+                None => out.append(py.None()),
+            }
+        })?;
+        Ok(out)
+    }
+
     /// Model keys to checkpoint keys: the adapter-name segment of each match removed.
     fn remove_adapter_name<'py>(&self, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
         self.rename(keys, |key, out| {

@@ -61,12 +61,7 @@ pub fn insert_adapter_name(
     name: &[u8],
     out: &mut Vec<u8>,
 ) -> bool {
-    let last_dot = memchr::memrchr(b'.', key);
-    let last = (last_dot.map_or(0, |dot| dot + 1), key.len());
-    let second = last_dot.map(|dot| (memchr::memrchr(b'.', &key[..dot]).map_or(0, |p| p + 1), dot));
-    let Some((start, end)) = std::iter::once(last).chain(second).find(|&(start, end)| {
-        matcher.segment_qualifies(key, start, end) && !renames.is_wrapper(&key[start..end])
-    }) else {
+    let Some((start, end)) = tensor_segment(matcher, renames, key) else {
         return false;
     };
     out.clear();
@@ -81,6 +76,18 @@ pub fn insert_adapter_name(
     }
     out.extend_from_slice(&key[end..]);
     true
+}
+
+/// The byte span of the segment a checkpoint key's adapter name goes after (the segment that holds
+/// the adapter tensor: the last or the second-to-last one), or None when the key is not an
+/// adapter tensor. A wrapper segment never qualifies: its checkpoint keys do not show it.
+pub fn tensor_segment(matcher: &Matcher, renames: &Renames, key: &[u8]) -> Option<(usize, usize)> {
+    let last_dot = memchr::memrchr(b'.', key);
+    let last = (last_dot.map_or(0, |dot| dot + 1), key.len());
+    let second = last_dot.map(|dot| (memchr::memrchr(b'.', &key[..dot]).map_or(0, |p| p + 1), dot));
+    std::iter::once(last).chain(second).find(|&(start, end)| {
+        matcher.segment_qualifies(key, start, end) && !renames.is_wrapper(&key[start..end])
+    })
 }
 
 /// The checkpoint key of a model key, written into `out`: the (last) match of the rule loses its
@@ -198,6 +205,16 @@ mod tests {
         for (key, expected) in cases {
             assert_eq!(insert(key, "default"), expected, "{key}");
         }
+    }
+
+    #[test]
+    fn the_tensor_segment_is_where_the_name_goes() {
+        let (m, r) = (matcher("default"), renames());
+        let span = |key: &str| tensor_segment(&m, &r, key.as_bytes());
+        assert_eq!(span("model.q_proj.lora_A.weight"), Some((13, 19)));
+        assert_eq!(span("model.q_proj.lora_embedding_A"), Some((13, 29)));
+        assert_eq!(span("model.q_proj.weight"), None);
+        assert_eq!(span("lm_head.modules_to_save.weight"), None);
     }
 
     #[test]

@@ -217,3 +217,11 @@ def test_renaming_agrees(
     pure = build(_pure, prefixes, adapters, exact, [], ([], []), wrappers, suffixes)
     assert native.insert_adapter_name(keys, adapters[0]) == pure.insert_adapter_name(keys, adapters[0])
     assert native.remove_adapter_name(keys) == pure.remove_adapter_name(keys)
+    # the span the name goes after, in characters (non-ASCII keys included)
+    located = native.locate(keys)
+    assert located == pure.locate(keys)
+    for key, span, inserted in zip(keys, located, pure.insert_adapter_name(keys, adapters[0]), strict=True):
+        if span is None:
+            assert inserted is key
+        else:
+            assert inserted.startswith(key[: span[1]] + "." + adapters[0])

@@ -147,15 +147,11 @@ def _progress() -> Callable[[int, int], None] | None:
     return show
 
 
-# An adapter "name" no key holds: insert_adapter_name marks where each tensor segment ends.
-_MARK = "\x00"
-
-
 def _methods_found(keys: Sequence[str]) -> dict[str, int]:
     """Keys per PEFT method (methods that share a prefix together: `lora/adalora`), found by the
-    matcher: model keys lose their adapter name, then `insert_adapter_name` marks the tensor
-    segment of each adapter tensor; each distinct segment is given to the method whose matcher
-    takes it (longest prefix first, as `randlora_A` is not `lora_`)."""
+    matcher: model keys lose their adapter name, then `locate` finds the tensor segment of each
+    adapter tensor; each distinct segment is given to the method whose matcher takes it (longest
+    prefix first, as `randlora_A` is not `lora_`)."""
     from fastkeys.rules import records as tuners
     from fastkeys.rules.matching import KeyMatcher
 
@@ -165,9 +161,9 @@ def _methods_found(keys: Sequence[str]) -> dict[str, int]:
     )
     segments: dict[str, int] = {}
     unnamed = every.remove_adapter_name(keys)
-    for key, marked in zip(unnamed, every.insert_adapter_name(unnamed, _MARK), strict=True):
-        if marked is not key:  # unchanged keys come back as the same object
-            tensor = marked.partition("." + _MARK)[0].rpartition(".")[2]
+    for key, span in zip(unnamed, every.locate(unnamed), strict=True):
+        if span is not None:
+            tensor = key[span[0] : span[1]]
             segments[tensor] = segments.get(tensor, 0) + 1
     groups: dict[str, list[tuners.Method]] = {}
     for method in tuners.METHODS.values():
@@ -183,7 +179,7 @@ def _methods_found(keys: Sequence[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for tensor, count in segments.items():
         for label, matcher in owners:
-            if matcher.filter([f"{tensor}.{_MARK}"]):
+            if matcher.locate([tensor])[0] is not None:
                 counts[label] = counts.get(label, 0) + count
                 break
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -19,7 +19,7 @@ from fastkeys.preflight.findings import (
     _value_findings,
 )
 from fastkeys.rules import records as tuners
-from fastkeys.rules.matching import filter_missing, insert_adapter_name
+from fastkeys.rules.matching import filter_missing, insert_adapter_name, tensor_segments
 from fastkeys.rules.targets import in_layers, linear_like, selects
 
 __all__ = ["AdapterCheck", "BaseCheck", "Coverage", "Finding", "check_adapter", "check_base", "check_many"]
@@ -79,21 +79,18 @@ def check_adapter(
 
 
 # An adapter "name" no key holds: insert_adapter_name marks where each tensor segment ends.
-_MARK = "\x00"
-
-
 def _adapter_modules(keys: list[str], method: object) -> dict[str, dict[str, str]]:
     """module -> {tensor segment: checkpoint key}, with the tensor segment found as
     insert_adapter_name finds it; keys with none are saved modules (modules_to_save), listed under
     their own module with the tensor segment ''."""
     modules: dict[str, dict[str, str]] = {}
-    for key, marked in zip(keys, insert_adapter_name(keys, _MARK, method), strict=True):
-        if marked is key:
+    for key, span in zip(keys, tensor_segments(keys, method), strict=True):
+        if span is None:
             module, _, _ = key.removeprefix(_PEFT_PREFIX).rpartition(".")
             modules.setdefault(module, {})[""] = key
         else:
-            module, _, tensor = marked.partition("." + _MARK)[0].removeprefix(_PEFT_PREFIX).rpartition(".")
-            modules.setdefault(module, {})[tensor] = key
+            start, end = span
+            modules.setdefault(key[: start - 1].removeprefix(_PEFT_PREFIX), {})[key[start:end]] = key
     return modules
 
 

@@ -58,7 +58,9 @@ class KeyMatcher(_Core):
 
     `filter(keys)` returns the matching keys in input order (the caller's own str objects);
     `group(keys)` returns them per adapter name. `insert_adapter_name(keys, name)` and
-    `remove_adapter_name(keys)` convert between checkpoint and model keys; `wrappers` are
+    `remove_adapter_name(keys)` convert between checkpoint and model keys, and `locate(keys)` gives
+    each checkpoint key's tensor segment (the span, in characters, the name goes after; None for a
+    key that is not an adapter tensor); `wrappers` are
     segments dropped together with the name (`modules_to_save`), `suffixes` maps a segment to the
     parameter its checkpoint key lacks (`{"lora_magnitude_vector": "weight"}`, DoRA).
     `fastkeys.rules.records` holds these rules for every PEFT method.
@@ -228,6 +230,13 @@ def insert_adapter_name(keys: Iterable[str], adapter_name: str, peft_type: objec
     come back unchanged (the caller's own objects). `modules_to_save` keys cannot be told from base
     keys by name: `check_adapter` maps them against the model's keys."""
     return _renamer(adapter_name, peft_type).insert_adapter_name(keys, adapter_name)
+
+
+def tensor_segments(keys: Iterable[str], peft_type: object = None) -> list[tuple[int, int] | None]:
+    """For each checkpoint key, the (start, end) span of the segment that holds the adapter tensor
+    (`lora_A` in `L.lora_A.weight`: where `insert_adapter_name` puts the name), or None for a key
+    that is not an adapter tensor of the method."""
+    return _renamer("default", peft_type).locate(keys)
 
 
 def remove_adapter_name(keys: Iterable[str], adapter_name: str, peft_type: object = None) -> list[str]:

@@ -220,7 +220,7 @@ class KeyMatcher:
                 groups.setdefault(verdict, []).append(original)
         return groups
 
-    def _insert(self, key: str, name: str) -> str:
+    def _tensor_segment(self, key: str) -> tuple[int, int] | None:
         last_dot = key.rfind(".")
         spans = [(last_dot + 1, len(key))]
         if last_dot >= 0:
@@ -229,10 +229,17 @@ class KeyMatcher:
             segment = key[start:end]
             qualifies = segment.startswith(self._prefixes) or segment in self._exact
             if qualifies and segment not in self._wrappers:
-                parameter = self._suffixes.get(segment) if end == len(key) else None
-                tail = "" if parameter is None else "." + parameter
-                return f"{key[:end]}.{name}{tail}{key[end:]}"
-        return key
+                return start, end
+        return None
+
+    def _insert(self, key: str, name: str) -> str:
+        span = self._tensor_segment(key)
+        if span is None:
+            return key
+        start, end = span
+        parameter = self._suffixes.get(key[start:end]) if end == len(key) else None
+        tail = "" if parameter is None else "." + parameter
+        return f"{key[:end]}.{name}{tail}{key[end:]}"
 
     def _remove(self, key: str) -> str:
         segments = key.split(".")
@@ -253,6 +260,10 @@ class KeyMatcher:
         plain, back = _key_list(keys)
         name = str.__str__(adapter_name)
         return _originals([self._insert(key, name) for key in plain], back)
+
+    def locate(self, keys: Iterable[str]) -> list[tuple[int, int] | None]:
+        plain, _back = _key_list(keys)
+        return [self._tensor_segment(key) for key in plain]
 
     def remove_adapter_name(self, keys: Iterable[str]) -> list[str]:
         plain, back = _key_list(keys)
