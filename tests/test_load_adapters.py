@@ -185,13 +185,17 @@ def test_methods_and_options_the_fast_path_leaves_to_peft(tmp_path: Path) -> Non
 
 
 def test_other_methods_go_through_peft(tmp_path: Path) -> None:
-    config = peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"])
+    """LoHa, LoKr and IA3 have their own fast path (tests/test_load_methods.py); a method without
+    one goes through PEFT's loader and says so."""
+    config = peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj"])
     first = save_seeded_adapter(config, tmp_path / "first")
-    adapters = {"loha": save_seeded_adapter(config, tmp_path / "loha", seed=3, shards=2)}
+    adapters = {"hra": save_seeded_adapter(config, tmp_path / "hra", seed=3, shards=2)}
     expected, actual, results = both_loops(tiny_llama, first, adapters, tmp_path)
     assert_same_state(end_state(expected), end_state(actual))
-    assert results["loha"].loader == "peft"
-    assert results["loha"].reason == "the fast path covers LoRA (with DoRA, rsLoRA); this is LOHA"
+    assert results["hra"].loader == "peft"
+    assert results["hra"].reason == (
+        "the fast path covers LoRA (with DoRA, rsLoRA), LoHa, LoKr and IA3; this is HRA"
+    )
 
 
 def test_incomplete_checkpoint_goes_through_peft_with_the_missing_keys(tmp_path: Path) -> None:

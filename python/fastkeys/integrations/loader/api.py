@@ -108,7 +108,7 @@ def load_one(
         or policy.options_refusal(torch_device=torch_device)
         or (None if source.checkpoint is not None else "a .bin checkpoint")
         or policy.config_refusal(source.config)
-        or policy.model_refusal(peft_model, adapter_name, index)
+        or policy.model_refusal(peft_model, adapter_name, index, source.config)
     )
     if reason is None:
         assert source.checkpoint is not None

@@ -50,6 +50,16 @@ _SYMBOLS = {
     "LoraLayer": ("peft.tuners.lora.layer", "LoraLayer"),
     "LoraLinear": ("peft.tuners.lora.layer", "Linear"),
     "LoraModel": ("peft.tuners.lora.model", "LoraModel"),
+    "LoHaLayer": ("peft.tuners.loha.layer", "LoHaLayer"),
+    "LoHaLinear": ("peft.tuners.loha.layer", "Linear"),
+    "LoHaModel": ("peft.tuners.loha.model", "LoHaModel"),
+    "LoKrLayer": ("peft.tuners.lokr.layer", "LoKrLayer"),
+    "LoKrLinear": ("peft.tuners.lokr.layer", "Linear"),
+    "LoKrModel": ("peft.tuners.lokr.model", "LoKrModel"),
+    "lokr_factorization": ("peft.tuners.lokr.layer", "factorization"),
+    "IA3Layer": ("peft.tuners.ia3.layer", "IA3Layer"),
+    "IA3Linear": ("peft.tuners.ia3.layer", "Linear"),
+    "IA3Model": ("peft.tuners.ia3.model", "IA3Model"),
     "AuxiliaryTrainingWrapper": ("peft.utils.other", "AuxiliaryTrainingWrapper"),
     "get_pattern_key": ("peft.utils.other", "get_pattern_key"),
     "BufferDict": ("peft.tuners._buffer_dict", "BufferDict"),
@@ -71,6 +81,16 @@ set_layer_requires_grad: Any = _found["set_layer_requires_grad"]
 LoraLayer: Any = _found["LoraLayer"]
 LoraLinear: Any = _found["LoraLinear"]
 LoraModel: Any = _found["LoraModel"]
+LoHaLayer: Any = _found["LoHaLayer"]
+LoHaLinear: Any = _found["LoHaLinear"]
+LoHaModel: Any = _found["LoHaModel"]
+LoKrLayer: Any = _found["LoKrLayer"]
+LoKrLinear: Any = _found["LoKrLinear"]
+LoKrModel: Any = _found["LoKrModel"]
+lokr_factorization: Any = _found["lokr_factorization"]
+IA3Layer: Any = _found["IA3Layer"]
+IA3Linear: Any = _found["IA3Linear"]
+IA3Model: Any = _found["IA3Model"]
 AuxiliaryTrainingWrapper: Any = _found["AuxiliaryTrainingWrapper"]
 get_pattern_key: Any = _found["get_pattern_key"]
 BufferDict: Any = _found["BufferDict"]
@@ -79,26 +99,39 @@ get_checkpoint_conversion_mapping: Any = _found["get_checkpoint_conversion_mappi
 EMBEDDING_LAYER_NAMES: tuple[str, ...] = tuple(_found["EMBEDDING_LAYER_NAMES"] or ("embed_tokens", "lm_head"))
 CONFIG_MAPPING: dict[Any, Any] = _found["CONFIG_MAPPING"] or {}
 LORA: Any = peft.PeftType.LORA
+LOHA: Any = peft.PeftType.LOHA
+LOKR: Any = peft.PeftType.LOKR
+IA3: Any = peft.PeftType.IA3
 
 
-# The private methods the fast path calls on PEFT's objects (checked like the symbols above).
+# The private methods the fast path calls on PEFT's objects (checked like the symbols above): on
+# every tuner and tuner layer of a method it covers (`methods.py`), and on the PeftModel.
+_TUNER_METHODS = (
+    "_check_new_adapter_config",
+    "_check_target_module_compatiblity",
+    "_check_target_module_exists",
+    "_create_and_replace",
+)
+_LAYER_METHODS = (
+    "_get_base_layer_device_and_dtype",
+    "_freeze_non_trainable_peft_weights",
+    "_move_adapter_to_device_of_base_layer",
+    "update_layer",
+)
 PRIVATE_METHODS = {
-    "LoraModel": (
-        "_check_new_adapter_config",
-        "_check_target_module_compatiblity",
-        "_check_target_module_exists",
-        "_create_and_replace",
-    ),
-    "LoraLayer": (
-        "_get_base_layer_device_and_dtype",
-        "_freeze_non_trainable_peft_weights",
-        "_move_adapter_to_device_of_base_layer",
-        "update_layer",
-        "resolve_lora_variant",
-    ),
+    "LoraModel": _TUNER_METHODS,
+    "LoraLayer": (*_LAYER_METHODS, "resolve_lora_variant"),
+    "LoHaModel": _TUNER_METHODS,
+    "LoHaLayer": _LAYER_METHODS,
+    "LoKrModel": _TUNER_METHODS,
+    "LoKrLayer": _LAYER_METHODS,
+    "IA3Model": _TUNER_METHODS,
+    "IA3Layer": _LAYER_METHODS,
     "PeftModel": ("_check_new_adapter_config",),
 }
-_owners = {"LoraModel": LoraModel, "LoraLayer": LoraLayer, "PeftModel": peft.PeftModel}
+_owners = {name: _found[name] for name in PRIVATE_METHODS if name != "PeftModel"} | {
+    "PeftModel": peft.PeftModel
+}
 MISSING += [
     f"{owner}.{method}"
     for owner, methods in PRIVATE_METHODS.items()

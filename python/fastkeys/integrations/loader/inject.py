@@ -1,13 +1,15 @@
-"""The fast path: PEFT's `load_adapter` for one LoRA adapter, touching only the adapter's modules.
+"""The fast path: PEFT's `load_adapter` for one adapter, touching only the adapter's modules.
 
 PEFT's loop walks the whole model several times per adapter, and inside each targeted layer every
 adapter the layer holds. Here, per target: a plain LoRA target that already is a `lora.Linear` gets
 its two matrices built around the loaded tensors (no random initialisation that loading overwrites);
-any other target runs PEFT's own `update_layer` (without its O(adapters) passes, whose effect on the
-new adapter is applied directly) or `_create_and_replace` for a module not wrapped yet, and the
-loaded tensors are then copied in as `load_state_dict` would. PEFT snapshots and restores the
-`requires_grad` of every pre-existing parameter around an injection, so its whole-model passes
-change nothing but the new adapter; that is what makes the per-adapter path exact.
+any other target (every target of LoHa, LoKr, IA3) runs PEFT's own per-layer code, as the method's
+record says (`methods.py`): on a layer that holds the method's adapters already, its `update_layer`
+(without its O(adapters) passes, whose effect on the new adapter is applied directly), on a module
+not wrapped yet, the tuner's `_create_and_replace`; the loaded tensors are then copied in as
+`load_state_dict` would. PEFT snapshots and restores the `requires_grad` of every pre-existing
+parameter around an injection, so its whole-model passes change nothing but the new adapter; that
+is what makes the per-adapter path exact.
 
 Every change is recorded first in the caller's transaction; a `Refused` or any other exception
 (KeyboardInterrupt included) leaves the caller to roll it back.
@@ -27,6 +29,7 @@ from fastkeys.checkpoints.scan import Checkpoint
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.files import read_tensors
 from fastkeys.integrations.loader.index import ModelIndex
+from fastkeys.integrations.loader.methods import Layout, Method, method_of
 from fastkeys.integrations.loader.peft_re import linear_matching
 from fastkeys.integrations.loader.plan import MODEL_PREFIX, Refused, check_checkpoint, make_plan
 from fastkeys.integrations.loader.transaction import Transaction
@@ -46,22 +49,28 @@ def load_fast(
     low_cpu_mem_usage: bool,
 ) -> None:
     tuner = peft_model.base_model
+    method = method_of(config)
+    if method is None:  # policy.config_refusal sent it to PEFT already
+        raise Refused(f"the config's method {config.peft_type} is not covered")
     peft_model._check_new_adapter_config(config, is_trainable=is_trainable)
     config.inference_mode = not is_trainable
-    plan = make_plan(tuner, config, index, checkpoint, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    plan = make_plan(
+        tuner, config, index, checkpoint, adapter_name, method, low_cpu_mem_usage=low_cpu_mem_usage
+    )
     active = list(tuner.active_adapters)
     tx.record(tuner, adapter_name)
     peft_model.peft_config[adapter_name] = config
     tuner._check_new_adapter_config(config)
     touched: dict[int, Any] = {}
+    built = plan.quick.keys() | plan.direct.keys()  # entries built around the loaded tensors
     with torch.no_grad():
         for name in plan.targets:
-            if name not in plan.quick:
-                layer = _inject_with_peft(tuner, index, tx, name, config, adapter_name)
+            if name not in built:
+                layer = _inject_with_peft(tuner, index, tx, name, config, adapter_name, method)
                 touched[id(layer)] = layer
         expected = dict(plan.expected)
         for name in plan.targets:
-            if name not in plan.quick:
+            if name not in built:
                 for key, parameter in _new_parameters(index.modules[name], adapter_name, name).items():
                     if parameter.device.type == "meta":
                         raise Refused(f"{key} is on the meta device")
@@ -83,6 +92,17 @@ def load_fast(
                 tensors[plan.by_model_key[f"{prefix}lora_B.{adapter_name}.weight"]],
                 autocast_adapter_dtype,
             )
+        upcast: list[nn.Parameter] = []
+        for name, layout in plan.direct.items():
+            layer = index.modules[name]
+            _record_direct(tx, layer, adapter_name, layout)
+            touched[id(layer)] = layer
+            prefix = f"{MODEL_PREFIX}{name}."
+            loaded = {
+                attribute: tensors[plan.by_model_key[f"{prefix}{attribute}.{adapter_name}"]]
+                for attribute in layout.tensors
+            }
+            upcast += _add_direct(layer, adapter_name, layout, loaded, autocast_adapter_dtype)
         for layer in touched.values():
             # what update_layer's set_adapter(active, inference_mode) does to the new adapter: it
             # is not active, so its weights are frozen
@@ -98,12 +118,16 @@ def load_fast(
         for layer in touched.values():
             layer._freeze_non_trainable_peft_weights([adapter_name])
         for name in plan.targets:
-            if name not in plan.quick:
+            if name not in built:
                 layer = index.modules[name]
                 if autocast_adapter_dtype:
                     _upcast(layer, adapter_name)
                 for key, parameter in _new_parameters(layer, adapter_name, name).items():
                     parameter.copy_(tensors[plan.by_model_key[key]])
+        for parameter in upcast:
+            # cast_adapter_dtype puts the float32 copy in through ParameterDict.__setitem__, which
+            # wraps a tensor in a Parameter that requires grad
+            parameter.requires_grad_(True)
         if is_trainable:
             for layer in touched.values():
                 layer.set_requires_grad(adapter_name, True)
@@ -119,6 +143,22 @@ def _record_layer(tx: Transaction, layer: Any, adapter_name: str) -> None:
         if isinstance(child, (nn.ModuleDict, nn.ParameterDict, boundary.BufferDict)):
             for entries in (child._modules, child._parameters, child._buffers):
                 tx.record_entries(entries, adapter_name)
+            keys = vars(child).get("_keys")  # a ParameterDict's own list of its keys
+            if isinstance(keys, dict):
+                tx.record_entries(keys, adapter_name)
+
+
+def _record_direct(tx: Transaction, layer: Any, adapter_name: str, layout: Layout) -> None:
+    """What `_add_direct` and the bookkeeping after it change in a layer: the layout's per-adapter
+    dicts and ParameterDicts, each at the entry `adapter_name` (the adapter's own entries are new
+    objects; the active adapter list and the training flags are recorded where they change).
+    `policy.model_refusal` keeps names that are attributes of torch's containers away."""
+    for attribute in layout.values:
+        tx.record_entries(getattr(layer, attribute), adapter_name)
+    for attribute in layout.tensors:
+        holder = getattr(layer, attribute)
+        tx.record_entries(holder._parameters, adapter_name)
+        tx.record_entries(holder._keys, adapter_name)
 
 
 def _new_parameters(layer: Any, adapter_name: str, module_name: str) -> dict[str, Any]:
@@ -162,41 +202,30 @@ def _upcast(layer: Any, adapter_name: str) -> None:
 
 
 def _inject_with_peft(
-    tuner: Any, index: ModelIndex, tx: Transaction, name: str, config: Any, adapter_name: str
+    tuner: Any, index: ModelIndex, tx: Transaction, name: str, config: Any, adapter_name: str, method: Method
 ) -> Any:
-    """PEFT's own per-module step: `update_layer` on a LoRA layer (without its O(adapters) passes),
-    or `_create_and_replace` for a module not wrapped yet. Returns the layer."""
-    get_pattern_key = boundary.get_pattern_key
+    """PEFT's own per-module step: the method's `update` on a layer of the method (without its
+    O(adapters) passes), or the tuner's `_create_and_replace` for a module not wrapped yet. Returns
+    the layer."""
     target = index.modules[name]
+    model = tuner.model
     if isinstance(target, boundary.BaseTunerLayer):
-        if (
-            not isinstance(target, boundary.LoraLayer)
-            or type(target).__module__ != boundary.LoraLayer.__module__
-        ):
-            raise Refused(f"{name} is a {type(target).__name__}, not a LoRA layer")
-        variant = target.resolve_lora_variant(config=config)
-        if variant is not None and not type(variant).__name__.startswith("Dora"):
-            raise Refused(f"the LoRA variant {type(variant).__name__} is not covered")
-        with linear_matching():
-            r_key = get_pattern_key(config.rank_pattern.keys(), name)
-            alpha_key = get_pattern_key(config.alpha_pattern.keys(), name)
+        if not isinstance(target, method.layer) or type(target).__module__ != method.layer.__module__:
+            raise Refused(f"{name} is a {type(target).__name__}, not a {method.name} layer")
+        refusal = method.layer_refusal(target, config)
+        if refusal is not None:
+            raise Refused(refusal)
+        tuner._check_target_module_compatiblity(config, model, name.rpartition(".")[2])
         _record_layer(tx, target, adapter_name)
         # update_layer ends with the layer's set_adapter, a pass over every adapter the layer
         # holds; its effect on the new adapter is applied by the caller.
         target.set_adapter = _no_set_adapter
         target._move_adapter_to_device_of_base_layer = _mover(target)
         try:
-            target.update_layer(
-                adapter_name,
-                config.rank_pattern.get(r_key, config.r),
-                lora_alpha=config.alpha_pattern.get(alpha_key, config.lora_alpha),
-                target_name=name,
-                config=config,
-            )
+            method.update(tuner, target, name, config, adapter_name)
         finally:
             del target.set_adapter, target._move_adapter_to_device_of_base_layer
         return target
-    model = tuner.model
     parent, old, child_name = boundary.get_submodules(model, name)
     tuner._check_target_module_compatiblity(config, model, child_name)
     tx.record(parent, child_name)
@@ -204,12 +233,13 @@ def _inject_with_peft(
     # _create_and_replace freezes the whole new layer, base weights included; inject_adapter then
     # restores every parameter that existed before, which here are the old module's.
     existing = [(parameter, parameter.requires_grad) for parameter in old.parameters()]
-    tuner._create_and_replace(config, adapter_name, old, child_name, parent, current_key=name)
+    with linear_matching():
+        tuner._create_and_replace(config, adapter_name, old, child_name, parent, current_key=name)
     for parameter, requires_grad in existing:
         parameter.requires_grad = requires_grad
     new = getattr(parent, child_name)
     index.modules[name] = new
-    if not isinstance(new, boundary.LoraLayer):
+    if not isinstance(new, method.layer) or type(new).__module__ != method.layer.__module__:
         raise Refused(f"PEFT wrapped {name} as a {type(new).__name__}")
     index.layers[name] = new
     return new
@@ -249,6 +279,38 @@ def _add_lora_linear(
     layer.use_dora[adapter_name] = False
 
 
+def _add_direct(
+    layer: Any,
+    adapter_name: str,
+    layout: Layout,
+    loaded: dict[str, torch.Tensor],
+    autocast_adapter_dtype: bool,
+) -> list[nn.Parameter]:
+    """`update_layer` for one adapter of a layout (`methods.py`), with the loaded values in place of
+    the random initialisation that loading overwrites: the per-adapter values, then each parameter
+    on the base layer's device in its dtype (`_move_adapter_to_device_of_base_layer`), fp16/bf16
+    upcast to fp32 as `cast_adapter_dtype` does, holding the loaded values cast once (as
+    `load_state_dict`'s copy does). Returns the parameters that upcast made (they must end
+    requiring grad, as `cast_adapter_dtype` leaves them)."""
+    base = layer.get_base_layer()
+    device, dtype = layer._get_base_layer_device_and_dtype(base)
+    if dtype is None or not (dtype.is_floating_point or dtype.is_complex):
+        dtype = torch.get_default_dtype()  # what torch.empty gave, left as it is by the move
+    upcast = autocast_adapter_dtype and dtype in boundary.upcast_dtypes()
+    if upcast:
+        dtype = torch.float32
+    for attribute, value in layout.values.items():
+        getattr(layer, attribute)[adapter_name] = value
+    made = []
+    for attribute in layout.tensors:
+        # a fresh allocation, as PEFT's parameters are (see _add_lora_linear)
+        value = loaded[attribute].to(device=device, dtype=dtype, copy=True)
+        parameter = nn.Parameter(value, requires_grad=False)
+        getattr(layer, attribute)[adapter_name] = parameter
+        made.append(parameter)
+    return made if upcast else []
+
+
 def _frozen_linear(weight: torch.Tensor) -> nn.Linear:
     """`nn.Linear(in, out, bias=False)` holding `weight` (frozen), without the random
     initialisation its constructor would spend (a third of a load's time) on values loading
@@ -274,6 +336,8 @@ def _mover(layer: Any) -> Callable[..., None]:
 
     def move(adapter_name: str, device: Any = None) -> None:
         base_layer = layer.get_base_layer()
+        if isinstance(base_layer, nn.MultiheadAttention):
+            base_layer = base_layer.out_proj
         base_device, base_dtype = layer._get_base_layer_device_and_dtype(base_layer)
         target_device = device if device is not None else base_device
         if target_device is None:

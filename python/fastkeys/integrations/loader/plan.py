@@ -1,10 +1,10 @@
 """What the fast path will do for one adapter, decided before the model changes.
 
 The targets come from PEFT's own matcher (`_check_target_module_exists`) run over the model index,
-with config expressions matched in linear time (`expressions.linear_matching`). Targets that are
+with config expressions matched in linear time (`peft_re.linear_matching`). Targets that are
 plain LoRA `Linear` layers already need only two new matrices, whose keys and shapes are known up
-front; the others go through PEFT's own per-layer code (`inject.py`). The checkpoint is checked
-against the plan before anything changes.
+front; the others (every target of the other methods) go through PEFT's own per-layer code
+(`inject.py`). The checkpoint is checked against the plan before anything changes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from fastkeys.checkpoints.scan import Checkpoint
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.index import ModelIndex
+from fastkeys.integrations.loader.methods import LORA, Layout, Method
 from fastkeys.integrations.loader.peft_re import linear_matching
 from fastkeys.rules.matching import insert_adapter_name
 
@@ -29,7 +30,8 @@ class Refused(Exception):
 class Plan(NamedTuple):
     targets: list[str]
     quick: dict[str, tuple[int, float]]  # plain LoRA Linear targets: (r, alpha)
-    expected: dict[str, tuple[int, ...]]  # model key -> shape, for the quick targets
+    direct: dict[str, Layout]  # other methods' existing Linear layers: the new entries
+    expected: dict[str, tuple[int, ...]]  # model key -> shape, for the quick and direct targets
     by_model_key: dict[str, str]  # model key -> checkpoint tensor name
 
 
@@ -51,16 +53,23 @@ def make_plan(
     index: ModelIndex,
     checkpoint: Checkpoint,
     adapter_name: str,
+    method: Method,
     *,
     low_cpu_mem_usage: bool,
 ) -> Plan:
     targets = selected(tuner, config, index)
     if not targets:
         raise Refused("the config matches no module (PEFT raises its own error)")
-    if low_cpu_mem_usage:
-        for name in targets:
-            module = index.modules[name]
-            base = module.get_base_layer() if isinstance(module, boundary.BaseTunerLayer) else module
+    if low_cpu_mem_usage and not method.low_cpu_mem_usage:
+        raise Refused(
+            f"low_cpu_mem_usage=True assigns the checkpoint's tensors; not verified for {method.name}"
+        )
+    for name in targets:
+        module = index.modules[name]
+        base = module.get_base_layer() if isinstance(module, boundary.BaseTunerLayer) else module
+        if method.bases is not None and type(base) not in method.bases:
+            raise Refused(f"{method.name} on a {type(base).__name__} ({name}) is not verified")
+        if low_cpu_mem_usage:
             weight = getattr(base, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32:
                 raise Refused(
@@ -69,11 +78,20 @@ def make_plan(
                 )
     quick: dict[str, tuple[int, float]] = {}
     expected: dict[str, tuple[int, ...]] = {}
-    plain = not (config.use_dora or config.lora_bias)
+    plain = method is LORA and not (config.use_dora or config.lora_bias)
     get_pattern_key = boundary.get_pattern_key
+    direct: dict[str, Layout] = {}
     with linear_matching():
         for name in targets:
             layer = index.modules[name]
+            if method.layout is not None:
+                layout = method.layout(layer, config, name)
+                if layout is not None:
+                    direct[name] = layout
+                    prefix = f"{MODEL_PREFIX}{name}."
+                    for attribute, shape in layout.tensors.items():
+                        expected[f"{prefix}{attribute}.{adapter_name}"] = shape
+                continue
             if not (plain and type(layer) is boundary.LoraLinear and not hasattr(layer, "lora_arrow")):
                 continue
             r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
@@ -87,8 +105,8 @@ def make_plan(
             expected[f"{prefix}lora_A.{adapter_name}.weight"] = (r, layer.in_features)
             expected[f"{prefix}lora_B.{adapter_name}.weight"] = (layer.out_features, r)
     names = list(checkpoint)
-    by_model_key = dict(zip(insert_adapter_name(names, adapter_name, "lora"), names, strict=True))
-    return Plan(targets, quick, expected, by_model_key)
+    by_model_key = dict(zip(insert_adapter_name(names, adapter_name, config.peft_type), names, strict=True))
+    return Plan(targets, quick, direct, expected, by_model_key)
 
 
 def check_checkpoint(

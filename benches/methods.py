@@ -1,0 +1,182 @@
+"""Loading many adapters of each method the fast path covers besides LoRA (LoHa, LoKr, IA3), PEFT's
+`load_adapter` loop against `fastkeys.peft.load_adapters`, in one run.
+
+    python -m benches.methods [--adapters 16] [--layers 16] [--methods loha,lokr,ia3] [--quick]
+
+The model is benches/adapters.py's Llama shape (hidden size 64) with 16 layers; every method
+targets q, k, v, o, gate, up and down (LoHa and LoKr r=4; IA3 with down as its feedforward module).
+Per method, both models start from the same first adapter (`PeftModel.from_pretrained`); then each
+further adapter goes into PEFT's model and into fastkeys' model in turn (interleaved, so a busy
+machine slows both alike), and each load's wall time is recorded. At the end the two models must be
+identical (state_dict bitwise, requires_grad, training flags) and every fastkeys load must have
+taken the fast path, or the run fails. A cProfile of fastkeys' last load says where its time goes.
+
+Writes benches/methods.json (not with --quick) and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benches.adapters import MODULES, assert_identical, base_model, timed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def configs() -> dict[str, Callable[[], Any]]:
+    import peft
+
+    return {
+        "loha": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=MODULES),
+        "lokr": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=MODULES),
+        "ia3": lambda: peft.IA3Config(target_modules=MODULES, feedforward_modules=["down_proj"]),
+    }
+
+
+def save_adapters(directory: Path, config: Callable[[], Any], layers: int, count: int) -> list[Path]:
+    """`count` distinct adapters of one method (seeded values), saved as PEFT saves them."""
+    import peft
+    import torch
+
+    paths = []
+    model = peft.get_peft_model(base_model(layers), config())
+    for index in range(count):
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        path = directory / f"adapter-{index}"
+        model.save_pretrained(str(path))
+        paths.append(path)
+    return paths
+
+
+def run_method(method: str, adapters: int, layers: int, scratch: Path) -> dict[str, Any]:
+    import peft
+
+    import fastkeys.peft
+
+    paths = save_adapters(scratch / method, configs()[method], layers, min(adapters + 1, 8))
+
+    def path(index: int) -> Path:
+        return paths[index % len(paths)]
+
+    reference = peft.PeftModel.from_pretrained(base_model(layers), path(0), "a0")
+    ours = peft.PeftModel.from_pretrained(base_model(layers), path(0), "a0")
+    per_adapter: dict[str, list[float]] = {"peft": [], "fastkeys": []}
+    loaders: dict[str, int] = {}
+    reasons: set[str] = set()
+    profile = cProfile.Profile()
+    for index in range(1, adapters + 1):
+        name = f"a{index}"
+        seconds, _result = timed(reference.load_adapter, path(index), name)
+        per_adapter["peft"].append(seconds)
+        if index == adapters:
+            profile.enable()
+        seconds, results = timed(fastkeys.peft.load_adapters, ours, {name: path(index)}, progress=False)
+        if index == adapters:
+            profile.disable()
+        per_adapter["fastkeys"].append(seconds)
+        loaders[results[name].loader] = loaders.get(results[name].loader, 0) + 1
+        if results[name].reason:
+            reasons.add(results[name].reason)
+        print(
+            f"\r{method}: {index}/{adapters} loaded: PEFT {per_adapter['peft'][-1] * 1e3:8.1f} ms, "
+            f"fastkeys {seconds * 1e3:6.1f} ms",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(file=sys.stderr)
+    assert_identical(reference, ours)
+    if loaders != {"fastkeys": adapters}:
+        raise SystemExit(f"{method}: not every load took the fast path: {loaders} {sorted(reasons)}")
+    stats = pstats.Stats(profile)
+    top = sorted(stats.stats.items(), key=lambda item: -item[1][3])  # type: ignore[attr-defined]
+    where = [
+        {"function": f"{Path(key[0]).name}:{key[1]}({key[2]})", "cumulative_s": round(row[3], 5)}
+        for key, row in top[:15]
+    ]
+    peft_total, ours_total = sum(per_adapter["peft"]), sum(per_adapter["fastkeys"])
+    tensors = sum(1 for key in ours.state_dict() if key.endswith(".a0") or ".a0." in key)
+    return {
+        "tensors_per_adapter": tensors,
+        "per_adapter_s": per_adapter,
+        "loaders": loaders,
+        "total_s": {"peft": peft_total, "fastkeys": ours_total},
+        "speedup_total": peft_total / ours_total,
+        "median_s": {name: statistics.median(times) for name, times in per_adapter.items()},
+        "profile_last_load": where,
+    }
+
+
+def run(methods: list[str], adapters: int, layers: int, scratch: Path) -> dict[str, Any]:
+    import warnings
+
+    import peft
+
+    import fastkeys
+
+    warnings.simplefilter("ignore")
+    report: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "implementation": fastkeys.IMPLEMENTATION,
+            "peft": peft.__version__,
+        },
+        "shape": {"layers": layers, "hidden": 64, "modules": MODULES},
+        "adapters_after_the_first": adapters,
+        "methods": {},
+    }
+    for method in methods:
+        report["methods"][method] = run_method(method, adapters, layers, scratch)
+    report["machine"]["load_average_at_end"] = os.getloadavg()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapters", type=int, default=16, help="adapters after the first (default 16)")
+    parser.add_argument("--layers", type=int, default=16, help="decoder layers (default 16)")
+    parser.add_argument("--methods", default="loha,lokr,ia3", help="comma-separated (default all)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 4 adapters, 4 layers, no files written"
+    )
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(configs()))
+    if unknown:
+        parser.error(f"unknown methods: {', '.join(unknown)}")
+    adapters, layers = (4, 4) if args.quick else (args.adapters, args.layers)
+    with tempfile.TemporaryDirectory(prefix="fastkeys-bench-methods-") as scratch:
+        report = run(methods, adapters, layers, Path(scratch))
+    for method, result in report["methods"].items():
+        totals = result["total_s"]
+        print(
+            f"{method}: {adapters} adapters after the first, {layers} layers, "
+            f"{result['tensors_per_adapter']} tensors each: PEFT {totals['peft']:.2f} s, "
+            f"fastkeys {totals['fastkeys']:.2f} s ({result['speedup_total']:.1f}x less); "
+            f"median load PEFT {result['median_s']['peft'] * 1e3:.0f} ms, "
+            f"fastkeys {result['median_s']['fastkeys'] * 1e3:.0f} ms"
+        )
+    print(f"load average at the end: {report['machine']['load_average_at_end']}")
+    if not args.quick:
+        (ROOT / "benches" / "methods.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
