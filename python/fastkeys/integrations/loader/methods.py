@@ -361,7 +361,7 @@ LOHA = Method(
     allowed=LOHA_ALLOWED,
     update=_update_with_peft,
     layer_refusal=_no_refusal,
-    bases=(nn.Linear,),
+    bases=(nn.Linear, nn.Conv1d, nn.Conv2d),
     low_cpu_mem_usage=False,
     layout=_loha_layout,
 )
@@ -374,7 +374,7 @@ LOKR = Method(
     allowed=LOKR_ALLOWED,
     update=_update_with_peft,
     layer_refusal=_no_refusal,
-    bases=(nn.Linear,),
+    bases=(nn.Linear, nn.Conv1d, nn.Conv2d),
     low_cpu_mem_usage=False,
     layout=_lokr_layout,
 )
@@ -387,7 +387,7 @@ IA3 = Method(
     allowed=IA3_ALLOWED,
     update=_update_with_peft,
     layer_refusal=_no_refusal,
-    bases=(nn.Linear,),
+    bases=(nn.Linear, nn.Conv2d),
     low_cpu_mem_usage=False,
     layout=_ia3_layout,
 )
