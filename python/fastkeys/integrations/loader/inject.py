@@ -93,6 +93,7 @@ def load_fast(
                 autocast_adapter_dtype,
             )
         upcast: list[nn.Parameter] = []
+        low = boundary.upcast_dtypes() if autocast_adapter_dtype else set()
         for name, layout in plan.direct.items():
             layer = index.modules[name]
             _record_direct(tx, layer, adapter_name, layout)
@@ -102,7 +103,7 @@ def load_fast(
                 attribute: tensors[plan.by_model_key[f"{prefix}{attribute}.{adapter_name}"]]
                 for attribute in layout.tensors
             }
-            upcast += _add_direct(layer, adapter_name, layout, loaded, autocast_adapter_dtype)
+            upcast += _add_direct(layer, adapter_name, layout, loaded, low)
         for layer in touched.values():
             # what update_layer's set_adapter(active, inference_mode) does to the new adapter: it
             # is not active, so its weights are frozen
@@ -284,7 +285,7 @@ def _add_direct(
     adapter_name: str,
     layout: Layout,
     loaded: dict[str, torch.Tensor],
-    autocast_adapter_dtype: bool,
+    low: set[torch.dtype],
 ) -> list[nn.Parameter]:
     """`update_layer` for one adapter of a layout (`methods.py`), with the loaded values in place of
     the random initialisation that loading overwrites: the per-adapter values, then each parameter
@@ -296,7 +297,7 @@ def _add_direct(
     device, dtype = layer._get_base_layer_device_and_dtype(base)
     if dtype is None or not (dtype.is_floating_point or dtype.is_complex):
         dtype = torch.get_default_dtype()  # what torch.empty gave, left as it is by the move
-    upcast = autocast_adapter_dtype and dtype in boundary.upcast_dtypes()
+    upcast = dtype in low  # the dtypes cast_adapter_dtype raises; none without autocast
     if upcast:
         dtype = torch.float32
     for attribute, value in layout.values.items():

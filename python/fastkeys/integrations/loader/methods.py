@@ -249,16 +249,13 @@ def _rank_and_alpha(config: Any, name: str, alpha: Any) -> tuple[Any, Any]:
     return r, alpha
 
 
-def _linear_base(layer: Any, linear_class: Any) -> Any:
-    if type(layer) is not linear_class:
-        return None
-    base = layer.get_base_layer()
-    return base if type(base) is nn.Linear else None
+def _linear_base(layer: Any, base: Any, linear_class: Any) -> Any:
+    return base if type(layer) is linear_class and type(base) is nn.Linear else None
 
 
-def _loha_layout(layer: Any, config: Any, name: str) -> Layout | None:
+def _loha_layout(layer: Any, base: Any, config: Any, name: str) -> Layout | None:
     """`loha.LoHaLayer.update_layer` on a Linear."""
-    base = _linear_base(layer, boundary.LoHaLinear)
+    base = _linear_base(layer, base, boundary.LoHaLinear)
     r, alpha = _rank_and_alpha(config, name, config.alpha)
     if base is None or not _is_int(r) or r <= 0:
         return None
@@ -279,10 +276,10 @@ def _loha_layout(layer: Any, config: Any, name: str) -> Layout | None:
     return Layout(values, tensors)
 
 
-def _lokr_layout(layer: Any, config: Any, name: str) -> Layout | None:
+def _lokr_layout(layer: Any, base: Any, config: Any, name: str) -> Layout | None:
     """`lokr.LoKrLayer.update_layer` on a Linear: the Kronecker factors' layout (each factor whole,
     or as a product of two rank-r matrices) follows from the shapes, r and the decompose options."""
-    base = _linear_base(layer, boundary.LoKrLinear)
+    base = _linear_base(layer, base, boundary.LoKrLinear)
     r, alpha = _rank_and_alpha(config, name, config.alpha)
     if base is None or not _is_int(r) or r <= 0:
         return None
@@ -313,11 +310,11 @@ def _lokr_layout(layer: Any, config: Any, name: str) -> Layout | None:
     return Layout(values, tensors)
 
 
-def _ia3_layout(layer: Any, config: Any, name: str) -> Layout | None:
+def _ia3_layout(layer: Any, base: Any, config: Any, name: str) -> Layout | None:
     """`ia3.IA3Layer.update_layer` on a Linear: one scaling vector, over the input for a layer
     made feedforward by its first adapter, else over the output (the new config's
     feedforward_modules are not read on an existing layer)."""
-    if _linear_base(layer, boundary.IA3Linear) is None:
+    if _linear_base(layer, base, boundary.IA3Linear) is None:
         return None
     shape = (1, layer.in_features) if layer.is_feedforward else (layer.out_features, 1)
     return Layout({}, {"ia3_l": shape})
@@ -336,7 +333,8 @@ class Method(NamedTuple):
     layer_refusal: Callable[[Any, Any], str | None]  # why an existing layer is not covered
     bases: tuple[type[nn.Module], ...] | None  # base-layer types verified (None: any)
     low_cpu_mem_usage: bool  # low_cpu_mem_usage=True verified (on float32 base weights)
-    layout: Callable[[Any, Any, str], Layout | None] | None  # (layer, config, module name)
+    # (layer, its base layer, config, module name)
+    layout: Callable[[Any, Any, Any, str], Layout | None] | None
 
 
 LORA = Method(

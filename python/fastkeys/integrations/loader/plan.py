@@ -64,9 +64,11 @@ def make_plan(
         raise Refused(
             f"low_cpu_mem_usage=True assigns the checkpoint's tensors; not verified for {method.name}"
         )
+    bases: dict[str, Any] = {}
     for name in targets:
         module = index.modules[name]
         base = module.get_base_layer() if isinstance(module, boundary.BaseTunerLayer) else module
+        bases[name] = base
         if method.bases is not None and type(base) not in method.bases:
             raise Refused(f"{method.name} on a {type(base).__name__} ({name}) is not verified")
         if low_cpu_mem_usage:
@@ -85,7 +87,7 @@ def make_plan(
         for name in targets:
             layer = index.modules[name]
             if method.layout is not None:
-                layout = method.layout(layer, config, name)
+                layout = method.layout(layer, bases[name], config, name)
                 if layout is not None:
                     direct[name] = layout
                     prefix = f"{MODEL_PREFIX}{name}."
