@@ -131,6 +131,15 @@ def test_loading_over_an_existing_name_replaces_its_weights(tmp_path: Path, firs
     assert_same_state(end_state(expected), end_state(actual))
 
 
+def test_a_module_peft_wraps_is_no_base_weight_written(tmp_path: Path, first: Path) -> None:
+    """On PEFT's path, a module wrapped for the first time keeps its weight (under `base_layer`):
+    nothing of the base model was written."""
+    model = with_first(first)
+    directory = adapter(tmp_path, "k", target_modules=["q_proj", "k_proj"])
+    result = fastkeys.peft.load_adapter(model, directory, "k", torch_device="cpu")
+    assert result.loader == "peft" and result.base_weights_written == []
+
+
 def test_no_random_numbers_are_drawn_before_a_load_is_routed(tmp_path: Path, first: Path) -> None:
     """A checkpoint that lacks a tensor goes to PEFT after the fast path began; under the same seed
     the lost tensor is initialised as PEFT's loop initialises it."""

@@ -37,31 +37,25 @@ from fastkeys.integrations.loader.transaction import Transaction
 
 
 class BaseWeights:
-    """The base model's tensors by name (outside adapter containers), with their versions: what a
-    load may write in place and must report."""
+    """The base model's tensors by name (outside adapter containers), each with the module that
+    owns it and its version: what a load may write in place and must report. A module the load
+    wraps keeps its tensors (they move under `base_layer`), so ownership, not the name, decides."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.entries: list[tuple[str, nn.Module, str, torch.Tensor, int]] = []
         for module_name, module in _base_modules(model):
             prefix = module_name + "." if module_name else ""
             for name, tensor in (*module._parameters.items(), *module._buffers.items()):
-                if tensor is not None and name not in self.tensors:
-                    self.tensors[prefix + name] = tensor
-        self.ids = {id(tensor) for tensor in self.tensors.values()}
-        self.versions = {name: tensor._version for name, tensor in self.tensors.items()}
+                if tensor is not None:
+                    self.entries.append((prefix + name, module, name, tensor, tensor._version))
+        self.ids = {id(entry[3]) for entry in self.entries}
 
     def changed(self) -> list[str]:
-        """Base tensors written (in place, or replaced) since this was made."""
-        owners = dict(_base_modules(self.model))
+        """Base tensors written in place, or replaced in their module, since this was made."""
         changed = []
-        for name, tensor in self.tensors.items():
-            module_name, _, attribute = name.rpartition(".")
-            owner = owners.get(module_name)
-            current = (
-                None if owner is None else owner._parameters.get(attribute, owner._buffers.get(attribute))
-            )
-            if current is not tensor or tensor._version != self.versions[name]:
+        for name, owner, attribute, tensor, version in self.entries:
+            current = owner._parameters.get(attribute, owner._buffers.get(attribute))
+            if current is not tensor or tensor._version != version:
                 changed.append(name)
         return changed
 
