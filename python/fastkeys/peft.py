@@ -14,12 +14,23 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastkeys.integrations.loader.result import AdapterLoadResult
 from fastkeys.rules.matching import MissingAdapterKeysWarning, filter_missing
 
-__all__ = ["AdapterLoadResult", "filter_load_result", "from_pretrained", "load_adapter", "load_adapters"]
+if TYPE_CHECKING:
+    from fastkeys.integrations.loader.lifecycle import AdapterChangeResult
+
+__all__ = [
+    "AdapterLoadResult",
+    "delete_adapters",
+    "filter_load_result",
+    "from_pretrained",
+    "load_adapter",
+    "load_adapters",
+    "set_adapter",
+]
 
 # Inside `boundary.recorded_results` a caller wants torch's raw load result, which only PEFT's loader
 # produces.
@@ -163,3 +174,43 @@ def from_pretrained(model: Any, model_id: str, adapter_name: str = "default", **
             stacklevel=2,
         )
     return loaded
+
+
+def _lifecycle() -> Any:
+    """`fastkeys.integrations.loader.lifecycle`; ImportError naming the extra when peft or torch is
+    missing."""
+    _loader_api()
+    from fastkeys.integrations.loader import lifecycle
+
+    return lifecycle
+
+
+def set_adapter(
+    peft_model: Any, adapter_name: str | list[str], *, inference_mode: bool = False
+) -> AdapterChangeResult:
+    """Makes `adapter_name` the active adapter, or a list of names the active ones, ending in
+    exactly PEFT's state: for a str, `peft_model.set_adapter(name, inference_mode=...)`; for a
+    list, `peft_model.base_model.set_adapter(names, inference_mode=...)` (PEFT's way to activate
+    several; `peft_model.active_adapter` stays as it is). Active adapters require grad unless
+    `inference_mode`, every other adapter is frozen, as PEFT does.
+
+    On a LoRA model (lora.Linear/Embedding layers, nothing merged, disabled or wrapped for
+    modules_to_save, verified PEFT and torch) only the layers' active lists and the weights of the
+    adapters that change are touched; anywhere else PEFT's own function runs. Returns
+    `AdapterChangeResult(path, reason)`: `path` is "fastkeys" or "peft", `reason` why PEFT's ran.
+    All or nothing, a KeyboardInterrupt included. An unknown name is PEFT's `ValueError: Adapter
+    {name} not found.`, for a name in a list too (where PEFT would store it silently)."""
+    return _lifecycle().set_adapter(peft_model, adapter_name, inference_mode=inference_mode)  # type: ignore[no-any-return]
+
+
+def delete_adapters(peft_model: Any, adapter_names: str | list[str]) -> AdapterChangeResult:
+    """Deletes one adapter (a str) or several, ending in exactly the state of
+    `for name in adapter_names: peft_model.delete_adapter(name)`, active adapters chosen as PEFT
+    chooses them when an active one goes (and its UserWarning, once per distinct message).
+
+    Only the layers holding the adapter are changed, plus the active lists PEFT rewrites; the same
+    allow-list as `set_adapter` decides, anywhere else PEFT's `delete_adapter` runs in a loop.
+    Returns `AdapterChangeResult(path, reason)`. All or nothing for the whole list: every name is
+    checked first (`ValueError: Adapter {name} does not exist`, as PEFT's, or a name given twice),
+    and a failure or KeyboardInterrupt leaves every adapter in place."""
+    return _lifecycle().delete_adapters(peft_model, adapter_names)  # type: ignore[no-any-return]
