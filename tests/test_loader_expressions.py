@@ -304,7 +304,9 @@ def test_refusals_happen_only_where_the_dialect_must(fragment: str, text: str) -
             refused = _outcome(lambda p=pattern, f=function: getattr(peft.utils.other.re, f)(p, text))
         if refused[0] != "ValueError":
             continue
-        if in_dialect and "flags would apply" not in refused[1]:
+        if "groups of its own" in refused[1]:  # PEFT < 0.21 would read the fragment's group
+            assert kind.startswith("layers_") and re.compile(fragment).groups > 0, (pattern, refused)
+        elif in_dialect and "flags would apply" not in refused[1]:
             assert _differs(fragment, text), (pattern, text, refused)
 
 
@@ -559,3 +561,27 @@ def test_hostile_expressions_load_in_linear_time_and_hang_without(tmp_path: Path
     )
     assert result["inside"] is not None and result["inside"] < 10, result
     assert result["outside"] is None, result  # the same load without linear_matching(): still at it
+
+
+@pytest.mark.parametrize("template", [r".*\.{}\.(\d+)\.", r".*?\.{}\.(\d+)\."])
+def test_the_layer_index_templates_of_peft_before_0_21(template: str) -> None:
+    """PEFT 0.17-0.19 (greedy) and 0.20 (lazy) read the layer index with `.group(1)`: the same
+    answers through the proxy, and a fragment with groups of its own (PEFT would read those as the
+    index) is refused rather than answered differently."""
+    import peft.tuners.tuners_utils as tuners_utils
+
+    names = ["model.layers.3.self_attn.q_proj", "a.h.12.attn.c", "x.layers.1.y.layers.2.z", "layers.4.q", "q"]
+    with linear_matching():
+        pass  # installs the proxy
+    proxy: Any = vars(tuners_utils)["re"]
+    for fragment in ["layers", "h", "layers|h", "lay.rs", "(?:la)yers"]:
+        pattern = template.format(fragment)
+        for name in names:
+            expected = re.match(pattern, name)
+            with linear_matching():
+                got = proxy.match(pattern, name)
+            assert (got is None) == (expected is None), (pattern, name)
+            if expected is not None:
+                assert got.group(1) == expected.group(1), (pattern, name)
+    with linear_matching(), pytest.raises(ValueError, match="groups of its own"):
+        proxy.match(template.format("(layers|h)"), names[0])

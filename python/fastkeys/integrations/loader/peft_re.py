@@ -73,6 +73,9 @@ _PEFT: dict[str, str] = {
     "module": r"(^|.*\.){}($|\..*)",
     # peft/tuners/tuners_utils.py check_target_module_exists: the layer index after layers_pattern
     "layers": r"(?:^|.*?\.){}\.(?P<idx>\d+)\.",
+    # the same before peft 0.21 (read with `.group(1)`): greedy in 0.17-0.19, lazy in 0.20
+    "layers_greedy": r".*\.{}\.(\d+)\.",
+    "layers_lazy": r".*?\.{}\.(\d+)\.",
     # peft/tuners/fourierft/model.py, peft/tuners/c3a/model.py: n_frequency/block_size_pattern keys
     "dotted_key": r".*\.{}$",
     # target_modules, exclude_modules, feedforward_modules as a string (re.fullmatch)
@@ -94,6 +97,8 @@ _ENGINES: dict[str, tuple[str, str]] = {
     "pattern_key": (r"^(?:.*\.)?(?:{})\n?$", r"\A(?:.*\.)?(?:{})\n?\Z"),
     "module": (r"^(?:(?:^|.*\.){}(?:\n?$|\..*))", r"\A(?:(?:\A|.*\.){}(?:\n?\Z|\..*))"),
     "layers": (r"^(?:(?:^|.*?\.){}\.({D}+)\.)", r"\A(?:(?:\A|.*?\.){}\.({D}+)\.)"),
+    "layers_greedy": (r"^(?:.*\.{}\.({D}+)\.)", r"\A(?:.*\.{}\.({D}+)\.)"),
+    "layers_lazy": (r"^(?:.*?\.{}\.({D}+)\.)", r"\A(?:.*?\.{}\.({D}+)\.)"),
     "dotted_key": (r"^(?:.*\.{}\n?$)", r"\A(?:.*\.{}\n?\Z)"),
     "fullmatch": (r"^(?:{})$", r"\A(?:{})\Z"),
     "search": ("(?:{})", "(?:{})"),
@@ -102,13 +107,15 @@ _ENGINES: dict[str, tuple[str, str]] = {
 
 # The templates a `re.match` pattern is read as, by their fixed text; a pattern starting with one
 # prefix and ending with its suffix is that template whatever filled it (see the module doc).
-_MATCH_KINDS = ("pattern_key", "module", "layers", "dotted_key")
+_MATCH_KINDS = ("pattern_key", "module", "layers", "layers_lazy", "layers_greedy", "dotted_key")
 
 # Which config field a refusal names, from the PEFT function that matched (a default per kind).
 _FIELDS = {
     "pattern_key": "rank_pattern/alpha_pattern key",
     "module": "modules_to_save entry",
     "layers": "layers_pattern",
+    "layers_greedy": "layers_pattern",
+    "layers_lazy": "layers_pattern",
     "dotted_key": "n_frequency_pattern/block_size_pattern key",
     "fullmatch": "target_modules",
     "search": "rank_pattern key",
@@ -134,15 +141,21 @@ class LinearMatch:
     expression matches: true, with the groups fastkeys knows (PEFT's `idx`; group 0 of a
     fullmatch). `re` is the pattern compiled by the real `re`, `string` the text matched."""
 
-    __slots__ = ("_named", "_whole", "re", "string")
+    __slots__ = ("_named", "_numbered", "_whole", "re", "string")
 
     def __init__(
-        self, compiled: re.Pattern[str], string: str, whole: bool, named: dict[str, str | None]
+        self,
+        compiled: re.Pattern[str],
+        string: str,
+        whole: bool,
+        named: dict[str, str | None],
+        numbered: dict[int, str | None] | None = None,
     ) -> None:
         self.re = compiled
         self.string = string
         self._whole = whole
         self._named = named
+        self._numbered = numbered or {}
 
     def __bool__(self) -> bool:
         return True
@@ -166,6 +179,8 @@ class LinearMatch:
             index = self.re.groupindex.get(group, group) if isinstance(group, str) else group
             if not isinstance(index, int) or not 0 < index <= self.re.groups:
                 raise IndexError("no such group")
+            if index in self._numbered:
+                return index
             for name, number in self.re.groupindex.items():
                 if number == index and name in self._named:
                     return name
@@ -179,7 +194,9 @@ class LinearMatch:
 
     def __getitem__(self, group: int | str) -> str | None:
         name = self._name(group)
-        return self.string if name == 0 else self._named[str(name)]
+        if isinstance(name, int):
+            return self.string if name == 0 else self._numbered[name]
+        return self._named[name]
 
     def groupdict(self, default: Any = None) -> dict[str, Any]:
         """The named groups fastkeys captured (PEFT reads `idx`); others are left out."""
@@ -294,6 +311,7 @@ def _fixed() -> frozenset[str]:
     from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
     patterns = {r".*?\.[^.]*\.(?P<idx>\d+)\."}  # tuners_utils check_target_module_exists
+    patterns |= {r".*\.[^.]*\.(\d+)\.", r".*?\.[^.]*\.(\d+)\."}  # the same in peft 0.17-0.19, 0.20
     patterns |= {rf"(.*\.)?{e}$" for e in EMBEDDING_LAYER_NAMES}  # save_and_load (saving)
     return frozenset(patterns)
 
@@ -426,11 +444,20 @@ def _answer(function: str, pattern: Any, string: Any, flags: Any, caller: str) -
                 else f"fastkeys reads {construct} as re does on ASCII characters only"
             )
         )
-    if kind == "layers":
+    if kind.startswith("layers"):
+        if kind != "layers" and compiled.groups != 1:
+            # before peft 0.21 PEFT reads `.group(1)`: then a group of the fragment's own (which the
+            # dialect does not capture), not the index
+            raise ValueError(
+                f"{what} {fragment!r} has groups of its own, which PEFT < 0.21 reads as the layer "
+                "index; fastkeys cannot reproduce that in linear time"
+            )
         index = regex.group(string)
         if index is None and not regex.search(string):
             return None
-        return LinearMatch(compiled, string, False, {"idx": index})
+        if kind == "layers":
+            return LinearMatch(compiled, string, False, {"idx": index})
+        return LinearMatch(compiled, string, False, {}, {1: index})
     if not regex.search(string):
         return None
     return LinearMatch(compiled, string, function == "fullmatch", {})
