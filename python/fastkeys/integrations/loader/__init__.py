@@ -6,13 +6,14 @@ Imports run one way, down this list; only `api` is called from outside (by `fast
 | module        | holds |
 |---------------|-------|
 | `api`         | `load_one`, `load_many`, `from_pretrained`: reading, routing, the transaction |
+| `lifecycle`   | `set_adapter`, `delete_adapters` at the cost of the layers involved |
 | `fallback`    | PEFT's own loader, fed the checked tensors, base-weight writes guarded |
 | `inject`      | the fast path: one LoRA adapter, only its modules |
 | `plan`        | targets (PEFT's matcher) and the checks made before the model changes |
 | `policy`      | the allow-list: config fields, options, model states the fast path reproduces |
 | `index`       | the model as PEFT's matcher sees it, read afresh per load |
 | `transaction` | record, roll back (values, modules, flags, RNG), Ctrl-C deferred while restoring |
-| `expressions` | PEFT's regular-expression matching on fastkeys' linear engine |
+| `peft_re`     | PEFT's regular-expression matching on fastkeys' linear engine |
 | `files`       | reading tensors through the checks `scan` made |
 | `boundary`    | every private PEFT symbol used, the verified versions, the two hooks on PEFT's loader |
 | `result`      | `AdapterLoadResult` |
