@@ -1,10 +1,11 @@
-"""Loading many adapters of each method the fast path covers besides LoRA (LoHa, LoKr, IA3), PEFT's
-`load_adapter` loop against `fastkeys.peft.load_adapters`, in one run.
+"""Loading many adapters of each method the fast path covers besides LoRA (LoHa, LoKr, IA3, HRA,
+OFT), PEFT's `load_adapter` loop against `fastkeys.peft.load_adapters`, in one run.
 
-    python -m benches.methods [--adapters 16] [--layers 16] [--methods loha,lokr,ia3] [--quick]
+    python -m benches.methods [--adapters 16] [--layers 16] [--methods loha,lokr,ia3,hra,oft] [--quick]
 
 The model is benches/adapters.py's Llama shape (hidden size 64) with 16 layers; every method
-targets q, k, v, o, gate, up and down (LoHa and LoKr r=4; IA3 with down as its feedforward module).
+targets q, k, v, o, gate, up and down (LoHa, LoKr and HRA r=4; IA3 with down as its feedforward
+module; OFT with blocks of 16).
 Per method, both models start from the same first adapter (`PeftModel.from_pretrained`); then each
 further adapter goes into PEFT's model and into fastkeys' model in turn (interleaved, so a busy
 machine slows both alike), and each load's wall time is recorded. At the end the two models must be
@@ -42,6 +43,8 @@ def configs() -> dict[str, Callable[[], Any]]:
         "loha": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=MODULES),
         "lokr": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=MODULES),
         "ia3": lambda: peft.IA3Config(target_modules=MODULES, feedforward_modules=["down_proj"]),
+        "hra": lambda: peft.HRAConfig(r=4, target_modules=MODULES),
+        "oft": lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=MODULES),
     }
 
 
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=16, help="adapters after the first (default 16)")
     parser.add_argument("--layers", type=int, default=16, help="decoder layers (default 16)")
-    parser.add_argument("--methods", default="loha,lokr,ia3", help="comma-separated (default all)")
+    parser.add_argument("--methods", default=",".join(configs()), help="comma-separated (default all)")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 4 adapters, 4 layers, no files written"
     )

@@ -185,16 +185,16 @@ def test_methods_and_options_the_fast_path_leaves_to_peft(tmp_path: Path) -> Non
 
 
 def test_other_methods_go_through_peft(tmp_path: Path) -> None:
-    """LoHa, LoKr and IA3 have their own fast path (tests/test_load_methods.py); a method without
-    one goes through PEFT's loader and says so."""
-    config = peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj"])
+    """LoHa, LoKr, IA3, HRA and OFT have their own fast path (tests/test_load_methods.py); a method
+    without one goes through PEFT's loader and says so."""
+    config = peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"])
     first = save_seeded_adapter(config, tmp_path / "first")
-    adapters = {"hra": save_seeded_adapter(config, tmp_path / "hra", seed=3, shards=2)}
+    adapters = {"vera": save_seeded_adapter(config, tmp_path / "vera", seed=3, shards=2)}
     expected, actual, results = both_loops(tiny_llama, first, adapters, tmp_path)
     assert_same_state(end_state(expected), end_state(actual))
-    assert results["hra"].loader == "peft"
-    assert results["hra"].reason == (
-        "the fast path covers LoRA (with DoRA, rsLoRA), LoHa, LoKr and IA3; this is HRA"
+    assert results["vera"].loader == "peft"
+    assert results["vera"].reason == (
+        "the fast path covers LoRA (with DoRA, rsLoRA), LoHa, LoKr, IA3, HRA and OFT; this is VERA"
     )
 
 

@@ -60,6 +60,10 @@ _SYMBOLS = {
     "IA3Layer": ("peft.tuners.ia3.layer", "IA3Layer"),
     "IA3Linear": ("peft.tuners.ia3.layer", "Linear"),
     "IA3Model": ("peft.tuners.ia3.model", "IA3Model"),
+    "HRALayer": ("peft.tuners.hra.layer", "HRALayer"),
+    "HRAModel": ("peft.tuners.hra.model", "HRAModel"),
+    "OFTLayer": ("peft.tuners.oft.layer", "OFTLayer"),
+    "OFTModel": ("peft.tuners.oft.model", "OFTModel"),
     "AuxiliaryTrainingWrapper": ("peft.utils.other", "AuxiliaryTrainingWrapper"),
     "get_pattern_key": ("peft.utils.other", "get_pattern_key"),
     "BufferDict": ("peft.tuners._buffer_dict", "BufferDict"),
@@ -91,6 +95,10 @@ lokr_factorization: Any = _found["lokr_factorization"]
 IA3Layer: Any = _found["IA3Layer"]
 IA3Linear: Any = _found["IA3Linear"]
 IA3Model: Any = _found["IA3Model"]
+HRALayer: Any = _found["HRALayer"]
+HRAModel: Any = _found["HRAModel"]
+OFTLayer: Any = _found["OFTLayer"]
+OFTModel: Any = _found["OFTModel"]
 AuxiliaryTrainingWrapper: Any = _found["AuxiliaryTrainingWrapper"]
 get_pattern_key: Any = _found["get_pattern_key"]
 BufferDict: Any = _found["BufferDict"]
@@ -102,6 +110,8 @@ LORA: Any = peft.PeftType.LORA
 LOHA: Any = peft.PeftType.LOHA
 LOKR: Any = peft.PeftType.LOKR
 IA3: Any = peft.PeftType.IA3
+HRA: Any = peft.PeftType.HRA
+OFT: Any = peft.PeftType.OFT
 
 
 # The private methods the fast path calls on PEFT's objects (checked like the symbols above): on
@@ -127,6 +137,10 @@ PRIVATE_METHODS = {
     "LoKrLayer": _LAYER_METHODS,
     "IA3Model": _TUNER_METHODS,
     "IA3Layer": _LAYER_METHODS,
+    "HRAModel": _TUNER_METHODS,
+    "HRALayer": _LAYER_METHODS,
+    "OFTModel": _TUNER_METHODS,
+    "OFTLayer": _LAYER_METHODS,
     "PeftModel": ("_check_new_adapter_config",),
 }
 _owners = {name: _found[name] for name in PRIVATE_METHODS if name != "PeftModel"} | {

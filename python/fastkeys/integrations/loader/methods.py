@@ -182,6 +182,46 @@ IA3_ALLOWED: dict[str, Rule] = {
 }
 
 
+def _selection(*names: str) -> dict[str, Rule]:
+    return {name: _SELECTION[name] for name in names}
+
+
+_WHOLE_SELECTION = (
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+)
+_NONE_BIAS: Rule = (lambda v: v == "none", '"none"')
+
+# HRA and OFT: no layout; every layer runs PEFT's own `_create_and_replace`.
+HRA_ALLOWED: dict[str, Rule] = {
+    **_common(boundary.HRA),
+    **_selection(*_WHOLE_SELECTION),
+    "r": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "apply_GS": _BOOL,
+    "init_weights": _BOOL,
+    "bias": _NONE_BIAS,
+}
+
+OFT_ALLOWED: dict[str, Rule] = {
+    **_common(boundary.OFT),
+    **_selection(*_WHOLE_SELECTION),
+    "r": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "oft_block_size": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "module_dropout": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "fan_in_fan_out": (lambda v: v is False, "False"),
+    "bias": _NONE_BIAS,
+    "init_weights": _BOOL,
+    "coft": _BOOL,
+    "eps": (_is_number, "a number"),
+    "block_share": _BOOL,
+    "use_cayley_neumann": _BOOL,
+    "num_cayley_neumann_terms": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Adding an adapter to a layer that already holds the method's adapters. The caller replaced the
 # layer's `set_adapter` and `_move_adapter_to_device_of_base_layer` (O(adapters) passes) and
@@ -390,8 +430,35 @@ IA3 = Method(
     layout=_ia3_layout,
 )
 
-METHODS: dict[Any, Method] = {method.peft_type: method for method in (LORA, LOHA, LOKR, IA3)}
-COVERED = "LoRA (with DoRA, rsLoRA), LoHa, LoKr and IA3"
+HRA = Method(
+    name="HRA",
+    peft_type=boundary.HRA,
+    config=peft.HRAConfig,
+    tuner=boundary.HRAModel,
+    layer=boundary.HRALayer,
+    allowed=HRA_ALLOWED,
+    update=_update_with_peft,
+    layer_refusal=_no_refusal,
+    bases=(nn.Linear,),
+    low_cpu_mem_usage=False,
+    layout=None,
+)
+OFT = Method(
+    name="OFT",
+    peft_type=boundary.OFT,
+    config=peft.OFTConfig,
+    tuner=boundary.OFTModel,
+    layer=boundary.OFTLayer,
+    allowed=OFT_ALLOWED,
+    update=_update_with_peft,
+    layer_refusal=_no_refusal,
+    bases=(nn.Linear,),
+    low_cpu_mem_usage=False,
+    layout=None,
+)
+
+METHODS: dict[Any, Method] = {method.peft_type: method for method in (LORA, LOHA, LOKR, IA3, HRA, OFT)}
+COVERED = "LoRA (with DoRA, rsLoRA), LoHa, LoKr, IA3, HRA and OFT"
 
 
 def method_of(config: Any) -> Method | None:
