@@ -189,8 +189,10 @@ GENERATORS: dict[str, Callable[[random.Random, list[str], str, str], Any]] = {
 }
 # Methods with a layout (entries built around the loaded tensors) and those whose every layer runs
 # PEFT's own _create_and_replace
-LAYOUTS = ["loha", "lokr", "ia3"]
-PEFT_ROUTE = ["hra", "oft"]
+LAYOUTS = ["loha", "lokr", "ia3", "hra"]
+PEFT_ROUTE = ["oft"]
+# the default slice's main sweeps (FASTKEYS_FULL=1 sweeps every method as far)
+MAIN = ["loha", "lokr", "ia3"]
 
 
 def first_config(method: str, architecture: str) -> Any:
@@ -234,7 +236,7 @@ def run_sweep(
 # Differential tests: the default slice.
 
 
-@pytest.mark.parametrize("method", LAYOUTS)
+@pytest.mark.parametrize("method", MAIN)
 @pytest.mark.parametrize("architecture", ["llama", "bert"])
 @pytest.mark.parametrize("is_trainable", [False, True])
 def test_generated_adapters_end_like_peft_loop(
@@ -244,13 +246,12 @@ def test_generated_adapters_end_like_peft_loop(
     run_sweep(tmp_path, method, architecture, seed=seed, count=3, is_trainable=is_trainable)
 
 
-@pytest.mark.parametrize(("method", "architecture"), [("hra", "bert"), ("oft", "llama")])
-def test_methods_on_peft_s_own_route_end_like_peft_loop(
-    tmp_path: Path, method: str, architecture: str
-) -> None:
-    """HRA and OFT: every layer through PEFT's own `_create_and_replace` (FASTKEYS_FULL=1 sweeps
-    both architectures and options further)."""
-    seed = 41 + 5 * PEFT_ROUTE.index(method) + (architecture == "bert")
+@pytest.mark.parametrize("method", ["hra", "oft"])
+@pytest.mark.parametrize("architecture", ["llama", "bert"])
+def test_hra_and_oft_end_like_peft_loop(tmp_path: Path, method: str, architecture: str) -> None:
+    """HRA (a layout on Linear layers) and OFT (every layer through PEFT's own
+    `_create_and_replace`)."""
+    seed = 41 + 5 * (method == "oft") + (architecture == "bert")
     run_sweep(tmp_path, method, architecture, seed=seed, count=3, is_trainable=architecture == "bert")
 
 
@@ -405,7 +406,7 @@ def test_convolutions_end_like_peft_loop(tmp_path: Path, method: str, is_trainab
     assert {(result.loader, result.reason) for result in results.values()} == {("fastkeys", None)}
 
 
-@pytest.mark.parametrize("method", ["loha", "lokr", "ia3"])
+@pytest.mark.parametrize("method", LAYOUTS)
 def test_peft_s_own_update_route_ends_like_the_layouts(
     tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

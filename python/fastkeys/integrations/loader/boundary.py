@@ -61,6 +61,7 @@ _SYMBOLS = {
     "IA3Linear": ("peft.tuners.ia3.layer", "Linear"),
     "IA3Model": ("peft.tuners.ia3.model", "IA3Model"),
     "HRALayer": ("peft.tuners.hra.layer", "HRALayer"),
+    "HRALinear": ("peft.tuners.hra.layer", "HRALinear"),
     "HRAModel": ("peft.tuners.hra.model", "HRAModel"),
     "OFTLayer": ("peft.tuners.oft.layer", "OFTLayer"),
     "OFTModel": ("peft.tuners.oft.model", "OFTModel"),
@@ -96,6 +97,7 @@ IA3Layer: Any = _found["IA3Layer"]
 IA3Linear: Any = _found["IA3Linear"]
 IA3Model: Any = _found["IA3Model"]
 HRALayer: Any = _found["HRALayer"]
+HRALinear: Any = _found["HRALinear"]
 HRAModel: Any = _found["HRAModel"]
 OFTLayer: Any = _found["OFTLayer"]
 OFTModel: Any = _found["OFTModel"]

@@ -195,7 +195,8 @@ _WHOLE_SELECTION = (
 )
 _NONE_BIAS: Rule = (lambda v: v == "none", '"none"')
 
-# HRA and OFT: no layout; every layer runs PEFT's own `_create_and_replace`.
+# HRA (a layout for Linear layers) and OFT (no layout: every layer runs PEFT's own
+# `_create_and_replace`)
 HRA_ALLOWED: dict[str, Rule] = {
     **_common(boundary.HRA),
     **_selection(*_WHOLE_SELECTION),
@@ -360,6 +361,14 @@ def _ia3_layout(layer: Any, base: Any, config: Any, name: str) -> Layout | None:
     return Layout({}, {"ia3_l": shape})
 
 
+def _hra_layout(layer: Any, base: Any, config: Any, name: str) -> Layout | None:
+    """`hra.HRALayer.update_layer` on a Linear: the Householder vectors over the input."""
+    r = config.r
+    if _linear_base(layer, base, boundary.HRALinear) is None or not _is_int(r) or r <= 0:
+        return None
+    return Layout({"hra_r": r, "hra_apply_GS": config.apply_GS}, {"hra_u": (layer.in_features, r)})
+
+
 class Method(NamedTuple):
     """One PEFT method on the fast path; see the module doc."""
 
@@ -441,7 +450,7 @@ HRA = Method(
     layer_refusal=_no_refusal,
     bases=(nn.Linear,),
     low_cpu_mem_usage=False,
-    layout=None,
+    layout=_hra_layout,
 )
 OFT = Method(
     name="OFT",
