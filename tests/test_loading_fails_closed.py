@@ -34,6 +34,9 @@ from fixtures.peft_models import save_seeded_adapter, tiny_llama
 CHILD_SECONDS = 600  # the hostile module takes well under a minute
 CHILD_MEMORY = 6 << 30  # bytes of address space: torch needs about 4 GiB just to import
 
+# the loader reads checkpoints and matches expressions on the engine: both implementations
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture
 def first(tmp_path: Path) -> Path:
