@@ -190,24 +190,25 @@ def version_refusal() -> str | None:
 # The two pass-through hooks on PEFT's loader.
 
 _local = threading.local()
-_install_lock = threading.Lock()
 
 
 def _wrap_once(module: Any, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:
-    """Replaces `module.name` by `make(original)` unless fastkeys did already."""
-    with _install_lock:
-        original = getattr(module, name, None)
-        if original is None:
-            raise RuntimeError(
-                f"fastkeys.peft relies on {module.__name__}.{name}, which peft "
-                f"{versions()['peft']} does not have (fastkeys is verified with peft "
-                f"{', '.join(VERIFIED['peft'])}); use fastkeys.filter_missing on a load result instead"
-            )
-        if getattr(original, "__fastkeys_wrapper__", False):
-            return
-        wrapper = functools.wraps(original)(make(original))
-        wrapper.__fastkeys_wrapper__ = True  # type: ignore[attr-defined]
-        setattr(module, name, wrapper)
+    """Replaces `module.name` by `make(original)` unless fastkeys did already. No lock: two threads
+    at once both wrap the original and the second assignment wins (never a wrapper of a wrapper),
+    and a lock held across Python code would leak for good if a KeyboardInterrupt landed on the
+    `with` line's exit, hanging every later load."""
+    original = getattr(module, name, None)
+    if original is None:
+        raise RuntimeError(
+            f"fastkeys.peft relies on {module.__name__}.{name}, which peft "
+            f"{versions()['peft']} does not have (fastkeys is verified with peft "
+            f"{', '.join(VERIFIED['peft'])}); use fastkeys.filter_missing on a load result instead"
+        )
+    if getattr(original, "__fastkeys_wrapper__", False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    wrapper.__fastkeys_wrapper__ = True  # type: ignore[attr-defined]
+    setattr(module, name, wrapper)
 
 
 def install() -> None:

@@ -133,7 +133,6 @@ class _Depth(threading.local):
 
 
 _local = _Depth()
-_install_lock = threading.Lock()
 
 
 class LinearMatch:
@@ -293,16 +292,18 @@ def _install() -> None:
     block, for modules PEFT imports late); the real `re` stays everyone else's."""
     import peft  # noqa: F401  (imports PEFT's tuners, so that they are patched too)
 
-    with _install_lock:
-        if len(sys.modules) != _scanned[0]:
-            _scanned[0] = len(sys.modules)
-            names: Iterable[str] = [n for n in list(sys.modules) if n == "peft" or n.startswith("peft.")]
-        else:
-            names = _KNOWN
-        for name in names:
-            module = sys.modules.get(name)
-            if module is not None and vars(module).get("re") is re:
-                module.re = _PROXY  # type: ignore[attr-defined]
+    # No lock: each step is idempotent (two threads at once set the same attribute twice), and a
+    # lock held across Python code leaks for good when a KeyboardInterrupt lands on the `with`
+    # line's exit (its __exit__ call is outside the protected range): every later load would hang.
+    if len(sys.modules) != _scanned[0]:
+        _scanned[0] = len(sys.modules)
+        names: Iterable[str] = [n for n in list(sys.modules) if n == "peft" or n.startswith("peft.")]
+    else:
+        names = _KNOWN
+    for name in names:
+        module = sys.modules.get(name)
+        if module is not None and vars(module).get("re") is re:
+            module.re = _PROXY  # type: ignore[attr-defined]
 
 
 @functools.cache
