@@ -8,7 +8,8 @@ Imports run one way, down this list; only `api` is called from outside (by `fast
 | `api`         | `load_one`, `load_many`, `from_pretrained`: reading, routing, the transaction |
 | `lifecycle`   | `set_adapter`, `delete_adapters` at the cost of the layers involved |
 | `fallback`    | PEFT's own loader, fed the checked tensors, base-weight writes guarded |
-| `inject`      | the fast path: one LoRA adapter, only its modules |
+| `inject`      | the fast path: one adapter, only its modules |
+| `methods`     | one record per method on the fast path (LoRA, LoHa, LoKr, IA3, HRA, OFT) |
 | `plan`        | targets (PEFT's matcher) and the checks made before the model changes |
 | `policy`      | the allow-list: config fields, options, model states the fast path reproduces |
 | `index`       | the model as PEFT's matcher sees it, read afresh per load |
