@@ -156,12 +156,13 @@ MISSING += [
 ]
 
 
-def upcast_dtypes() -> set[torch.dtype]:
+@functools.cache
+def upcast_dtypes() -> frozenset[torch.dtype]:
     """The dtypes PEFT's `cast_adapter_dtype` raises to fp32."""
     low = {torch.float16, torch.bfloat16}
     names = _found["UPCAST_DTYPES"] or ()
     low.update(dtype for name in names if isinstance(dtype := getattr(torch, name, None), torch.dtype))
-    return low
+    return frozenset(low)
 
 
 def versions() -> dict[str, str]:

@@ -93,7 +93,7 @@ def load_fast(
                 autocast_adapter_dtype,
             )
         upcast: list[nn.Parameter] = []
-        low = boundary.upcast_dtypes() if autocast_adapter_dtype else set()
+        low = boundary.upcast_dtypes() if autocast_adapter_dtype else frozenset()
         for name, layout in plan.direct.items():
             layer = index.modules[name]
             _record_direct(tx, layer, adapter_name, layout)
@@ -285,7 +285,7 @@ def _add_direct(
     adapter_name: str,
     layout: Layout,
     loaded: dict[str, torch.Tensor],
-    low: set[torch.dtype],
+    low: frozenset[torch.dtype],
 ) -> list[nn.Parameter]:
     """`update_layer` for one adapter of a layout (`methods.py`), with the loaded values in place of
     the random initialisation that loading overwrites: the per-adapter values, then each parameter
