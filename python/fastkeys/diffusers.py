@@ -17,7 +17,6 @@ Text encoders in a pipeline are loaded by transformers' `load_adapter`, judged a
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Any
 
 from fastkeys import transformers as _transformers
@@ -26,7 +25,6 @@ from fastkeys.rules import validate as _validate
 __all__ = ["load_lora_adapter", "load_lora_weights"]
 
 _TESTED_WITH = "0.42"
-_install_lock = threading.Lock()
 
 
 def _prepare() -> None:
@@ -59,25 +57,24 @@ def _prepare() -> None:
 
 
 def _install(peft: Any, original: Any) -> None:
-    with _install_lock:
-        if getattr(original, "__fastkeys_recording__", False):
-            return
+    # No lock: installing is idempotent (a second thread wraps the same original and its
+    # assignment wins), and a lock would leak for good if Ctrl-C landed on the `with` exit.
+    if getattr(original, "__fastkeys_recording__", False):
+        return
 
-        @functools.wraps(original)
-        def judging(
-            model: Any, state_dict: Any, adapter_name: str = "default", *args: Any, **kwargs: Any
-        ) -> Any:
-            result = original(model, state_dict, adapter_name, *args, **kwargs)
-            load = _transformers._active()
-            if load is not None and result is not None and hasattr(result, "missing_keys"):
-                # diffusers passes this result to its substring warning right after: give it ours.
-                verdict = load.judge(model, result.missing_keys, result.unexpected_keys, adapter_name)
-                if verdict is not None:
-                    result = result._replace(missing_keys=verdict)
-            return result
+    @functools.wraps(original)
+    def judging(model: Any, state_dict: Any, adapter_name: str = "default", *args: Any, **kwargs: Any) -> Any:
+        result = original(model, state_dict, adapter_name, *args, **kwargs)
+        load = _transformers._active()
+        if load is not None and result is not None and hasattr(result, "missing_keys"):
+            # diffusers passes this result to its substring warning right after: give it ours.
+            verdict = load.judge(model, result.missing_keys, result.unexpected_keys, adapter_name)
+            if verdict is not None:
+                result = result._replace(missing_keys=verdict)
+        return result
 
-        judging.__fastkeys_recording__ = True  # type: ignore[attr-defined]
-        peft.set_peft_model_state_dict = judging
+    judging.__fastkeys_recording__ = True  # type: ignore[attr-defined]
+    peft.set_peft_model_state_dict = judging
 
 
 def _result_for(load: Any, model: Any) -> tuple[str, Any] | None:

@@ -31,7 +31,6 @@ __all__ = ["load_adapter"]
 _TESTED_WITH = "5.24"
 _SHOWN = 5
 _state = threading.local()
-_install_lock = threading.Lock()
 
 
 class _Judged(NamedTuple):
@@ -142,28 +141,29 @@ def _prepare() -> None:
 
 
 def _install(owner: Any, loader: staticmethod[..., Any]) -> None:
-    with _install_lock:
-        original = loader.__func__
-        if getattr(original, "__fastkeys_recording__", False):
-            return
+    # No lock: installing is idempotent (a second thread wraps the same original and its
+    # assignment wins), and a lock would leak for good if Ctrl-C landed on the `with` exit.
+    original = loader.__func__
+    if getattr(original, "__fastkeys_recording__", False):
+        return
 
-        @functools.wraps(original)
-        def judging(*args: Any, **kwargs: Any) -> Any:
-            result = original(*args, **kwargs)
-            load = _active()
-            model = kwargs.get("model", args[0] if args else None)
-            if load is not None and isinstance(getattr(model, "peft_config", None), dict):
-                # `result` is (LoadStateDictInfo, ...); transformers filters its `missing_keys`
-                # with `is_adapter_key` after this returns, which keeps every key of our verdict
-                # (each holds the adapter name), and then prints the LOAD REPORT from it.
-                info = result[0]
-                verdict = load.judge(model, info.missing_keys, info.unexpected_keys)
-                if verdict is not None:
-                    info.missing_keys = set(verdict)
-            return result
+    @functools.wraps(original)
+    def judging(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        load = _active()
+        model = kwargs.get("model", args[0] if args else None)
+        if load is not None and isinstance(getattr(model, "peft_config", None), dict):
+            # `result` is (LoadStateDictInfo, ...); transformers filters its `missing_keys`
+            # with `is_adapter_key` after this returns, which keeps every key of our verdict
+            # (each holds the adapter name), and then prints the LOAD REPORT from it.
+            info = result[0]
+            verdict = load.judge(model, info.missing_keys, info.unexpected_keys)
+            if verdict is not None:
+                info.missing_keys = set(verdict)
+        return result
 
-        judging.__fastkeys_recording__ = True  # type: ignore[attr-defined]
-        owner._load_pretrained_model = staticmethod(judging)
+    judging.__fastkeys_recording__ = True  # type: ignore[attr-defined]
+    owner._load_pretrained_model = staticmethod(judging)
 
 
 def _warn_missing(adapter_name: str, missing: list[str], source: object, stacklevel: int) -> None:
