@@ -12,7 +12,6 @@ PEFT's does. Then: what goes to PEFT, errors, and interruptions at points spread
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ import torch
 import fastkeys.peft
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.lifecycle import AdapterChangeResult
-from fixtures.loading import QV, assert_same_state, end_state
+from fixtures.loading import QV, assert_same_state, end_state, spread, traced_lines
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
 pytestmark = pytest.mark.engine  # loads go through the engine: both implementations
@@ -499,40 +498,6 @@ def test_peft_errors_leave_the_model_as_it_was(llama_dirs: dict[str, Path]) -> N
 # ---------------------------------------------------------------------------------------------
 # 4. Interruptions: a KeyboardInterrupt at points spread over every traced line of a call.
 
-_TRACED = (os.path.dirname(boundary.__file__), os.path.dirname(peft.__file__))
-
-
-def _traced_lines(call: Callable[[], Any], stop_at: int | None = None) -> tuple[int, bool]:
-    """Runs `call` counting the line events in fastkeys' loader and PEFT; with `stop_at`, raises
-    KeyboardInterrupt at that line. (lines counted, whether it fired)"""
-    count = 0
-    fired = False
-
-    def tracer(frame: Any, event: str, _arg: Any) -> Any:
-        nonlocal count, fired
-        if fired or not frame.f_code.co_filename.startswith(_TRACED):
-            return None
-        if event == "line":
-            count += 1
-            if count == stop_at:
-                fired = True
-                raise KeyboardInterrupt
-        return tracer
-
-    sys.settrace(tracer)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            call()
-    finally:
-        sys.settrace(None)
-    return count, fired
-
-
-def _points(total: int, wanted: int) -> Iterator[int]:
-    yield from sorted({1 + (total - 1) * i // (wanted - 1) for i in range(wanted)})
-
-
 INTERRUPTED: dict[str, tuple[Callable[[dict[str, Path]], Any], Step]] = {
     "set_adapter": (lambda dirs: peft_loaded(dirs, ["a", "b"]), ("set", ["a", "b"])),
     "delete_adapters": (lambda dirs: peft_loaded(dirs, ["a", "b", "rs"]), ("delete", ["b", "first", "rs"])),
@@ -548,13 +513,13 @@ def test_an_interrupted_call_leaves_the_model_as_it_was_or_as_done(
     model = build(llama_dirs)
     before = end_state(model)
     done = copy.deepcopy(model)
-    total, _fired = _traced_lines(lambda: by_fastkeys(done, step))
+    total, _fired = traced_lines(lambda: by_fastkeys(done, step))
     after = end_state(done)
     interrupted = 0
-    for point in _points(total, 16):
+    for point in spread(total, 16):
         trial = copy.deepcopy(model)
         try:
-            _traced_lines(lambda trial=trial: by_fastkeys(trial, step), point)  # type: ignore[misc]
+            traced_lines(lambda trial=trial: by_fastkeys(trial, step), point)  # type: ignore[misc]
         except KeyboardInterrupt:
             interrupted += 1
         state = end_state(trial)

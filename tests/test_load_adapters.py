@@ -31,6 +31,8 @@ from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
 FULL = os.environ.get("FASTKEYS_FULL") == "1"
 
+pytestmark = pytest.mark.engine  # scans checkpoints, renames keys on the engine: both implementations
+
 
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_MODULES = ["query", "key", "value", "dense"]

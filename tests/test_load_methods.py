@@ -33,6 +33,8 @@ from fixtures.loading import (
     edit_config,
     end_state,
     rewrite,
+    spread,
+    traced_lines,
 )
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
@@ -289,7 +291,6 @@ def test_half_precision_models_cast_like_peft(tmp_path: Path, method: str, autoc
 def test_an_interrupted_load_leaves_the_model_as_it_was_or_loaded(tmp_path: Path, method: str) -> None:
     """KeyboardInterrupt at points spread over a whole fast load (layers built around the loaded
     tensors and a module wrapped by PEFT's own code): the model is as it was, or as loaded."""
-    import sys
 
     config = first_config(method, "llama")
     first = save_seeded_adapter(config, tmp_path / "first")
@@ -301,45 +302,17 @@ def test_an_interrupted_load_leaves_the_model_as_it_was_or_loaded(tmp_path: Path
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), first, "first")
     assert fastkeys.peft.load_adapter(loaded, directory, "x").loader == "fastkeys"
     after = end_state(loaded)
-    traced = os.path.dirname(boundary.__file__)
-    total = 0
-
-    def count(frame: Any, event: str, _arg: Any) -> Any:
-        nonlocal total
-        if not frame.f_code.co_filename.startswith(traced):
-            return None
-        total += event == "line"
-        return count
-
-    model = peft.PeftModel.from_pretrained(tiny_llama(), first, "first")
-    sys.settrace(count)
-    try:
-        fastkeys.peft.load_adapter(model, directory, "x")
-    finally:
-        sys.settrace(None)
-    points = sorted({1 + (total - 1) * i // 7 for i in range(8)})
+    fresh = peft.PeftModel.from_pretrained(tiny_llama(), first, "first")
+    total, _fired = traced_lines(lambda: fastkeys.peft.load_adapter(fresh, directory, "x"))
+    points = spread(total, 8)
     interrupted = 0
     for point in points:
         model = peft.PeftModel.from_pretrained(tiny_llama(), first, "first")
         before = end_state(model)
-        seen = 0
-
-        def interrupt(frame: Any, event: str, _arg: Any, point: int = point) -> Any:
-            nonlocal seen
-            if seen >= point or not frame.f_code.co_filename.startswith(traced):
-                return None
-            seen += event == "line"
-            if seen == point:
-                raise KeyboardInterrupt
-            return interrupt
-
-        sys.settrace(interrupt)
         try:
-            fastkeys.peft.load_adapter(model, directory, "x")
+            traced_lines(lambda model=model: fastkeys.peft.load_adapter(model, directory, "x"), point)  # type: ignore[misc]
         except KeyboardInterrupt:
             interrupted += 1
-        finally:
-            sys.settrace(None)
         assert_same_state(after if "x" in model.peft_config else before, end_state(model))
         for module in model.modules():
             if isinstance(module, boundary.BaseTunerLayer):

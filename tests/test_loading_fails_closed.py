@@ -27,6 +27,8 @@ from fixtures.loading import (
     both_loops,
     end_state,
     rewrite,
+    spread,
+    traced_lines,
     with_first,
 )
 from fixtures.peft_models import save_seeded_adapter, tiny_llama
@@ -319,51 +321,6 @@ def test_save_embedding_layers_checkpoints_load_and_say_so(tmp_path: Path) -> No
 # ---------------------------------------------------------------------------------------------
 # 4. Interruptions: a KeyboardInterrupt at points spread over a whole load.
 
-_TRACED = (os.path.dirname(boundary.__file__), os.path.dirname(peft.__file__))
-
-
-def _line_events(load: Any) -> int:
-    count = 0
-
-    def tracer(frame: Any, event: str, _arg: Any) -> Any:
-        nonlocal count
-        if not frame.f_code.co_filename.startswith(_TRACED):
-            return None
-        if event == "line":
-            count += 1
-        return tracer
-
-    sys.settrace(tracer)
-    try:
-        load()
-    finally:
-        sys.settrace(None)
-    return count
-
-
-def _interrupted_at(load: Any, point: int) -> bool:
-    """Runs `load` with a KeyboardInterrupt raised at its `point`-th traced line; whether it fired."""
-    count = 0
-    fired = False
-
-    def tracer(frame: Any, event: str, _arg: Any) -> Any:
-        nonlocal count, fired
-        if fired or not frame.f_code.co_filename.startswith(_TRACED):
-            return None
-        if event == "line":
-            count += 1
-            if count == point:
-                fired = True
-                raise KeyboardInterrupt
-        return tracer
-
-    sys.settrace(tracer)
-    try:
-        load()
-    finally:
-        sys.settrace(None)
-    return fired
-
 
 @pytest.mark.parametrize("path", ["fastkeys", "peft"])
 def test_an_interrupted_load_leaves_the_model_as_it_was_or_loaded(
@@ -379,14 +336,14 @@ def test_an_interrupted_load_leaves_the_model_as_it_was_or_loaded(
     assert fastkeys.peft.load_adapter(loaded, directory, "x").loader == path
     after = end_state(loaded)
     fresh = with_first(first)
-    total = _line_events(lambda: fastkeys.peft.load_adapter(fresh, directory, "x"))
-    points = sorted({1 + (total - 1) * i // 23 for i in range(24)})
+    total, _fired = traced_lines(lambda: fastkeys.peft.load_adapter(fresh, directory, "x"))
+    points = spread(total, 24)
     interrupted = 0
     for point in points:
         model = with_first(first)
         before = end_state(model)
         try:
-            _interrupted_at(lambda model=model: fastkeys.peft.load_adapter(model, directory, "x"), point)
+            traced_lines(lambda model=model: fastkeys.peft.load_adapter(model, directory, "x"), point)  # type: ignore[misc]
         except KeyboardInterrupt:
             interrupted += 1
         state = end_state(model)
