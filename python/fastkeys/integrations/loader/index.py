@@ -31,6 +31,7 @@ class ModelIndex:
         segments: set[str] = {"weight", "bias", "base_layer"}
         tuner_layer = boundary.BaseTunerLayer
         wrapper = boundary.AuxiliaryTrainingWrapper
+        kinds: dict[type, int] = {}  # isinstance by type, once each (BaseTunerLayer is an ABC: slow)
         # named_modules' preorder walk with its duplicate removal, without recursion
         memo: set[int] = set()
         stack: list[tuple[str, Any]] = [("", model)]
@@ -44,7 +45,12 @@ class ModelIndex:
                 segments.update(name.split("."))
             segments.update(module._parameters)
             segments.update(module._buffers)
-            if isinstance(module, tuner_layer):
+            kind = kinds.get(type(module))
+            if kind is None:
+                kind = kinds[type(module)] = (
+                    1 if isinstance(module, tuner_layer) else 2 if isinstance(module, wrapper) else 0
+                )
+            if kind == 1:
                 self.layers[name] = module
                 segments.update(getattr(module, "adapter_layer_names", ()))
                 segments.update(getattr(module, "other_param_names", ()))
@@ -55,7 +61,7 @@ class ModelIndex:
                     memo.add(id(base))
                     inner = base
                 continue
-            if isinstance(module, wrapper):
+            if kind == 2:
                 self.auxiliary = True
                 continue
             prefix = name + "." if name else ""

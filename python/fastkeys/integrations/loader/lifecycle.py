@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from fastkeys.integrations.loader import boundary
+from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.result import FAST, PEFT
 from fastkeys.integrations.loader.transaction import Transaction, deferred_interrupts
 
@@ -148,41 +149,6 @@ def _check_model(peft_model: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The model's LoRA layers, and the allow-list.
-
-
-def tuner_layers(model: nn.Module) -> tuple[list[tuple[str, Any]], bool]:
-    """The tuner layers in `named_modules()` order (its duplicate removal included), and whether an
-    auxiliary wrapper (modules_to_save, trainable tokens) is in the model. The walk stops at tuner
-    layers (whose internals the allow-list checks) and auxiliary wrappers: one visit per module of
-    the base model, whatever the number of adapters."""
-    layers: list[tuple[str, Any]] = []
-    auxiliary = False
-    tuner_layer = boundary.BaseTunerLayer
-    wrapper = boundary.AuxiliaryTrainingWrapper
-    kinds: dict[type, int] = {}  # isinstance by type, once each (BaseTunerLayer is an ABC: slow)
-    memo: set[int] = set()
-    stack: list[tuple[str, Any]] = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        if id(module) in memo:
-            continue
-        memo.add(id(module))
-        kind = kinds.get(type(module))
-        if kind is None:
-            kind = kinds[type(module)] = (
-                1 if isinstance(module, tuner_layer) else 2 if isinstance(module, wrapper) else 0
-            )
-        if kind == 1:
-            layers.append((name, module))
-            continue
-        if kind == 2:
-            auxiliary = True
-            continue
-        prefix = name + "." if name else ""
-        stack.extend(
-            reversed([(prefix + key, child) for key, child in module._modules.items() if child is not None])
-        )
-    return layers, auxiliary
 
 
 class _Layer:
@@ -352,7 +318,8 @@ class _State:
         self.layers: list[_Layer] = []
         self.refusal = tuner_refusal(self.tuner)
         if self.refusal is None:
-            found, auxiliary = tuner_layers(self.tuner.model)
+            index = ModelIndex(self.tuner.model)
+            found, auxiliary = list(index.layers.items()), index.auxiliary
             self.refusal = layer_refusal(self.tuner, found, auxiliary)
             for name, layer in found if self.refusal is None else ():
                 try:
