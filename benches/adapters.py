@@ -52,13 +52,15 @@ def base_model(layers: int) -> Any:
     return LlamaForCausalLM(config)
 
 
-def save_adapters(directory: Path, layers: int, count: int) -> list[Path]:
-    """`count` distinct adapters (seeded values), saved as PEFT saves them."""
+def save_adapters(directory: Path, layers: int, count: int, config: Any = None) -> list[Path]:
+    """`count` distinct adapters of `config` (LoRA r=4 on MODULES when None; seeded values), saved
+    as PEFT saves them."""
     import peft
     import torch
 
     paths = []
-    model = peft.get_peft_model(base_model(layers), peft.LoraConfig(r=4, target_modules=MODULES))
+    config = config if config is not None else peft.LoraConfig(r=4, target_modules=MODULES)
+    model = peft.get_peft_model(base_model(layers), config)
     for index in range(count):
         generator = torch.Generator().manual_seed(index)
         with torch.no_grad():
@@ -69,6 +71,23 @@ def save_adapters(directory: Path, layers: int, count: int) -> list[Path]:
         model.save_pretrained(str(path))
         paths.append(path)
     return paths
+
+
+def machine() -> dict[str, Any]:
+    """What a benchmark report says of where it ran."""
+    import peft
+    import torch
+
+    import fastkeys
+
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "implementation": fastkeys.IMPLEMENTATION,
+        "peft": peft.__version__,
+        "torch": torch.__version__,
+    }
 
 
 def timed(function: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
@@ -161,13 +180,7 @@ def run(adapters: int, layers: int, rounds: int, scratch: Path) -> dict[str, Any
     first_ours = statistics.median(per_adapter["fastkeys"][:3])
     last_ours = statistics.median(per_adapter["fastkeys"][-3:])
     return {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "implementation": fastkeys.IMPLEMENTATION,
-            "peft": peft.__version__,
-        },
+        "machine": machine(),
         "shape": {"layers": layers, "hidden": 64, "rank": 4, "modules": MODULES, "tensors": layers * 14},
         "adapters": adapters,
         "per_adapter_s": per_adapter,

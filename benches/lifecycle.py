@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
-import platform
 import pstats
 import statistics
 import sys
@@ -39,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benches.adapters import MODULES, assert_identical, base_model, save_adapters, timed
+from benches.adapters import MODULES, assert_identical, base_model, machine, save_adapters, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = ("set_adapter", "delete", "delete_active", "replace")
@@ -214,11 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     if min(sizes) < 4:
         parser.error("--adapters: at least 4 adapters per size")
 
-    import peft
-    import torch
-
-    import fastkeys
-
     warnings.simplefilter("ignore")  # PEFT's warning when the active adapter is deleted, ...
     reports = []
     with tempfile.TemporaryDirectory(prefix="fastkeys-bench-lifecycle-") as scratch:
@@ -226,14 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         for count in sizes:
             reports.append(run_size(count, layers, rounds, paths, profile=count == max(sizes)))
     report = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "implementation": fastkeys.IMPLEMENTATION,
-            "peft": peft.__version__,
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "shape": {"layers": layers, "hidden": 64, "rank": 4, "modules": MODULES, "lora_layers": layers * 7},
         "rounds": rounds,
         "sizes": reports,

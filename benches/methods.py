@@ -22,7 +22,6 @@ import argparse
 import cProfile
 import json
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benches.adapters import MODULES, assert_identical, base_model, timed
+from benches.adapters import MODULES, assert_identical, base_model, machine, save_adapters, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,25 +45,6 @@ def configs() -> dict[str, Callable[[], Any]]:
         "hra": lambda: peft.HRAConfig(r=4, target_modules=MODULES),
         "oft": lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=MODULES),
     }
-
-
-def save_adapters(directory: Path, config: Callable[[], Any], layers: int, count: int) -> list[Path]:
-    """`count` distinct adapters of one method (seeded values), saved as PEFT saves them."""
-    import peft
-    import torch
-
-    paths = []
-    model = peft.get_peft_model(base_model(layers), config())
-    for index in range(count):
-        generator = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.requires_grad:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-        path = directory / f"adapter-{index}"
-        model.save_pretrained(str(path))
-        paths.append(path)
-    return paths
 
 
 def _profiled(profile: cProfile.Profile, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,7 +63,7 @@ def run_method(method: str, adapters: int, layers: int, scratch: Path) -> dict[s
 
     import fastkeys.peft
 
-    paths = save_adapters(scratch / method, configs()[method], layers, min(adapters + 1, 8))
+    paths = save_adapters(scratch / method, layers, min(adapters + 1, 8), configs()[method]())
 
     def path(index: int) -> Path:
         return paths[index % len(paths)]
@@ -138,18 +118,9 @@ def run_method(method: str, adapters: int, layers: int, scratch: Path) -> dict[s
 def run(methods: list[str], adapters: int, layers: int, scratch: Path) -> dict[str, Any]:
     import warnings
 
-    import peft
-
-    import fastkeys
-
     warnings.simplefilter("ignore")
     report: dict[str, Any] = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "implementation": fastkeys.IMPLEMENTATION,
-            "peft": peft.__version__,
-        },
+        "machine": machine(),
         "shape": {"layers": layers, "hidden": 64, "modules": MODULES},
         "adapters_after_the_first": adapters,
         "methods": {},
