@@ -349,3 +349,11 @@ def test_an_interrupted_load_leaves_the_model_as_it_was_or_loaded(
         state = end_state(model)
         assert_same_state(after if "x" in model.peft_config else before, state)
     assert interrupted >= len(points) - 1, (interrupted, points, total)
+
+
+def test_from_pretrained_reads_a_local_subfolder_as_peft_does(tmp_path: Path) -> None:
+    inner = adapter(tmp_path / "repo", "inner")
+    expected = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "repo"), subfolder="inner")
+    actual = fastkeys.peft.from_pretrained(tiny_llama(), str(tmp_path / "repo"), subfolder="inner")
+    assert inner.is_dir()
+    assert_same_state(end_state(expected), end_state(actual))

@@ -150,8 +150,15 @@ def from_pretrained(model: Any, model_id: str, adapter_name: str = "default", **
     with warnings.catch_warnings():
         for message in _PEFT_MISSING_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        if isinstance(model_id, (str, os.PathLike)) and os.path.isdir(model_id):
-            loaded, raw = api.from_pretrained(model, model_id, adapter_name, **kwargs)
+        # PEFT reads `subfolder` of a local directory; fastkeys reads that folder itself
+        local = (
+            os.path.join(model_id, kwargs.get("subfolder") or "")
+            if isinstance(model_id, (str, os.PathLike))
+            else None
+        )
+        if local is not None and os.path.isdir(local):
+            options = {key: value for key, value in kwargs.items() if key != "subfolder"}
+            loaded, raw = api.from_pretrained(model, local, adapter_name, **options)
         else:
             import peft
 
