@@ -378,12 +378,13 @@ class Method(NamedTuple):
     tuner: Any  # PEFT's tuner class (exactly)
     layer: Any  # the tuner's layer class; every layer the method adds is one, from its module
     allowed: dict[str, Rule]
-    update: Callable[[Any, Any, str, Any, str], None]  # (tuner, layer, module name, config, adapter)
-    layer_refusal: Callable[[Any, Any], str | None]  # why an existing layer is not covered
     bases: tuple[type[nn.Module], ...] | None  # base-layer types verified (None: any)
-    low_cpu_mem_usage: bool  # low_cpu_mem_usage=True verified (on float32 base weights)
-    # (layer, its base layer, config, module name)
-    layout: Callable[[Any, Any, Any, str], Layout | None] | None
+    # (layer, its base layer, config, module name); None: PEFT's own per-layer code everywhere
+    layout: Callable[[Any, Any, Any, str], Layout | None] | None = None
+    # (tuner, layer, module name, config, adapter): adds the adapter to an existing layer
+    update: Callable[[Any, Any, str, Any, str], None] = _update_with_peft
+    layer_refusal: Callable[[Any, Any], str | None] = _no_refusal  # why an existing layer is not covered
+    low_cpu_mem_usage: bool = False  # low_cpu_mem_usage=True verified (on float32 base weights)
 
 
 LORA = Method(
@@ -406,10 +407,7 @@ LOHA = Method(
     tuner=boundary.LoHaModel,
     layer=boundary.LoHaLayer,
     allowed=LOHA_ALLOWED,
-    update=_update_with_peft,
-    layer_refusal=_no_refusal,
     bases=(nn.Linear, nn.Conv1d, nn.Conv2d),
-    low_cpu_mem_usage=False,
     layout=_loha_layout,
 )
 LOKR = Method(
@@ -419,10 +417,7 @@ LOKR = Method(
     tuner=boundary.LoKrModel,
     layer=boundary.LoKrLayer,
     allowed=LOKR_ALLOWED,
-    update=_update_with_peft,
-    layer_refusal=_no_refusal,
     bases=(nn.Linear, nn.Conv1d, nn.Conv2d),
-    low_cpu_mem_usage=False,
     layout=_lokr_layout,
 )
 IA3 = Method(
@@ -432,10 +427,7 @@ IA3 = Method(
     tuner=boundary.IA3Model,
     layer=boundary.IA3Layer,
     allowed=IA3_ALLOWED,
-    update=_update_with_peft,
-    layer_refusal=_no_refusal,
     bases=(nn.Linear, nn.Conv2d),
-    low_cpu_mem_usage=False,
     layout=_ia3_layout,
 )
 
@@ -446,10 +438,7 @@ HRA = Method(
     tuner=boundary.HRAModel,
     layer=boundary.HRALayer,
     allowed=HRA_ALLOWED,
-    update=_update_with_peft,
-    layer_refusal=_no_refusal,
     bases=(nn.Linear,),
-    low_cpu_mem_usage=False,
     layout=_hra_layout,
 )
 OFT = Method(
@@ -459,11 +448,7 @@ OFT = Method(
     tuner=boundary.OFTModel,
     layer=boundary.OFTLayer,
     allowed=OFT_ALLOWED,
-    update=_update_with_peft,
-    layer_refusal=_no_refusal,
     bases=(nn.Linear,),
-    low_cpu_mem_usage=False,
-    layout=None,
 )
 
 METHODS: dict[Any, Method] = {method.peft_type: method for method in (LORA, LOHA, LOKR, IA3, HRA, OFT)}
