@@ -119,6 +119,41 @@ def test_generated_adapters_end_like_peft_loop(tmp_path: Path, architecture: str
         assert (result.reason is None) == (result.loader == "fastkeys")
 
 
+def test_global_registration_hooks_see_the_fast_path_register_through_torch(tmp_path: Path) -> None:
+    """The fast path builds LoRA's leaves without torch's registration calls only when no global
+    registration hook could run inside them; with one installed, torch's own calls run."""
+    from torch.nn.modules import module as torch_module
+
+    first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")
+    adapters = {
+        "second": save_seeded_adapter(
+            peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), tmp_path / "b"
+        )
+    }
+    registered: list[tuple[str, str]] = []
+    handles = [
+        torch_module.register_module_module_registration_hook(
+            lambda parent, name, child: registered.append((type(parent).__name__, name))
+        ),
+        torch_module.register_module_parameter_registration_hook(
+            lambda owner, name, parameter: registered.append((type(owner).__name__, name))
+        ),
+    ]
+    try:
+        expected, actual, results = both_loops(tiny_llama, first, adapters, tmp_path)
+        assert results["second"].loader == "fastkeys", results["second"].reason
+        registered.clear()
+        fastkeys.peft.load_adapters(actual, {"third": adapters["second"]})
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected.load_adapter(merged_copy(adapters["second"], tmp_path / "merged-third"), "third")
+    assert_same_state(end_state(expected), end_state(actual))
+    targets = 2 * len(tiny_llama().model.layers)  # q_proj and v_proj of every layer
+    assert registered.count(("ModuleDict", "third")) == 3 * targets  # dropout, A, B
+    assert registered.count(("Linear", "weight")) == 2 * targets
+
+
 @pytest.mark.parametrize("autocast", [True, False])
 def test_half_precision_checkpoints_cast_like_peft(tmp_path: Path, autocast: bool) -> None:
     first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")

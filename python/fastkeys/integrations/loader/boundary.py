@@ -165,6 +165,19 @@ def upcast_dtypes() -> frozenset[torch.dtype]:
     return frozenset(low)
 
 
+def registration_hooks_installed() -> bool:
+    """Whether a global module, parameter or buffer registration hook is installed (torch runs them
+    inside `add_module` and `register_parameter`, and they may replace what is registered). A torch
+    without these private lists counts as having one."""
+    from torch.nn.modules import module
+
+    lists = [
+        getattr(module, f"_global_{kind}_registration_hooks", None)
+        for kind in ("module", "parameter", "buffer")
+    ]
+    return any(hooks is None or len(hooks) > 0 for hooks in lists)
+
+
 def versions() -> dict[str, str]:
     return {"peft": str(getattr(peft, "__version__", "?")), "torch": torch.__version__.split("+")[0]}
 

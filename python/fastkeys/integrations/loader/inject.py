@@ -29,6 +29,7 @@ from fastkeys.checkpoints.scan import Checkpoint
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.files import read_tensors
 from fastkeys.integrations.loader.index import ModelIndex
+from fastkeys.integrations.loader.leaves import Leaves
 from fastkeys.integrations.loader.methods import Layout, Method, method_of
 from fastkeys.integrations.loader.peft_re import linear_matching
 from fastkeys.integrations.loader.plan import MODEL_PREFIX, Refused, check_checkpoint, make_plan
@@ -77,10 +78,13 @@ def load_fast(
                     expected[key] = tuple(parameter.shape)
         check_checkpoint(checkpoint, plan, expected, adapter_name)
         tensors = read_tensors(checkpoint, directory, [plan.by_model_key[key] for key in expected])
+        leaves = Leaves()
+        quick: set[int] = set()
         for name, (r, alpha) in plan.quick.items():
             layer = index.modules[name]
-            _record_layer(tx, layer, adapter_name)
+            _record_lora(tx, layer, adapter_name)
             touched[id(layer)] = layer
+            quick.add(id(layer))
             prefix = f"{MODEL_PREFIX}{name}."
             _add_lora_linear(
                 layer,
@@ -91,6 +95,7 @@ def load_fast(
                 tensors[plan.by_model_key[f"{prefix}lora_A.{adapter_name}.weight"]],
                 tensors[plan.by_model_key[f"{prefix}lora_B.{adapter_name}.weight"]],
                 autocast_adapter_dtype,
+                leaves,
             )
         upcast: list[nn.Parameter] = []
         low = boundary.upcast_dtypes() if autocast_adapter_dtype else frozenset()
@@ -105,16 +110,19 @@ def load_fast(
             }
             upcast += _add_direct(layer, adapter_name, layout, loaded, low)
         for layer in touched.values():
+            if id(layer) in quick:
+                continue  # _add_lora_linear built its weights frozen
             # what update_layer's set_adapter(active, inference_mode) does to the new adapter: it
             # is not active, so its weights are frozen
             for attribute in layer.adapter_layer_names:
                 holder = getattr(layer, attribute)
                 if adapter_name in holder:
                     boundary.set_layer_requires_grad(holder[adapter_name], False)
-        # inject_adapter's model-wide set_adapter stores the active list in every layer
+        # inject_adapter's model-wide set_adapter stores the active list in every layer (a plain
+        # attribute: what Module.__setattr__ does with a list, without its checks)
         for layer in index.layers.values():
             tx.record_attributes(layer, ("_active_adapter",))
-            layer._active_adapter = list(active)
+            vars(layer)["_active_adapter"] = list(active)
         tuner.active_adapter = list(active)
         for layer in touched.values():
             layer._freeze_non_trainable_peft_weights([adapter_name])
@@ -147,6 +155,20 @@ def _record_layer(tx: Transaction, layer: Any, adapter_name: str) -> None:
             keys = vars(child).get("_keys")  # a ParameterDict's own list of its keys
             if isinstance(keys, dict):
                 tx.record_entries(keys, adapter_name)
+
+
+# What `_add_lora_linear` writes in a layer, each at the new adapter's entry: plain per-adapter dicts,
+# and ModuleDicts.
+_LORA_VALUES = ("r", "lora_alpha", "scaling", "use_rslora", "use_dora", "lora_bias")
+_LORA_MODULES = ("lora_dropout", "lora_A", "lora_B")
+
+
+def _record_lora(tx: Transaction, layer: Any, adapter_name: str) -> None:
+    state, modules = vars(layer), layer._modules
+    for attribute in _LORA_VALUES:
+        tx.record_entries(state[attribute], adapter_name)
+    for attribute in _LORA_MODULES:
+        tx.record_entries(modules[attribute]._modules, adapter_name)
 
 
 def _record_direct(tx: Transaction, layer: Any, adapter_name: str, layout: Layout) -> None:
@@ -255,29 +277,33 @@ def _add_lora_linear(
     weight_a: torch.Tensor,
     weight_b: torch.Tensor,
     autocast_adapter_dtype: bool,
+    leaves: Leaves,
 ) -> None:
     """`lora.Linear.update_layer` for a plain LoRA adapter, with the loaded weights in place of the
     random initialisation that loading overwrites: same modules, dtypes (the base layer's, then
     fp16/bf16 upcast to fp32 as `cast_adapter_dtype` does) and values (one cast from the checkpoint's
-    dtype, as `load_state_dict`'s copy does)."""
+    dtype, as `load_state_dict`'s copy does). Writes only what `_record_lora` records."""
     base = layer.get_base_layer()
     device, dtype = layer._get_base_layer_device_and_dtype(base)
     if dtype is None or not (dtype.is_floating_point or dtype.is_complex):
         dtype = torch.get_default_dtype()
     if autocast_adapter_dtype and dtype in boundary.upcast_dtypes():
         dtype = torch.float32
-    layer.r[adapter_name] = r
-    layer.lora_alpha[adapter_name] = alpha
-    dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
-    layer.lora_dropout[adapter_name] = dropout
+    state, modules = vars(layer), layer._modules
+    state["r"][adapter_name] = r
+    state["lora_alpha"][adapter_name] = alpha
+    dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else leaves.identity()
+    leaves.put(modules["lora_dropout"], adapter_name, dropout)
     # always a fresh allocation, as PEFT's parameters are: a tensor read from the file may sit at an
     # unaligned address, and matmul kernels can round differently there (seen: r=1 outputs differ)
-    layer.lora_A[adapter_name] = _frozen_linear(weight_a.to(device=device, dtype=dtype, copy=True))
-    layer.lora_B[adapter_name] = _frozen_linear(weight_b.to(device=device, dtype=dtype, copy=True))
-    layer.lora_bias[adapter_name] = False
-    layer.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-    layer.use_rslora[adapter_name] = config.use_rslora
-    layer.use_dora[adapter_name] = False
+    weight_a = weight_a.to(device=device, dtype=dtype, copy=True)
+    weight_b = weight_b.to(device=device, dtype=dtype, copy=True)
+    leaves.put(modules["lora_A"], adapter_name, leaves.frozen_linear(weight_a))
+    leaves.put(modules["lora_B"], adapter_name, leaves.frozen_linear(weight_b))
+    state["lora_bias"][adapter_name] = False
+    state["scaling"][adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    state["use_rslora"][adapter_name] = config.use_rslora
+    state["use_dora"][adapter_name] = False
 
 
 def _add_direct(
@@ -310,18 +336,6 @@ def _add_direct(
         getattr(layer, attribute)[adapter_name] = parameter
         made.append(parameter)
     return made if upcast else []
-
-
-def _frozen_linear(weight: torch.Tensor) -> nn.Linear:
-    """`nn.Linear(in, out, bias=False)` holding `weight` (frozen), without the random
-    initialisation its constructor would spend (a third of a load's time) on values loading
-    overwrites."""
-    linear = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(linear)
-    linear.out_features, linear.in_features = weight.shape
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    linear.register_parameter("bias", None)
-    return linear
 
 
 def _is_adapter_dict(holder: Any) -> bool:
@@ -385,18 +399,16 @@ def _eval(
         peft_model.eval()
         return
     for layer in layers:
-        for attribute in (*layer.adapter_layer_names, *layer.other_param_names):
-            holder: Any = getattr(layer, attribute, None)
+        # a layer's per-adapter containers are among its children (eval() would visit them all)
+        for holder in layer._modules.values():
             if _is_adapter_dict(holder):
                 if holder.training:
                     tx.record_training(peft_model.modules())
                     peft_model.eval()
                     return
-                if adapter_name not in holder:  # ModuleDict has no get()
-                    continue
-                entry = holder[adapter_name]
-                if isinstance(entry, nn.Module):
+                entry = holder._modules.get(adapter_name)
+                if entry is not None:
                     if entry._modules:
                         entry.eval()
                     else:  # a leaf (Linear, Dropout, Identity): what eval() does, without its recursion
-                        entry.training = False
+                        vars(entry)["training"] = False
