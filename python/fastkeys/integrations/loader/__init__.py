@@ -9,6 +9,7 @@ Imports run one way, down this list; only `api` is called from outside (by `fast
 | `lifecycle`   | `set_adapter`, `delete_adapters` at the cost of the layers involved |
 | `fallback`    | PEFT's own loader, fed the checked tensors, base-weight writes guarded |
 | `inject`      | the fast path: one adapter, only its modules |
+| `leaves`      | LoRA's Linear/Identity leaves as torch's constructors leave them, without their cost |
 | `methods`     | one record per method on the fast path (LoRA, LoHa, LoKr, IA3, HRA, OFT) |
 | `plan`        | targets (PEFT's matcher) and the checks made before the model changes |
 | `policy`      | the allow-list: config fields, options, model states the fast path reproduces |
@@ -16,6 +17,6 @@ Imports run one way, down this list; only `api` is called from outside (by `fast
 | `transaction` | record, roll back (values, modules, flags, RNG), Ctrl-C deferred while restoring |
 | `peft_re`     | PEFT's regular-expression matching on fastkeys' linear engine |
 | `files`       | reading tensors through the checks `scan` made |
-| `boundary`    | every private PEFT symbol used, the verified versions, the two hooks on PEFT's loader |
+| `boundary`    | every private PEFT (and torch) symbol used, the verified versions, the two hooks on PEFT's loader |
 | `result`      | `AdapterLoadResult` |
 """
