@@ -283,7 +283,48 @@ def bench_summary() -> str:
     return "\n".join(rows)
 
 
+def adapters_figures() -> str:
+    """docs/loading.md's figures: `make bench-adapters`' last report (benches/adapters.json)."""
+    import json
+
+    report = json.loads((ROOT / "benches" / "adapters.json").read_text(encoding="utf-8"))
+    times, totals, fresh = report["per_adapter_s"], report["total_s"], report["fresh_model_s"]
+    middle = len(times["peft"]) // 2
+
+    def row(label: str, index: int) -> str:
+        return f"| {label} | {times['peft'][index] * 1e3:,.0f} ms | {times['fastkeys'][index] * 1e3:,.0f} ms |"
+
+    machine = report["machine"]
+    loaders = ", ".join(f"{name}: {count}" for name, count in report["loaders"].items())
+    lines = [
+        "| | PEFT `load_adapter` loop | `fastkeys.peft.load_adapters` |",
+        "|---|---|---|",
+        row("adapter 2 (1 already loaded)", 0),
+        row(f"adapter {middle + 2}", middle),
+        row(f"adapter {report['adapters']} ({report['adapters'] - 1} already loaded)", -1),
+        f"| all {report['adapters'] - 1} after the first | {totals['peft']:,.1f} s | "
+        f"{totals['fastkeys']:,.1f} s (**{report['speedup_total']:.0f}x less**) |",
+        f"| one adapter into a fresh model (median of rounds) | {fresh['peft'] * 1e3:,.0f} ms | "
+        f"{fresh['fastkeys'] * 1e3:,.0f} ms ({report['fresh_model_ratio']:.2f}x) |",
+        "",
+        f"Machine: {machine['cpus']} cores (load average {machine['load_average'][0]:.1f} at the end), "
+        f"Python {machine['python']}, PEFT {machine['peft']}, torch {machine.get('torch', '?')}, "
+        f"fastkeys {machine['implementation']}; loaders of the {report['adapters'] - 1} loads: {loaders}. "
+        f"fastkeys' last load took {report['fastkeys_last_over_first']:.2f}x its first (medians of three).",
+        "",
+        "| function (fastkeys' last load, cProfile) | cumulative |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| `{entry['function']}` | {entry['cumulative_s'] * 1e3:.1f} ms |"
+        for entry in report["profile_last_load"]["top"]
+        if not entry["function"].startswith(("adapters.py", "~:0(<built-in method gc."))
+    ][:10]
+    return "\n".join(lines)
+
+
 TABLES = {
+    "adapters": adapters_figures,
     "differences": differences_table,
     "peft": peft_table,
     "loaders": loaders_table,
@@ -297,6 +338,7 @@ PAGES = {
     ROOT / "docs" / "differences.md": ("differences", "peft", "loaders"),
     ROOT / "docs" / "benchmarks.md": ("bench",),
     ROOT / "docs" / "cli.md": ("cli",),
+    ROOT / "docs" / "loading.md": ("adapters",),
 }
 
 
