@@ -292,7 +292,9 @@ def adapters_figures() -> str:
     middle = len(times["peft"]) // 2
 
     def row(label: str, index: int) -> str:
-        return f"| {label} | {times['peft'][index] * 1e3:,.0f} ms | {times['fastkeys'][index] * 1e3:,.0f} ms |"
+        return (
+            f"| {label} | {times['peft'][index] * 1e3:,.0f} ms | {times['fastkeys'][index] * 1e3:,.0f} ms |"
+        )
 
     machine = report["machine"]
     loaders = ", ".join(f"{name}: {count}" for name, count in report["loaders"].items())
