@@ -50,7 +50,14 @@ def _matcher(module: Any, names: Sequence[str]) -> Any:
     """The core matcher `filter_missing(..., peft_type="lora")` builds, from a given core."""
     prefixes, exact, shared, suffixes = tuners.patterns(tuners.resolve("lora"))
     return module.KeyMatcher(
-        list(prefixes), list(names), list(exact), list(shared), [], list(tuners.WRAPPERS), list(suffixes)
+        list(prefixes),
+        list(names),
+        list(exact),
+        list(shared),
+        tuners.MODEL_ROOT,
+        [],
+        list(tuners.WRAPPERS),
+        list(suffixes),
     )
 
 

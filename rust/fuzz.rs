@@ -17,6 +17,7 @@ fn reference(
     exact: &[Vec<u8>],
     names: &[Vec<u8>],
     shared: &[Vec<u8>],
+    root: &[u8],
 ) -> Option<usize> {
     let segments: Vec<&[u8]> = key.split(|&b| b == b'.').collect();
     for i in (0..segments.len().saturating_sub(1)).rev() {
@@ -26,7 +27,7 @@ fn reference(
         if !qualifies {
             continue;
         }
-        let model_level = i == 0 || (i == 1 && segments[0] == b"base_model");
+        let model_level = i == 0 || (i == 1 && segments[0] == root);
         if !model_level && shared.iter().any(|s| s == segment) {
             continue;
         }
@@ -63,12 +64,14 @@ fn build(
     exact: &[Vec<u8>],
     names: &[Vec<u8>],
     shared: &[Vec<u8>],
+    root: &[u8],
 ) -> Matcher {
     let built = Matcher::new(
         prefixes.iter().map(Vec::as_slice),
         exact.iter().map(Vec::as_slice),
         Some(names.iter().map(Vec::as_slice).collect()),
         shared.iter().map(Vec::as_slice),
+        root,
         &[],
     );
     match built {
@@ -131,16 +134,18 @@ proptest! {
         exact in vec(name(), 0..2),
         names in vec(name(), 1..4),
         shared in vec(name(), 0..2),
+        root in name(),
     ) {
         let clean = |v: &[Vec<u8>]| -> Vec<Vec<u8>> { v.iter().filter(|w| !w.contains(&b'.')).cloned().collect() };
         let (prefixes, exact, names, shared) = (clean(&prefixes), clean(&exact), clean(&names), clean(&shared));
         prop_assume!(!names.is_empty());
         let mut padded = names.clone();
         padded.extend((0..10).map(|i| format!("pad{i}.x").replace('.', "_").into_bytes()));
-        let name_first = build(&prefixes, &exact, &names, &shared);
-        let prefix_first = build(&prefixes, &exact, &padded, &shared);
+        // The root is drawn from the keys' words (`base_model` among them), so keys start with it.
+        let name_first = build(&prefixes, &exact, &names, &shared, &root);
+        let prefix_first = build(&prefixes, &exact, &padded, &shared, &root);
         for key in &keys {
-            let expected = reference(key, &prefixes, &exact, &names, &shared);
+            let expected = reference(key, &prefixes, &exact, &names, &shared, &root);
             // Repeated names keep the index of their first occurrence.
             let expected = expected.map(|i| names.iter().position(|n| *n == names[i]).unwrap_or(i));
             let got = match name_first.classify(key, || None) { Verdict::Named(i) => Some(i), _ => None };

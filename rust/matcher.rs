@@ -1,10 +1,12 @@
 //! The segment rule over bytes: which keys name an adapter tensor. No Python types here.
 //!
-//! A key is a dotted path (`base_model.model.layers.0.q_proj.lora_A.default.weight`). It matches
-//! when one of its segments *starts with* a prefix (or *equals* an exact name) and the very next
+//! A key is a dotted path (`root.model.layers.0.q_proj.lora_A.default.weight`). It matches when
+//! one of its segments *starts with* a prefix (or *equals* an exact name) and the very next
 //! segment is one of the adapter names. Two refinements make PEFT's shared tensors come out right:
-//! a `shared` segment below the model level is a reference to a model-level tensor (never saved,
-//! harmless when missing), and `ignore` expressions drop keys the caller does not care about.
+//! a `shared` segment below the model level (the first segment, or the second after a leading
+//! `root`, the model root segment the caller names) is a reference to a model-level tensor (never
+//! saved, harmless when missing), and `ignore` expressions drop keys the caller does not care
+//! about. Every name, the root's included, is data: this module holds none of PEFT's.
 //!
 //! Keys are bytes, not `str`: Python strings with lone surrogates reach us encoded with
 //! `surrogatepass` (WTF-8), and every comparison here is a byte comparison, which gives the same
@@ -22,7 +24,7 @@ use regex::RegexSet;
 /// messages; these guard the core when it is used on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildError {
-    /// A prefix, exact name, shared name or adapter name that is empty or holds a dot.
+    /// A prefix, exact name, shared name, adapter name or the root that is empty or holds a dot.
     BadName { what: &'static str, name: String },
     /// An ignore expression the `regex` crate rejects.
     BadIgnore { pattern: String, reason: String },
@@ -228,6 +230,9 @@ pub struct Matcher {
     segment: SegmentPatterns,
     strategy: Strategy,
     shared: Vec<Box<[u8]>>,
+    /// The model root segment and its dot (`root.`): a shared segment right after it is at the
+    /// model level.
+    root_dot: Box<[u8]>,
     ignore: Option<RegexSet>,
 }
 
@@ -262,16 +267,20 @@ fn segment_end(key: &[u8], from: usize) -> usize {
 }
 
 impl Matcher {
-    /// Builds a matcher. `adapter_names` of `None` accepts any next segment. All names are raw
-    /// bytes (UTF-8, or WTF-8 for strings with lone surrogates); `ignore` holds expressions of
-    /// the `regex` crate, searched anywhere in a key.
+    /// Builds a matcher. `adapter_names` of `None` accepts any next segment. `root` is the
+    /// segment a model's keys start with (a shared segment right after it is at the model level).
+    /// All names are raw bytes (UTF-8, or WTF-8 for strings with lone surrogates); `ignore` holds
+    /// expressions of the `regex` crate, searched anywhere in a key. The root is checked first.
     pub fn new<'a>(
         prefixes: impl IntoIterator<Item = &'a [u8]>,
         exact: impl IntoIterator<Item = &'a [u8]>,
         adapter_names: Option<Vec<&'a [u8]>>,
         shared: impl IntoIterator<Item = &'a [u8]>,
+        root: &'a [u8],
         ignore: &[&str],
     ) -> Result<Self, BuildError> {
+        check_names("root", [root])?;
+        let root_dot = Box::from([root, b"."].concat());
         let prefixes = check_names("prefixes", prefixes)?;
         let exact = check_names("exact", exact)?;
         let shared = check_names("shared", shared)?;
@@ -345,6 +354,7 @@ impl Matcher {
             segment,
             strategy,
             shared,
+            root_dot,
             ignore,
         })
     }
@@ -470,7 +480,7 @@ impl Matcher {
     }
 
     /// A shared segment below the model level (neither the first segment nor right after a
-    /// leading `base_model`) is a layer's reference to a model-level tensor.
+    /// leading root) is a layer's reference to a model-level tensor.
     fn is_layer_copy(&self, key: &[u8], start: usize, end: usize) -> bool {
         if start == 0 || self.shared.is_empty() {
             return false;
@@ -479,7 +489,7 @@ impl Matcher {
         if !self.shared.iter().any(|name| **name == *segment) {
             return false;
         }
-        !(start == "base_model.".len() && key.starts_with(b"base_model."))
+        !(start == self.root_dot.len() && key.starts_with(&self.root_dot))
     }
 }
 
@@ -526,11 +536,23 @@ mod tests {
         shared: &[&str],
         ignore: &[&str],
     ) -> Matcher {
+        rooted("base_model", prefixes, exact, adapters, shared, ignore)
+    }
+
+    fn rooted(
+        root: &str,
+        prefixes: &[&str],
+        exact: &[&str],
+        adapters: Option<&[&str]>,
+        shared: &[&str],
+        ignore: &[&str],
+    ) -> Matcher {
         Matcher::new(
             prefixes.iter().map(|p| p.as_bytes()),
             exact.iter().map(|p| p.as_bytes()),
             adapters.map(|names| names.iter().map(|n| n.as_bytes()).collect()),
             shared.iter().map(|p| p.as_bytes()),
+            root.as_bytes(),
             ignore,
         )
         .expect("valid matcher")
@@ -594,6 +616,78 @@ mod tests {
     }
 
     #[test]
+    fn the_model_level_follows_the_root_given() {
+        for adapters in [
+            &["default"][..],
+            &["default", "a", "b", "c", "d", "e", "f", "g", "h"],
+        ] {
+            let m = rooted(
+                "tuner",
+                &["vblora_"],
+                &["vera_A"],
+                Some(adapters),
+                &["vera_A", "vblora_vector_bank"],
+                &[],
+            );
+            assert!(hits(&m, "tuner.vera_A.default"));
+            assert!(hits(&m, "vera_A.default"));
+            assert!(!hits(&m, "tuner.model.q.vera_A.default"));
+            assert!(hits(&m, "tuner.vblora_vector_bank.default"));
+            assert!(hits(&m, "tuner.model.q.vblora_logits_A.default"));
+            // `base_model` is nothing special under another root.
+            assert!(!hits(&m, "base_model.vera_A.default"));
+            assert!(!hits(&m, "base_model.vblora_vector_bank.default"));
+            // The root is a whole segment: neither a longer nor a shorter first segment is it.
+            assert!(!hits(&m, "tuners.vera_A.default"));
+            assert!(!hits(&m, "tune.vera_A.default"));
+            assert!(!hits(&m, "x.tuner.vera_A.default"));
+        }
+        // Not shared, a segment qualifies at any depth, under any root.
+        let m = rooted("tuner", &["lora_"], &[], Some(&["default"]), &[], &[]);
+        assert!(hits(&m, "tuner.model.q.lora_A.default.weight"));
+        assert!(hits(&m, "base_model.model.q.lora_A.default.weight"));
+    }
+
+    #[test]
+    fn the_root_is_one_segment() {
+        let err = |root: &[u8]| {
+            Matcher::new(
+                [b"lora_".as_slice()],
+                std::iter::empty(),
+                None,
+                std::iter::empty(),
+                root,
+                &[],
+            )
+            .err()
+        };
+        for bad in [&b""[..], b"base_model.model", b"."] {
+            assert!(
+                matches!(err(bad), Some(BuildError::BadName { what: "root", .. })),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            err(b"").map(|e| e.to_string()).as_deref(),
+            Some("root: names must not be empty")
+        );
+        assert!(err("ä\u{1F600}".as_bytes()).is_none());
+        // Checked before everything else.
+        let both = Matcher::new(
+            [b"".as_slice()],
+            std::iter::empty(),
+            None,
+            std::iter::empty(),
+            b"a.b",
+            &[],
+        );
+        assert!(matches!(
+            both.err(),
+            Some(BuildError::BadName { what: "root", .. })
+        ));
+    }
+
+    #[test]
     fn group_returns_the_adapter_index() {
         let m = matcher(&["lora_"], Some(&["a", "b"]));
         assert_eq!(m.classify(b"q.lora_A.b.weight", || None), Verdict::Named(1));
@@ -633,6 +727,7 @@ mod tests {
                 std::iter::empty(),
                 Some(adapters.iter().map(|a| a.as_bytes()).collect()),
                 std::iter::empty(),
+                b"base_model",
                 &[],
             )
             .err()
@@ -663,6 +758,7 @@ mod tests {
             std::iter::empty(),
             None,
             std::iter::empty(),
+            b"base_model",
             &["(?=x)"],
         );
         assert!(matches!(bad.err(), Some(BuildError::BadIgnore { .. })));
@@ -736,6 +832,7 @@ mod tests {
             std::iter::empty(),
             Some(vec![name.as_slice()]),
             std::iter::empty(),
+            b"base_model",
             &[],
         )
         .expect("valid");

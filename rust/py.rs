@@ -12,7 +12,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use crate::matcher::{wtf8_lossy, Matcher, Verdict};
+use crate::matcher::{wtf8_lossy, BuildError, Matcher, Verdict};
 use crate::rename::{self, Renames};
 
 /// The compiled engine behind `fastkeys.KeyMatcher`. Arguments arrive validated by the Python
@@ -132,6 +132,16 @@ fn for_each_key<'py>(
     }
 }
 
+/// The message for a root that is not one segment, the fallback's (`engine/pure/matcher.py`).
+fn root_error(root: &Bound<'_, PyString>) -> PyResult<String> {
+    // The repr of the string value: a subclass's own `__repr__` is not asked, as for keys.
+    let plain = string_from_wtf8(root.py(), KeyBytes::of(root)?.bytes())?;
+    Ok(format!(
+        "root must be one segment, non-empty and without a dot, not {}",
+        plain.repr()?
+    ))
+}
+
 impl PyKeyMatcher {
     fn rename<'py>(
         &self,
@@ -160,17 +170,30 @@ impl PyKeyMatcher {
 #[pymethods]
 impl PyKeyMatcher {
     #[new]
-    #[pyo3(signature = (prefixes, adapter_names, exact, shared, ignore, wrappers, suffixes))]
+    #[pyo3(signature = (prefixes, adapter_names, exact, shared, root, ignore, wrappers, suffixes))]
     #[allow(clippy::too_many_arguments)] // the Python constructor's arguments, one by one
     fn new(
         prefixes: Vec<Bound<'_, PyString>>,
         adapter_names: Option<Vec<Bound<'_, PyString>>>,
         exact: Vec<Bound<'_, PyString>>,
         shared: Vec<Bound<'_, PyString>>,
+        root: Bound<'_, PyAny>,
         ignore: Vec<String>,
         wrappers: Vec<Bound<'_, PyString>>,
         suffixes: Vec<(Bound<'_, PyString>, Bound<'_, PyString>)>,
     ) -> PyResult<Self> {
+        // Checked by hand, for the fallback's message: not str is a TypeError, and a bad value
+        // (the core's check) a ValueError showing it as Python's repr does.
+        let root = match root.cast_into::<PyString>() {
+            Ok(root) => root,
+            Err(error) => {
+                let kind = error.into_inner().get_type().name()?;
+                return Err(PyTypeError::new_err(format!(
+                    "root must be str, not {kind}"
+                )));
+            }
+        };
+        let root_bytes = KeyBytes::of(&root)?;
         let prefix_bytes = name_bytes("prefixes", &prefixes)?;
         let exact_bytes = name_bytes("exact", &exact)?;
         let shared_bytes = name_bytes("shared", &shared)?;
@@ -186,9 +209,16 @@ impl PyKeyMatcher {
                 .as_ref()
                 .map(|names| names.iter().map(KeyBytes::bytes).collect()),
             shared_bytes.iter().map(KeyBytes::bytes),
+            root_bytes.bytes(),
             &ignore,
         )
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        .map_err(|e| match e {
+            BuildError::BadName { what: "root", .. } => match root_error(&root) {
+                Ok(message) => PyValueError::new_err(message),
+                Err(error) => error,
+            },
+            e => PyValueError::new_err(e.to_string()),
+        })?;
         let wrapper_bytes = name_bytes("wrappers", &wrappers)?;
         let (segments, parameters): (Vec<_>, Vec<_>) = suffixes.into_iter().unzip();
         let segment_bytes = name_bytes("suffixes", &segments)?;

@@ -135,6 +135,7 @@ mod tests {
             ],
             Some(vec![name.as_bytes()]),
             std::iter::empty(),
+            b"base_model",
             &[],
         )
         .expect("valid")

@@ -67,6 +67,8 @@ NAME = st.one_of(
     st.sampled_from([w for w in WORDS if w]),
     st.text(alphabet=st.characters(exclude_characters="."), min_size=1, max_size=5),
 )
+# PEFT's root most of the time, else any segment (`model`, `ä`, `a\ud800`, a random one).
+ROOT = st.one_of(st.just("base_model"), NAME)
 # Expressions from a grammar both engines accept, mixing the constructs that need translation.
 ATOM = st.sampled_from(
     [
@@ -116,10 +118,11 @@ def build(
     ignore: tuple[list[str], list[str]],
     wrappers: list[str] | None = None,
     suffixes: dict[str, str] | None = None,
+    root: str = "base_model",
 ) -> Matcher:
     patterns = ignore[0] if module is _native else ignore[1]
     pairs = list((suffixes or {}).items())
-    return module.KeyMatcher(prefixes, adapters, exact, shared, patterns, wrappers or [], pairs)
+    return module.KeyMatcher(prefixes, adapters, exact, shared, root, patterns, wrappers or [], pairs)
 
 
 @settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -130,6 +133,8 @@ def build(
     exact=st.lists(NAME, max_size=2),
     shared=st.lists(NAME, max_size=2),
     ignore=st.lists(PATTERN, max_size=2),
+    root=ROOT,
+    rooted=st.lists(st.tuples(st.sampled_from(["", "shared"]), KEY), max_size=6),
 )
 def test_cores_agree(
     keys: list[str],
@@ -138,10 +143,16 @@ def test_cores_agree(
     exact: list[str],
     shared: list[str],
     ignore: list[str],
+    root: str,
+    rooted: list[tuple[str, str]],
 ) -> None:
+    # Keys under the root too, some with a shared segment right after it (the model level).
+    keys = keys + [
+        f"{root}.{shared[0]}.{tail}" if kind and shared else f"{root}.{tail}" for kind, tail in rooted
+    ]
     translated = translate(ignore)
-    native = build(_native, prefixes, adapters, exact, shared, translated)
-    pure = build(_pure, prefixes, adapters, exact, shared, translated)
+    native = build(_native, prefixes, adapters, exact, shared, translated, root=root)
+    pure = build(_pure, prefixes, adapters, exact, shared, translated, root=root)
     assert native.filter(keys) == pure.filter(keys)
     assert native.group(keys) == pure.group(keys)
     # Same order of groups too.
@@ -152,8 +163,8 @@ def test_cores_agree(
 @given(key=KEY, pattern=PATTERN)
 def test_ignore_expressions_agree(key: str, pattern: str) -> None:
     for_rust, for_python = translate([pattern])
-    native = _native.KeyMatcher([], None, ["x"], [], for_rust, [], [])
-    pure = _pure.KeyMatcher([], None, ["x"], [], for_python, [], [])
+    native = _native.KeyMatcher([], None, ["x"], [], "base_model", for_rust, [], [])
+    pure = _pure.KeyMatcher([], None, ["x"], [], "base_model", for_python, [], [])
     probe = f"x.{key}"  # always matches "x" exactly, so only the expression decides
     assert native.filter([probe]) == pure.filter([probe])
 
@@ -177,7 +188,7 @@ def test_filter_missing_agrees_with_a_direct_reading_of_the_rule(
         parts = key.split(".")
         for i in range(len(parts) - 1):
             hit = parts[i].startswith(prefixes) or parts[i] in exact
-            model_level = i == 0 or (i == 1 and parts[0] == "base_model")
+            model_level = i == 0 or (i == 1 and parts[0] == tuners.MODEL_ROOT)
             if hit and parts[i + 1] == adapter and (model_level or parts[i] not in shared):
                 return True
         return False
@@ -187,11 +198,51 @@ def test_filter_missing_agrees_with_a_direct_reading_of_the_rule(
 
 def test_errors_agree() -> None:
     for module in (_native, _pure):
-        matcher = module.KeyMatcher(["lora_"], None, [], [], [], [], [])
+        matcher = module.KeyMatcher(["lora_"], None, [], [], "base_model", [], [], [])
         with pytest.raises(TypeError, match=r"^keys\[1\] must be str, not bytes$"):
             matcher.filter(["a", b"b"])
         with pytest.raises(TypeError, match=r"^keys must be an iterable of str, not int$"):
             matcher.group(3)
+
+
+class _Str(str):
+    def __repr__(self) -> str:
+        return "not asked"
+
+
+ONE_SEGMENT = "root must be one segment, non-empty and without a dot, not "
+
+
+@pytest.mark.parametrize(
+    ("root", "error", "message"),
+    [
+        ("", ValueError, ONE_SEGMENT + "''"),
+        ("base_model.model", ValueError, ONE_SEGMENT + "'base_model.model'"),
+        (_Str("a.b"), ValueError, ONE_SEGMENT + "'a.b'"),
+        ("a\ud800.", ValueError, ONE_SEGMENT + "'a\\ud800.'"),
+        (b"base_model", TypeError, "root must be str, not bytes"),
+        (None, TypeError, "root must be str, not NoneType"),
+    ],
+)
+def test_root_errors_agree(root: object, error: type[Exception], message: str) -> None:
+    """The root is checked by both engines, first (the prefix here is bad too), with one message."""
+    for module in (_native, _pure):
+        with pytest.raises(error) as raised:
+            module.KeyMatcher([""], None, [], [], root, [], [], [])
+        assert str(raised.value) == message, module
+
+
+@pytest.mark.parametrize("module", [_native, _pure])
+def test_the_model_level_follows_the_root(module: Engine) -> None:
+    matcher = module.KeyMatcher([], ["default"], ["vera_A"], ["vera_A"], "tuner", [], [], [])
+    keys = [
+        "tuner.vera_A.default",
+        "vera_A.default",
+        "tuner.model.q.vera_A.default",
+        "base_model.vera_A.default",
+        "tuners.vera_A.default",
+    ]
+    assert matcher.filter(keys) == ["tuner.vera_A.default", "vera_A.default"]
 
 
 @settings(max_examples=examples(300), deadline=None)

@@ -18,6 +18,7 @@ class KeyMatcher:
         adapter_names: Sequence[str] | None,
         exact: Sequence[str],
         shared: Sequence[str],
+        root: str,
         ignore: Sequence[str],
         wrappers: Sequence[str],
         suffixes: Sequence[tuple[str, str]],

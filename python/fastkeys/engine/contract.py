@@ -28,13 +28,16 @@ class Matcher(Protocol):
     def locate(self, keys: Iterable[str]) -> list[tuple[int, int] | None]: ...
 
 
-# KeyMatcher(prefixes, adapter_names, exact, shared, ignore, wrappers, suffixes)
+# KeyMatcher(prefixes, adapter_names, exact, shared, root, ignore, wrappers, suffixes): `root` is
+# the segment a model's keys start with (a shared segment right after it is at the model level),
+# checked by the engine: one segment, non-empty, without a dot, else ValueError.
 MatcherFactory = Callable[
     [
         Sequence[str],
         Sequence[str] | None,
         Sequence[str],
         Sequence[str],
+        str,
         Sequence[str],
         Sequence[str],
         Sequence[tuple[str, str]],

@@ -95,6 +95,7 @@ class KeyMatcher(_Core):
             names,
             _validate.names("exact", exact),
             _validate.names("shared", shared),
+            tuners.MODEL_ROOT,
             for_rust if IMPLEMENTATION == "rust" else for_python,
             _validate.names("wrappers", wrappers),
             pairs,

@@ -19,6 +19,8 @@ import sys
 __all__ = [
     "ALWAYS",
     "METHODS",
+    "MODEL_PREFIX",
+    "MODEL_ROOT",
     "SHARED_COPIES",
     "WRAPPERS",
     "Method",
@@ -236,6 +238,12 @@ ALWAYS: tuple[str, ...] = ("modules_to_save", "trainable_tokens_delta")
 # Of those, the ones that wrap a whole module copy: `M.modules_to_save.<name>.weight` in the model
 # is saved as `M.weight`, so the segment is dropped together with the adapter name.
 WRAPPERS: tuple[str, ...] = ("modules_to_save",)
+
+# PEFT's model root: a PeftModel's keys start with `base_model` (its tuner), and those of the
+# wrapped model with `base_model.model.`. Model-level tensors sit right under the root
+# (`base_model.vera_A.<name>`); the matcher receives the root as data.
+MODEL_ROOT = "base_model"
+MODEL_PREFIX = f"{MODEL_ROOT}.model."
 
 # Every method's shared tensors (see Method.shared).
 SHARED_COPIES: tuple[str, ...] = tuple(name for method in METHODS.values() for name in method.shared)

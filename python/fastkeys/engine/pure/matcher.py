@@ -18,9 +18,6 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyMatcher"]
 
-# The segment at whose level a PEFT model keeps its model-level tensors (`base_model.vera_A`).
-_MODEL_ROOT = "base_model"
-
 # With at most this many needles, testing each one with `in` beats running the rule.
 _MAX_NEEDLES = 4
 
@@ -62,6 +59,7 @@ class KeyMatcher:
         "_ignore",
         "_needles",
         "_prefixes",
+        "_root",
         "_shared",
         "_suffixes",
         "_wrappers",
@@ -69,6 +67,7 @@ class KeyMatcher:
     _prefixes: tuple[str, ...]
     _exact: frozenset[str]
     _shared: frozenset[str]
+    _root: str
     _adapters: dict[str, int] | None
     _ignore: list[Regex]
     _needles: tuple[str, ...] | None
@@ -81,13 +80,21 @@ class KeyMatcher:
         adapter_names: Sequence[str] | None,
         exact: Sequence[str],
         shared: Sequence[str],
+        root: str,
         ignore: Sequence[str],
         wrappers: Sequence[str],
         suffixes: Sequence[tuple[str, str]],
     ) -> Self:
+        # The root is checked here, first, as the native core does (the rest arrives validated).
+        if not isinstance(root, str):
+            raise TypeError(f"root must be str, not {type(root).__name__}")
+        root = str.__str__(root)
+        if not root or "." in root:
+            raise ValueError(f"root must be one segment, non-empty and without a dot, not {root!r}")
         self = object.__new__(cls)
         # Immutable like the native class: attributes are set here, once, past `__setattr__`.
         init = object.__setattr__
+        init(self, "_root", root)
         init(self, "_wrappers", frozenset(str.__str__(name) for name in wrappers))
         renames: dict[str, str] = {}
         for segment, parameter in suffixes:
@@ -144,8 +151,8 @@ class KeyMatcher:
 
     def _is_layer_copy(self, segment: str, index: int, first: str) -> bool:
         """A shared segment below the model level (neither the first segment, `index` 0, nor right
-        after a leading `base_model`) is a layer's reference to a model-level tensor."""
-        return segment in self._shared and index > 0 and not (index == 1 and first == _MODEL_ROOT)
+        after a leading root) is a layer's reference to a model-level tensor."""
+        return segment in self._shared and index > 0 and not (index == 1 and first == self._root)
 
     def _verdict(self, key: str) -> int | str | None:
         """The adapter's index (named adapters) or name (any adapter), or None."""
