@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from fastkeys.cli import demo as scenarios
 from fastkeys.engine import IMPLEMENTATION
+from fastkeys.rules import records as tuners
 from fastkeys.rules.matching import filter_missing
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def demo(layers: int = 32, serving_adapters: int = 900) -> None:
     kept = filter_missing(missing, "default", "lora")
     _out(f"  fastkeys.filter_missing keeps {len(kept)}: nothing is wrong with this load")
 
-    lost = f"base_model.model.model.layers.{layers // 4}.mlp.up_proj.lora_B.default.weight"
+    lost = f"{tuners.MODEL_PREFIX}model.layers.{layers // 4}.mlp.up_proj.lora_B.default.weight"
     kept = filter_missing([*missing, lost], "default", "lora")
     _out(f"\nThe checkpoint lost one tensor. fastkeys.filter_missing keeps {len(kept)}:")
     _show(kept)
@@ -152,7 +153,6 @@ def _methods_found(keys: Sequence[str]) -> dict[str, int]:
     matcher: model keys lose their adapter name, then `locate` finds the tensor segment of each
     adapter tensor; each distinct segment is given to the method whose matcher takes it (longest
     prefix first, as `randlora_A` is not `lora_`)."""
-    from fastkeys.rules import records as tuners
     from fastkeys.rules.matching import KeyMatcher
 
     prefixes, exact, shared, suffixes = tuners.patterns(None)
@@ -187,7 +187,6 @@ def _methods_found(keys: Sequence[str]) -> dict[str, int]:
 
 def inspect_report(path: str) -> dict[str, object]:
     from fastkeys.checkpoints.scan import scan
-    from fastkeys.rules import records as tuners
     from fastkeys.rules.matching import KeyMatcher
 
     checkpoint = scan(path, progress=_progress())

@@ -28,8 +28,6 @@ AdapterCheck = collections.namedtuple("AdapterCheck", ["missing_keys", "unexpect
 AdapterCheck.__doc__ = """What loading would report: the adapter-relevant missing keys and the
 unexpected keys (in their model form), like torch's `_IncompatibleKeys` after fastkeys' filter."""
 
-_PEFT_PREFIX = "base_model.model."
-
 
 def _checkpoint_keys(
     checkpoint: Checkpoint | str | os.PathLike[str] | Iterable[str],
@@ -58,9 +56,9 @@ def check_adapter(
     method = peft_type if peft_type is not None else configured
     model = list(model_keys)
     present = set(model)
-    if not any(key.startswith(_PEFT_PREFIX) for key in model):
+    if not any(key.startswith(tuners.MODEL_PREFIX) for key in model):
         # Adapters injected into a bare model: PEFT drops the wrapper prefix from the checkpoint.
-        keys = [key.removeprefix(_PEFT_PREFIX) for key in keys]
+        keys = [key.removeprefix(tuners.MODEL_PREFIX) for key in keys]
     loaded: set[str] = set()
     unexpected: list[str] = []
     for key, mapped in zip(keys, insert_adapter_name(keys, adapter_name, method), strict=True):
@@ -86,11 +84,11 @@ def _adapter_modules(keys: list[str], method: object) -> dict[str, dict[str, str
     modules: dict[str, dict[str, str]] = {}
     for key, span in zip(keys, tensor_segments(keys, method), strict=True):
         if span is None:
-            module, _, _ = key.removeprefix(_PEFT_PREFIX).rpartition(".")
+            module, _, _ = key.removeprefix(tuners.MODEL_PREFIX).rpartition(".")
             modules.setdefault(module, {})[""] = key
         else:
             start, end = span
-            modules.setdefault(key[: start - 1].removeprefix(_PEFT_PREFIX), {})[key[start:end]] = key
+            modules.setdefault(key[: start - 1].removeprefix(tuners.MODEL_PREFIX), {})[key[start:end]] = key
     return modules
 
 
@@ -392,7 +390,7 @@ def _header_check(
     findings: list[Finding] = []
     modules = _adapter_modules(list(adapter_ckpt), config.get("peft_type"))
     # Model-level tensors (`base_model.vera_A`) belong to the tuner, not to a base module.
-    adapted = [module for module in modules if module not in ("", "base_model")]
+    adapted = [module for module in modules if module not in ("", tuners.MODEL_ROOT)]
     unmatched = [module for module in adapted if module not in weights]
     hint, moved = _prefix_rewrite(unmatched, base)
     if hint is not None:

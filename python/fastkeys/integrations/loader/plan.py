@@ -19,8 +19,7 @@ from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.methods import LORA, Layout, Method
 from fastkeys.integrations.loader.peft_re import linear_matching
 from fastkeys.rules.matching import insert_adapter_name
-
-MODEL_PREFIX = "base_model.model."
+from fastkeys.rules.records import MODEL_PREFIX as MODEL_PREFIX  # inject.py imports it from here
 
 
 class Refused(Exception):
