@@ -177,7 +177,7 @@ def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_pipeline_unet_and_text_encoder(tmp_path: Path) -> None:
     """`load_lora_weights` on a pipeline: the UNet through diffusers, the text encoder through
     transformers; each component's verdict against the ground truth, beside `foobar`."""
-    import fastkeys.transformers as fkt
+    from fastkeys.integrations import recorder
 
     directory = save_sd_pipeline_lora(tmp_path / "lora")
     keys = sorted(load_file(directory / DIFFUSERS_FILE))
@@ -196,7 +196,7 @@ def test_pipeline_unet_and_text_encoder(tmp_path: Path) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pipeline.load_lora_weights(str(directory), adapter_name="foobar", weight_name=DIFFUSERS_FILE)
-            with fkt._loading(None) as outer:
+            with recorder.loading(None) as outer:
                 results = fkd.load_lora_weights(pipeline, str(path), "foo", weight_name=DIFFUSERS_FILE)
         raw = {name: outer.result_for(getattr(pipeline, name)).raw_missing for name in results}  # type: ignore[union-attr]
         assert set(results) == {"unet", "text_encoder"}
@@ -224,7 +224,9 @@ def test_a_load_fastkeys_did_not_see_is_a_runtime_error(
     )  # installs
     unwrapped = peft.set_peft_model_state_dict.__wrapped__  # type: ignore[attr-defined]
     monkeypatch.setattr(peft, "set_peft_model_state_dict", unwrapped)
-    monkeypatch.setattr(fkd, "_install", lambda *args: None)
+    from fastkeys.integrations import recorder
+
+    monkeypatch.setattr(recorder, "install_peft", lambda: None)
     with pytest.raises(
         RuntimeError, match=rf"set_peft_model_state_dict, which diffusers {diffusers.__version__}"
     ):

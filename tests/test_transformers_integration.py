@@ -292,7 +292,9 @@ def test_no_verdict_raises_after_transformers_finished(
 
     directory = saved["llama-resized"]
     model = with_adapters("llama-resized", directory, [])
-    monkeypatch.setattr(fkt, "filter_missing", refuse)
+    from fastkeys.integrations import recorder
+
+    monkeypatch.setattr(recorder, "filter_missing", refuse)
     with pytest.raises(ValueError, match="unknown peft_type 'NEW'"):
         fkt.load_adapter(model, str(directory), "x")
     assert set(model.peft_config) == {"x"} and not model.training, "transformers finished the load"

@@ -11,70 +11,40 @@ imports from `peft` each time it loads a LoRA into a model, with a pass-through 
 fastkeys call on the same thread, records the result and hands diffusers' warning fastkeys'
 verdict instead of the raw keys: diffusers then warns only about tensors that are really missing.
 Text encoders in a pipeline are loaded by transformers' `load_adapter`, judged as in
-`fastkeys.transformers`. Importing this module imports none of torch, peft, diffusers.
+`fastkeys.transformers`; both through `fastkeys.integrations.recorder`. Importing this module
+imports none of torch, peft, diffusers.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from fastkeys import transformers as _transformers
+from fastkeys.integrations import recorder
 from fastkeys.rules import validate as _validate
 
 __all__ = ["load_lora_adapter", "load_lora_weights"]
-
-_TESTED_WITH = "0.42"
 
 
 def _prepare() -> None:
     try:
         import diffusers
-        import peft
+        import peft  # noqa: F401
     except ImportError as error:
         raise ImportError(
             'fastkeys.diffusers needs diffusers, peft and torch: pip install "fastkeys[diffusers]"'
         ) from error
-    original = getattr(peft, "set_peft_model_state_dict", None)
-    if not callable(original):
-        raise _transformers._missing_version(
-            peft,
-            "peft.set_peft_model_state_dict (where diffusers loads LoRA weights)",
-            "0.21",
-            "use fastkeys.filter_missing on the result of model.load_state_dict instead",
-        )
     try:
         from diffusers.loaders import peft as diffusers_peft
     except ImportError as error:  # diffusers without its PEFT integration
-        raise _transformers._missing_version(
-            diffusers, "diffusers.loaders.peft", _TESTED_WITH, "use fastkeys.filter_missing instead"
+        raise recorder.missing_internal(
+            diffusers, "diffusers.loaders.peft", "use fastkeys.filter_missing instead"
         ) from error
     if not hasattr(diffusers_peft, "PeftAdapterMixin"):
-        raise _transformers._missing_version(
-            diffusers, "diffusers.loaders.peft.PeftAdapterMixin", _TESTED_WITH, "use fastkeys.filter_missing"
+        raise recorder.missing_internal(
+            diffusers, "diffusers.loaders.peft.PeftAdapterMixin", "use fastkeys.filter_missing"
         )
-    _install(peft, original)
-
-
-def _install(peft: Any, original: Any) -> None:
-    # No lock: installing is idempotent (a second thread wraps the same original and its
-    # assignment wins), and a lock would leak for good if Ctrl-C landed on the `with` exit.
-    if getattr(original, "__fastkeys_recording__", False):
-        return
-
-    @functools.wraps(original)
-    def judging(model: Any, state_dict: Any, adapter_name: str = "default", *args: Any, **kwargs: Any) -> Any:
-        result = original(model, state_dict, adapter_name, *args, **kwargs)
-        load = _transformers._active()
-        if load is not None and result is not None and hasattr(result, "missing_keys"):
-            # diffusers passes this result to its substring warning right after: give it ours.
-            verdict = load.judge(model, result.missing_keys, result.unexpected_keys, adapter_name)
-            if verdict is not None:
-                result = result._replace(missing_keys=verdict)
-        return result
-
-    judging.__fastkeys_recording__ = True  # type: ignore[attr-defined]
-    peft.set_peft_model_state_dict = judging
+    recorder.install_peft()
 
 
 def _result_for(load: Any, model: Any) -> tuple[str, Any] | None:
@@ -98,11 +68,10 @@ def _check_seen(load: Any, model: Any, before: set[str]) -> None:
     if load.result_for(model) is None and _adapters(model) - before:
         import diffusers
 
-        raise _transformers._missing_version(
+        raise recorder.missing_internal(
             diffusers,
             "diffusers loading LoRA weights through peft.set_peft_model_state_dict",
-            _TESTED_WITH,
-            "use fastkeys.filter_missing on the result of model.load_state_dict instead",
+            recorder.INSTEAD,
         )
 
 
@@ -139,7 +108,7 @@ def load_lora_adapter(
     _prepare()
     before = _adapters(model)
     _contained(pretrained_model_name_or_path_or_dict)
-    with _transformers._loading(adapter_name) as load:
+    with recorder.loading(adapter_name) as load:
         model.load_lora_adapter(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
     load.raise_error()
     _check_seen(load, model, before)
@@ -147,7 +116,7 @@ def load_lora_adapter(
     if judged is None:
         return None
     name, result = judged
-    _transformers._warn_missing(name, result.missing_keys, _source(pretrained_model_name_or_path_or_dict), 2)
+    recorder.warn_missing(name, result.missing_keys, _source(pretrained_model_name_or_path_or_dict), 2)
     return result
 
 
@@ -172,10 +141,10 @@ def load_lora_weights(
     if not isinstance(components, dict):
         raise TypeError(f"pipeline must have a components dict, not {type(components).__name__}")
     _prepare()
-    _transformers._prepare()
+    _transformers._prepare()  # the text encoders: transformers models
     before = {name: _adapters(component) for name, component in components.items()}
     _contained(pretrained_model_name_or_path_or_dict)
-    with _transformers._loading(adapter_name) as load:
+    with recorder.loading(adapter_name) as load:
         pipeline.load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
     load.raise_error()
     for name, component in components.items():
@@ -190,7 +159,7 @@ def load_lora_weights(
     missing = [key for result in results.values() for key in result.missing_keys]
     # diffusers picks the name per component when it is None; usually they agree.
     shown_name = adapter_name if adapter_name is not None else "/".join(sorted(names))
-    _transformers._warn_missing(shown_name, missing, _source(pretrained_model_name_or_path_or_dict), 2)
+    recorder.warn_missing(shown_name, missing, _source(pretrained_model_name_or_path_or_dict), 2)
     return results
 
 

@@ -16,8 +16,9 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from fastkeys.integrations import recorder
 from fastkeys.integrations.loader.result import AdapterLoadResult
-from fastkeys.rules.matching import MissingAdapterKeysWarning, filter_missing
+from fastkeys.rules.matching import filter_missing
 
 if TYPE_CHECKING:
     from fastkeys.integrations.loader.lifecycle import AdapterChangeResult
@@ -35,7 +36,6 @@ __all__ = [
 # Inside `boundary.recorded_results` a caller wants torch's raw load result, which only PEFT's loader
 # produces.
 _RAW_REQUESTED = "the raw load result was requested"
-_SHOWN = 5
 # PEFT's own warning about missing keys (and its variant with a prefix hint), replaced by
 # fastkeys' verdict. Matched at the start of the message, as `warnings` filters do.
 _PEFT_MISSING_WARNINGS = (
@@ -166,20 +166,7 @@ def from_pretrained(model: Any, model_id: str, adapter_name: str = "default", **
                 loaded = peft.PeftModel.from_pretrained(model, model_id, adapter_name, **kwargs)
             raw = boundary.last_result(records, "from_pretrained")
     result = filter_load_result(loaded, raw, adapter_name)
-    missing = list(result.missing_keys)
-    if missing:
-        shown = ", ".join(missing[:_SHOWN]) + (
-            f", ... ({len(missing) - _SHOWN} more)" if len(missing) > _SHOWN else ""
-        )
-        warnings.warn(
-            MissingAdapterKeysWarning(
-                f"adapter {adapter_name!r}: {len(missing)} of its tensors are missing from the checkpoint "
-                f"at {model_id}: {shown}",
-                adapter_name,
-                missing,
-            ),
-            stacklevel=2,
-        )
+    recorder.warn_missing(adapter_name, list(result.missing_keys), model_id, 2)
     return loaded
 
 

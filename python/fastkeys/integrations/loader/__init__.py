@@ -17,6 +17,6 @@ Imports run one way, down this list; only `api` is called from outside (by `fast
 | `transaction` | record, roll back (values, modules, flags, RNG), Ctrl-C deferred while restoring |
 | `peft_re`     | PEFT's regular-expression matching on fastkeys' linear engine |
 | `files`       | reading tensors through the checks `scan` made |
-| `boundary`    | the private PEFT and torch symbols used, verified versions, the hooks on PEFT's loader |
+| `boundary`    | the private PEFT and torch symbols used, the version gate, PEFT's hooks (via `recorder`) |
 | `result`      | `AdapterLoadResult` |
 """

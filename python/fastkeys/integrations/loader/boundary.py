@@ -6,7 +6,8 @@ loader goes through PEFT's own code and says why (`version_refusal`). A private 
 refuses the fast path the same way instead of failing on import.
 
 PEFT's own loader needs two hooks, both pass-throughs installed once for the whole process that act
-only for the thread inside a fastkeys call:
+only for the thread inside a fastkeys call (`fastkeys.integrations.recorder`, the mechanism
+`fastkeys.transformers` and `fastkeys.diffusers` use too):
 - `recorded_results()`: torch's raw `load_state_dict` result from inside
   `set_peft_model_state_dict`, before PEFT filters it;
 - `fed_tensors(path, tensors)`: PEFT reads an adapter's weights with `safetensors.torch.load_file`;
@@ -19,17 +20,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import peft
 import torch
 
-# Checked by the differential tests (tests/test_load_adapters.py) against PEFT's own loop. PEFT by
-# release: its loader changes in patch releases too. torch by minor release.
-VERIFIED = {"peft": ("0.21.2",), "torch": ("2.15",)}
+from fastkeys.integrations import recorder
+
+# The versions the fast path was verified on (with those of transformers and diffusers, in one place)
+VERIFIED = recorder.VERIFIED
 
 
 def _symbol(module: str, name: str) -> Any:
@@ -179,7 +179,7 @@ def registration_hooks_installed() -> bool:
 
 
 def versions() -> dict[str, str]:
-    return {"peft": str(getattr(peft, "__version__", "?")), "torch": torch.__version__.split("+")[0]}
+    return {"peft": recorder.version(peft), "torch": recorder.version(torch)}
 
 
 def version_refusal() -> str | None:
@@ -201,80 +201,25 @@ def version_refusal() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The two pass-through hooks on PEFT's loader.
-
-_local = threading.local()
-
-
-def _wrap_once(module: Any, name: str, make: Callable[[Any], Callable[..., Any]]) -> None:
-    """Replaces `module.name` by `make(original)` unless fastkeys did already. No lock: two threads
-    at once both wrap the original and the second assignment wins (never a wrapper of a wrapper),
-    and a lock held across Python code would leak for good if a KeyboardInterrupt landed on the
-    `with` line's exit, hanging every later load."""
-    original = getattr(module, name, None)
-    if original is None:
-        raise RuntimeError(
-            f"fastkeys.peft relies on {module.__name__}.{name}, which peft "
-            f"{versions()['peft']} does not have (fastkeys is verified with peft "
-            f"{', '.join(VERIFIED['peft'])}); use fastkeys.filter_missing on a load result instead"
-        )
-    if getattr(original, "__fastkeys_wrapper__", False):
-        return
-    wrapper = functools.wraps(original)(make(original))
-    wrapper.__fastkeys_wrapper__ = True  # type: ignore[attr-defined]
-    setattr(module, name, wrapper)
+# The two pass-through hooks on PEFT's loader, installed by `fastkeys.integrations.recorder`.
 
 
 def install() -> None:
     """Installs both hooks (idempotent). RuntimeError naming the version if PEFT lacks a function."""
-    peft_model = importlib.import_module("peft.peft_model")
-    save_and_load = importlib.import_module("peft.utils.save_and_load")
-    _wrap_once(peft_model, "set_peft_model_state_dict", _recording)
-    _wrap_once(save_and_load, "safe_load_file", _feeding)
-
-
-def _recording(original: Callable[..., Any]) -> Callable[..., Any]:
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        for records in getattr(_local, "stack", ()):
-            # PEFT filters `missing_keys` in place right after this returns: keep a copy.
-            records.append(result._replace(missing_keys=list(result.missing_keys)))
-        return result
-
-    return recording
-
-
-def _feeding(original: Callable[..., Any]) -> Callable[..., Any]:
-    def feeding(filename: Any, device: Any = "cpu") -> Any:
-        feed = getattr(_local, "feed", None)
-        if feed is not None and os.fspath(filename) == feed[0]:
-            # the placeholder is an empty safetensors file: reading it checks `device` as safetensors
-            # does (same errors), then the checked tensors go where they would have gone
-            original(filename, device=device)
-            return {name: tensor.to(device) for name, tensor in feed[1].items()}
-        return original(filename, device=device)
-
-    return feeding
+    recorder.install_peft()
 
 
 @contextlib.contextmanager
 def recorded_results() -> Iterator[list[Any]]:
     """Collects the raw results of this thread's PEFT loads while open (nested ones included)."""
     install()
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    records: list[Any] = []
-    stack.append(records)
-    try:
-        yield records
-    finally:
-        stack.pop()
+    with recorder.loading(None, judging=False) as load:
+        yield load.raw
 
 
 def recording() -> bool:
     """Whether this thread is inside `recorded_results` (its caller wants torch's raw result)."""
-    return bool(getattr(_local, "stack", None))
+    return recorder.recording()
 
 
 @contextlib.contextmanager
@@ -282,12 +227,8 @@ def fed_tensors(path: str, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
     """While open, PEFT's read of the file `path` (an empty safetensors file) on this thread
     returns `tensors` instead."""
     install()
-    previous = getattr(_local, "feed", None)
-    _local.feed = (path, tensors)
-    try:
+    with recorder.feeding(path, tensors):
         yield
-    finally:
-        _local.feed = previous
 
 
 def last_result(records: list[Any], what: str) -> Any:
