@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterable, Mapping
 
 from fastkeys.engine import IMPLEMENTATION, core
 from fastkeys.rules import records as tuners
 from fastkeys.rules import validate as _validate
+from fastkeys.rules import versions
 from fastkeys.rules.expressions import translate
 
 __all__ = [
@@ -141,6 +143,64 @@ def _method_for(peft_type: object, config: object) -> tuners.Method | None:
     return from_config
 
 
+def _unset_flags(method: tuners.Method | None, config: object) -> frozenset[str]:
+    """The config flags that the method's version-scoped rules name and the config sets false."""
+    if method is None or config is None:
+        return frozenset()
+    unset = set()
+    for rule in method.harmless:
+        if rule.unless is not None:
+            read = config.get if isinstance(config, Mapping) else functools.partial(getattr, config)
+            value = read(rule.unless, None)
+            if value is False:
+                unset.add(rule.unless)
+    return frozenset(unset)
+
+
+def _names_one_of(key: str, segments: frozenset[str], adapter_name: str) -> bool:
+    """Whether the key's adapter segment (the one before the name) is one of `segments`."""
+    parts = key.split(".")
+    return any(
+        part in segments and following == adapter_name for part, following in itertools.pairwise(parts)
+    )
+
+
+def _without_harmless(
+    found: list[str], adapter_name: str, method: tuners.Method | None, config: object, explicit: object
+) -> list[str]:
+    """`found` less the tensors that the PEFT release rebuilds at load (records.Harmless). The
+    release is looked up only when such a tensor is among the keys: rarely, and never for most
+    methods (the lookup costs more than `import fastkeys`)."""
+    candidates = tuners.harmless_candidates(method)
+    if not candidates or not any(_names_one_of(key, candidates, adapter_name) for key in found):
+        return found
+    release = versions.resolve(explicit, config)
+    harmless = tuners.harmless_segments(method, release, _unset_flags(method, config))
+    if not harmless:
+        return found
+    return [key for key in found if not _names_one_of(key, harmless, adapter_name)]
+
+
+def _per_category_hits(
+    keys: Iterable[str], adapter_name: str, segments: tuple[str, ...], ignore: tuple[str, ...]
+) -> list[str]:
+    """The keys of the model-level per-category tensors (records.Method.per_category) of the
+    adapter: `base_model.frod_V.<category>.<name>`, right under the model root."""
+    hits = []
+    for key in _category_matcher(segments, ignore).filter(keys):
+        parts = key.split(".")
+        at = 1 if parts[0] == tuners.MODEL_ROOT else 0
+        if len(parts) == at + 3 and parts[at] in segments and parts[-1] == adapter_name:
+            hits.append(key)
+    return hits
+
+
+@functools.lru_cache(maxsize=64)
+def _category_matcher(segments: tuple[str, ...], ignore: tuple[str, ...]) -> KeyMatcher:
+    # Any adapter name: the segment after these is the category; the caller checks the name.
+    return KeyMatcher((), None, exact=segments, ignore=ignore)
+
+
 def _ignore_key(ignore: Iterable[str] | None) -> tuple[str, ...]:
     """The ignore expressions as a hashable cache key; `translate` raises the TypeError that
     explains what to write when they are not an iterable of str."""
@@ -183,6 +243,7 @@ def filter_missing(
     *,
     config: object = ...,
     ignore: Iterable[str] | None = ...,
+    peft_version: str | None = ...,
 ) -> list[str]: ...
 @overload
 def filter_missing(  # noqa: F811 (a local `overload` at run time, typing's for the checkers)
@@ -192,6 +253,7 @@ def filter_missing(  # noqa: F811 (a local `overload` at run time, typing's for 
     *,
     config: object = ...,
     ignore: Iterable[str] | None = ...,
+    peft_version: str | None = ...,
 ) -> Result: ...
 def filter_missing(  # noqa: F811
     missing: Any,
@@ -200,6 +262,7 @@ def filter_missing(  # noqa: F811
     *,
     config: object = None,
     ignore: Iterable[str] | None = None,
+    peft_version: str | None = None,
 ) -> Any:
     """The missing keys that matter for adapter `adapter_name`, and nothing else.
 
@@ -209,13 +272,34 @@ def filter_missing(  # noqa: F811
     any case, a `peft.PeftType` or None for every known method; `config` is a PEFT config or
     an adapter_config.json dict and supplies the method. `ignore` holds regular expressions:
     keys matching any of them are dropped.
+
+    A few rules depend on the PEFT release that loads the adapter (`fastkeys.rules.versions`):
+    `peft_version` ("0.20.0") names it; by default it is the installed PEFT's, or, when none is
+    installed, the `peft_version` of an adapter_config.json dict passed as `config`.
     """
     _validate.name("adapter_name", adapter_name)
+    if peft_version is not None:
+        versions.parse(peft_version)
     method = _method_for(peft_type, config)
-    matcher = _matcher_for(tuners.patterns(method), adapter_name, _ignore_key(ignore))
+    ignored = _ignore_key(ignore)
+    matcher = _matcher_for(tuners.patterns(method), adapter_name, ignored)
+    categories = tuners.per_category(method)
+
+    def kept(keys: Iterable[str]) -> list[str]:
+        # Read twice; what is no iterable of str is left for the matcher to name.
+        if categories and isinstance(keys, Iterable) and not isinstance(keys, (list, tuple, str, bytes)):
+            keys = list(keys)
+        found = _without_harmless(matcher.filter(keys), adapter_name, method, config, peft_version)
+        if categories:
+            extra = _per_category_hits(keys, adapter_name, categories, ignored)
+            if extra:
+                chosen = {*found, *extra}
+                found = [key for key in keys if key in chosen]
+        return found
+
     if hasattr(missing, "missing_keys") and not isinstance(missing, (str, bytes)):
-        return _with_missing_keys(missing, matcher.filter(missing.missing_keys))
-    return matcher.filter(missing)
+        return _with_missing_keys(missing, kept(missing.missing_keys))
+    return kept(missing)
 
 
 def _renamer(adapter_name: str, peft_type: object) -> KeyMatcher:

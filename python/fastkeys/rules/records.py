@@ -23,9 +23,13 @@ __all__ = [
     "MODEL_ROOT",
     "SHARED_COPIES",
     "WRAPPERS",
+    "Harmless",
     "Method",
+    "harmless_candidates",
+    "harmless_segments",
     "known_methods",
     "patterns",
+    "per_category",
     "resolve",
 ]
 
@@ -34,6 +38,51 @@ __all__ = [
 # in every tensor of a module), or a fixed size.
 Dim = str | int
 Shapes = dict[str, tuple[Dim, ...]]
+# A PEFT release as numbers, (0, 21) (fastkeys.rules.versions reads them).
+Release = tuple[int, ...]
+
+
+class Harmless:
+    """Tensors whose absence is harmless on some PEFT releases: `since` (included) to `until`
+    (excluded), each None for no bound. There the releases rebuild them at load and read none from
+    the checkpoint, yet `load_state_dict` reports them missing. `unless`: a config flag that, when
+    true, has PEFT save and read them, so that they matter again; a caller that passes no config
+    gets the safe answer (they matter)."""
+
+    __slots__ = ("segments", "since", "unless", "until")
+
+    def __init__(
+        self,
+        segments: tuple[str, ...],
+        *,
+        since: Release | None = None,
+        until: Release | None = None,
+        unless: str | None = None,
+    ) -> None:
+        self.segments = segments
+        self.since = since
+        self.until = until
+        self.unless = unless
+
+    def holds(self, release: Release | None) -> bool:
+        """Whether the rule holds on `release`; None (unknown) is the newest release."""
+        if release is None:
+            return self.until is None
+        return (self.since is None or release >= self.since) and (self.until is None or release < self.until)
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.segments, self.since, self.until, self.unless)
+
+    def __repr__(self) -> str:
+        return (
+            f"Harmless({self.segments!r}, since={self.since!r}, until={self.until!r}, unless={self.unless!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Harmless) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
 
 
 class Method:
@@ -53,14 +102,19 @@ class Method:
     parameters it did not gather as 1-D or empty placeholders). `zero_factors`: tensors that make
     their module's update zero when all zero (a factor of a product, or the update itself); PEFT
     initialises one of them to zero, so an untrained adapter has them zero. `standalone`: tensors
-    that change the output even then (DoRA's magnitude).
+    that change the output even then (DoRA's magnitude). `harmless`: tensors that some PEFT
+    releases rebuild at load (see Harmless). `per_category`: model-level tensors kept once per
+    category of layer, `base_model.<segment>.<category>.<name>` (FRoD's `frod_V`): the name
+    follows the category, not the segment.
     """
 
     __slots__ = (
         "embedding_shapes",
         "exact",
+        "harmless",
         "kronecker",
         "name",
+        "per_category",
         "prefix",
         "prompt_learning",
         "ranks",
@@ -86,6 +140,8 @@ class Method:
         ranks: dict[str, int | str] | None = None,
         zero_factors: tuple[str, ...] = (),
         standalone: tuple[str, ...] = (),
+        harmless: tuple[Harmless, ...] = (),
+        per_category: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.prefix = prefix
@@ -99,6 +155,8 @@ class Method:
         self.ranks: dict[str, int | str] = ranks or {}
         self.zero_factors = zero_factors
         self.standalone = standalone
+        self.harmless = harmless
+        self.per_category = per_category
 
     def _fields(self) -> tuple[object, ...]:
         return tuple(getattr(self, field) for field in self.__slots__)
@@ -138,7 +196,11 @@ _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 
 def _vera_like(name: str) -> Method:
     """VeRA and PVeRA: per-layer scaling vectors `<name>_lambda_b`/`_d` (zero-initialised `b`)
-    around the model-level shared projections `<name>_A`/`<name>_B`."""
+    around the model-level shared projections `<name>_A`/`<name>_B`. Before PEFT 0.21 the saved
+    projections (`base_model.vera_A`, without the adapter name) never reach the model's
+    `base_model.vera_A.<name>`: every load, complete or not, reports them missing and the model
+    keeps the ones it drew from `projection_prng_key` (PEFT itself refuses a checkpoint without
+    them)."""
     vectors = (f"{name}_lambda_b", f"{name}_lambda_d")
     projections = (f"{name}_A", f"{name}_B")
     return Method(
@@ -148,6 +210,7 @@ def _vera_like(name: str) -> Method:
         shared=projections,
         ranks=dict.fromkeys(vectors, 1),
         zero_factors=vectors,
+        harmless=(Harmless(projections, until=(0, 21)),),
     )
 
 
@@ -178,7 +241,9 @@ METHODS: dict[str, Method] = _methods(
     Method("deft", "deft_"),
     Method("delora", "delora_", zero_factors=("delora_A", "delora_B")),
     Method("fourierft", "fourierft_", zero_factors=("fourierft_spectrum",)),
-    Method("frod", "frod_"),
+    # The projections, when `save_projection` keeps them: PEFT reports them missing when the
+    # checkpoint lacks them, and the model then holds the ones it recomputed from the base weights.
+    Method("frod", "frod_", per_category=("frod_V", "frod_s_indices", "frod_s_size")),
     Method("glora", "glora_"),
     Method("gralora", "gralora_"),
     Method("hira", "hira_", zero_factors=("hira_A", "hira_B")),
@@ -217,9 +282,28 @@ METHODS: dict[str, Method] = _methods(
     Method("shadow", "shadow_"),
     Method("shira", "shira_", zero_factors=("shira_weight",)),
     Method("supertuning", "supertuning_"),
-    Method("tinylora", "tinylora_", shared=("tinylora_v",)),
+    # Before 0.21 the projections are persistent buffers even when `save_projection=False`
+    # leaves them out of the checkpoint: they are redrawn from the seed at load.
+    Method(
+        "tinylora",
+        "tinylora_",
+        shared=("tinylora_v",),
+        harmless=(Harmless(("tinylora_P",), until=(0, 21), unless="save_projection"),),
+    ),
     Method("trainable_tokens", "trainable_tokens_"),
-    Method("unilora", "unilora_", shared=("unilora_theta_d",)),
+    # Likewise the indices and scales before 0.21, unless `save_indices` saved them.
+    Method(
+        "unilora",
+        "unilora_",
+        shared=("unilora_theta_d",),
+        harmless=(
+            Harmless(
+                ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B"),
+                until=(0, 21),
+                unless="save_indices",
+            ),
+        ),
+    ),
     Method("vblora", "vblora_", shared=("vblora_vector_bank",)),
     _vera_like("vera"),
     Method("waveft", "waveft_", zero_factors=("waveft_spectrum",)),
@@ -330,3 +414,34 @@ def _patterns(methods: tuple[Method, ...]) -> Patterns:
             suffixes.update(dict.fromkeys(each.suffixes))
     exact.update(dict.fromkeys(ALWAYS))
     return tuple(prefixes), tuple(exact), tuple(shared), tuple(suffixes)
+
+
+def _chosen(method: Method | None) -> tuple[Method, ...]:
+    if method is not None:
+        return (method,)
+    return tuple(METHODS.values())  # methods registered at run time carry no such rules
+
+
+@functools.lru_cache(maxsize=256)
+def harmless_candidates(method: Method | None) -> frozenset[str]:
+    """Every segment that a version-scoped rule of the method (None: of any method) names."""
+    return frozenset(name for each in _chosen(method) for rule in each.harmless for name in rule.segments)
+
+
+@functools.lru_cache(maxsize=256)
+def harmless_segments(
+    method: Method | None, release: Release | None, unset: frozenset[str] = frozenset()
+) -> frozenset[str]:
+    """The segments whose missing tensors are harmless on `release` (None: the newest), for a
+    config whose flags in `unset` are known to be false (see Harmless.unless)."""
+    found: set[str] = set()
+    for each in _chosen(method):
+        for rule in each.harmless:
+            if rule.holds(release) and (rule.unless is None or rule.unless in unset):
+                found.update(rule.segments)
+    return frozenset(found)
+
+
+def per_category(method: Method | None) -> tuple[str, ...]:
+    """The per-category model-level segments of a method (see Method.per_category)."""
+    return tuple(segment for each in _chosen(method) for segment in each.per_category)
