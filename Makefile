@@ -38,14 +38,17 @@ $(EXTENSION_STAMP): $(RUST_SOURCES) | $(VENV)/.dev-installed
 
 build: $(EXTENSION_STAMP) ## Build the Rust extension into .venv (release mode)
 
+# pytest-xdist workers for the two suites (both cores of the CI machine; WORKERS=0 runs in-process)
+WORKERS ?= 2
+
 test-rust: ## cargo test: the Rust core, without Python
 	cargo test --quiet
 
 test-native: build $(VENV)/.peft-installed ## pytest against the compiled extension (fails if it does not import)
-	FASTKEYS_IMPLEMENTATION=rust $(PY) -m pytest -q
+	FASTKEYS_IMPLEMENTATION=rust $(PY) -m pytest -q -n $(WORKERS)
 
 test-python: $(VENV)/.peft-installed ## pytest against the pure-Python fallback: every test but the torch suite, plus its engine-facing modules
-	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q -m "not torch or engine"
+	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q -n $(WORKERS) -m "not torch or engine"
 
 check: build ## The edit loop (under a minute): ruff, mypy on the package, the torch-free tests
 	$(BIN)/ruff check python tests benches fixtures docs scripts
@@ -69,7 +72,7 @@ wheels: $(VENV)/.dev-installed ## dist/: the abi3 wheel, the sdist and the pure-
 	$(BIN)/twine check --strict dist/*
 
 test-wheels: wheels ## Install each artifact into a fresh virtual environment and check it
-	$(PY) -m pytest -q tests/install
+	$(PY) -m pytest -q -n $(WORKERS) tests/install
 
 test: lint test-rust test-native test-python test-wheels ## Everything CI runs: the strict checks, cargo test, pytest under both implementations (with the import budget), the wheels
 

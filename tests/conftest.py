@@ -1,4 +1,6 @@
-"""The suite runs twice (`make test`): FASTKEYS_IMPLEMENTATION=rust, then =python."""
+"""`make test` runs the suite under FASTKEYS_IMPLEMENTATION=rust, then the engine-facing part of it
+(the torch-free tests and the torch modules or tests marked `engine`) under =python; each run on
+pytest-xdist workers (`make test WORKERS=0` runs in-process)."""
 
 from __future__ import annotations
 

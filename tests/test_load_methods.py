@@ -38,7 +38,9 @@ from fixtures.loading import (
 )
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
-pytestmark = pytest.mark.engine  # key renaming and expressions run on the engine: both implementations
+# Runs once, under the default implementation: the engine work inside these loads (checkpoint scans,
+# key renaming, expressions) is held equal under both by tests/test_differential.py,
+# tests/test_load_adapters.py and tests/test_loader_expressions.py.
 
 FULL = os.environ.get("FASTKEYS_FULL") == "1"
 
