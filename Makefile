@@ -8,7 +8,7 @@ RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
 .DEFAULT_GOAL := help
-.PHONY: help install build check format test test-rust test-native test-python test-wheels wheels fuzz demo docs lint bench bench-adapters bench-lifecycle clean
+.PHONY: help install build check format test test-rust test-native test-python test-wheels test-compat wheels fuzz demo docs lint bench bench-adapters bench-lifecycle clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ test-wheels: wheels ## Install each artifact into a fresh virtual environment an
 	$(PY) -m pytest -q -n $(WORKERS) tests/install
 
 test: lint test-rust test-native test-python test-wheels ## Everything CI runs: the strict checks, cargo test, pytest under both implementations (with the import budget), the wheels
+
+test-compat: build $(VENV)/.peft-installed ## PEFT 0.17 to 0.21 (an overlay each, in .venv/compat/): the filter ground truth and fastkeys.peft, both implementations
+	$(PY) scripts/compat.py
 
 bench: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## The full benchmark suite (benches/): table, benches/results.json, docs/bench.png
 	$(PY) -m benches.run --full

@@ -135,3 +135,29 @@ def test_the_release_comes_from_the_running_peft() -> None:
     from fastkeys.rules import versions
 
     assert versions.installed_peft() == peft.__version__
+
+
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_fastkeys_peft_loads_on_the_running_peft(method: str, tmp_path: Path) -> None:
+    """`fastkeys.peft` works on every supported release: the fast path where it was verified,
+    PEFT's own loader with the reason elsewhere, and the same verdict either way."""
+    import fastkeys.peft as fkpeft
+    from fastkeys.integrations.loader import boundary
+
+    directory = save_adapter(METHOD_CONFIGS[method](), tmp_path / "adapter")
+    dropped = without(directory, checkpoint_keys(directory)[0], tmp_path / "dropped")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(tiny_llama(resized=True), str(directory), "default")
+        complete = fkpeft.load_adapter(model, str(directory), "complete")
+        assert list(complete.missing_keys) == []
+        lacking = fkpeft.load_adapter(model, str(dropped), "lacking")
+        assert lacking.missing_keys and all(".lacking" in key for key in lacking.missing_keys)
+        many = fkpeft.load_adapters(model, {"a": str(directory), "b": str(dropped)}, progress=False)
+    assert [list(result.missing_keys) == [] for result in many.values()] == [True, False]
+    refusal = boundary.version_refusal()
+    for result in many.values():
+        if refusal is not None:  # a release the fast path was not verified on
+            assert (result.loader, result.reason) == ("peft", refusal)
+        elif result.loader == "peft":
+            assert result.reason, "PEFT's loader runs with a reason"

@@ -1,0 +1,140 @@
+"""`make test-compat`: the filter ground truth on every supported (PEFT, transformers) pair.
+
+Each pair runs in its own interpreter: the venv's Python with an overlay in front of its
+site-packages (`pip install --no-deps --target`, cached under .venv/compat/; torch, safetensors
+and the rest are the venv's own). The pairs' tests (tests/test_peft_versions.py with
+FASTKEYS_COMPAT=1: every method PEFT has, complete and one tensor short, through `load_adapter`
+and `from_pretrained`) run under both implementations; the script prints a table and exits
+non-zero when a run fails.
+
+    python scripts/compat.py                       every pair, both implementations
+    python scripts/compat.py --pairs 0.17.1 --implementations rust   one pair, one engine
+    python scripts/compat.py --slice               the oldest pair, the variants only (cheap)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".venv" / "compat"
+TESTS = ["tests/test_peft_versions.py"]
+
+# transformers 4.57.6 wants huggingface_hub < 1; these are the newest that fit it.
+TRANSFORMERS_457 = ["transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.2"]
+# (PEFT, transformers): the oldest PEFT minors pair only with transformers 4.x; "venv" is the
+# pinned transformers of requirements/peft.txt.
+PAIRS: list[tuple[str, str]] = [
+    ("0.17.1", "4.57.6"),
+    ("0.18.1", "4.57.6"),
+    ("0.19.1", "venv"),
+    ("0.20.0", "venv"),
+    ("0.21.2", "4.57.6"),
+]
+
+
+def overlay(name: str, requirements: list[str]) -> Path:
+    """The cached `pip install --target` of `requirements`, installed on first use."""
+    directory = CACHE / name
+    done = directory / ".complete"
+    if done.exists():
+        return directory
+    print(f"installing {' '.join(requirements)} into {directory}", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "-q", "--no-deps",
+         "--upgrade", "--target", str(directory), *requirements],
+        check=True,
+    )  # fmt: skip
+    done.write_text(" ".join(requirements) + "\n")
+    return directory
+
+
+def overlays(peft: str, transformers: str) -> list[Path]:
+    found = [overlay(f"peft-{peft}", [f"peft=={peft}"])]
+    if transformers != "venv":
+        found.append(overlay(f"transformers-{transformers}", TRANSFORMERS_457))
+    return found
+
+
+def run(peft: str, transformers: str, implementation: str, every: bool) -> dict[str, object]:
+    """One pytest run; its counts from the junit report."""
+    report = CACHE / f"report-{peft}-{transformers}-{implementation}.xml"
+    path = [str(ROOT / "python"), *(str(each) for each in overlays(peft, transformers))]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "FASTKEYS_IMPLEMENTATION": implementation,
+        "FASTKEYS_COMPAT": "1" if every else "",
+    }
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *TESTS],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    seconds = time.monotonic() - started
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    if report.exists():
+        top = ElementTree.parse(report).getroot()
+        suite = top.find("testsuite") if top.tag == "testsuites" else top
+        assert suite is not None
+        total = int(suite.get("tests", 0))
+        failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        skipped = int(suite.get("skipped", 0))
+        counts = {"passed": total - failed - skipped, "failed": failed, "skipped": skipped}
+    versions = next((line for line in done.stdout.splitlines() if line.startswith("versions:")), "")
+    if done.returncode not in (0, 1) or (done.returncode == 1 and not counts["failed"]):
+        counts["failed"] = max(1, int(counts["failed"]))  # pytest itself failed (collection, usage)
+    return {**counts, "rc": done.returncode, "seconds": seconds, "output": done.stdout + done.stderr,
+            "versions": versions}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", nargs="*", help="PEFT versions to run (default: every pair)")
+    parser.add_argument("--implementations", nargs="*", default=["rust", "python"])
+    parser.add_argument(
+        "--slice", action="store_true", help="the oldest pair and the default cases only (for `make test`)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each run's pytest output")
+    args = parser.parse_args(argv)
+    pairs = [pair for pair in PAIRS if not args.pairs or pair[0] in args.pairs]
+    if args.slice:
+        pairs = pairs[:1]
+    rows = []
+    failed = False
+    for peft, transformers in pairs:
+        for implementation in args.implementations:
+            result = run(peft, transformers, implementation, every=not args.slice)
+            label = "venv's" if transformers == "venv" else transformers
+            rows.append((peft, label, implementation, result))
+            failed |= bool(result["failed"])
+            status = "ok" if not result["failed"] else "FAILED"
+            print(
+                f"peft {peft:7s} transformers {label:7s} {implementation:6s} {status:6s} "
+                f"passed {result['passed']:3d} failed {result['failed']:3d} skipped {result['skipped']:3d} "
+                f"({result['seconds']:.0f} s)",
+                flush=True,
+            )
+            if result["failed"] or args.verbose:
+                print(str(result["output"])[-6000:], flush=True)
+    print()
+    print("| PEFT | transformers | engine | passed | failed | skipped (method absent) |")
+    print("|---|---|---|---|---|---|")
+    for peft, label, implementation, result in rows:
+        print(
+            f"| {peft} | {label} | {implementation} | {result['passed']} | {result['failed']} "
+            f"| {result['skipped']} |"
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
