@@ -2,14 +2,14 @@
 
 Each pair runs in its own interpreter: the venv's Python with an overlay in front of its
 site-packages (`pip install --no-deps --target`, cached under .venv/compat/; torch, safetensors
-and the rest are the venv's own). The pairs' tests (tests/test_peft_versions.py with
-FASTKEYS_COMPAT=1: every method PEFT has, complete and one tensor short, through `load_adapter`
-and `from_pretrained`) run under both implementations; the script prints a table and exits
-non-zero when a run fails.
+and the rest are the venv's own). The tests (tests/test_peft_versions.py with FASTKEYS_COMPAT=1:
+filter_missing on every method the PEFT has, complete and one tensor short, through `load_adapter`
+and `from_pretrained`; fastkeys.peft's loaders) run under both implementations; the script prints
+a table and exits non-zero when a run fails.
 
     python scripts/compat.py                       every pair, both implementations
     python scripts/compat.py --pairs 0.17.1 --implementations rust   one pair, one engine
-    python scripts/compat.py --slice               the oldest pair, the variants only (cheap)
+    python scripts/compat.py --slice               the oldest pair, the default cases (cheap)
 """
 
 from __future__ import annotations
