@@ -235,6 +235,40 @@ def test_the_model_may_change_between_loads(tmp_path: Path, first: Path, mutate:
     assert_same_state(end_state(models[0]), end_state(models[1]))
 
 
+@pytest.mark.parametrize("where", ["module", "base_layer", "override"])
+def test_load_state_dict_hooks_send_the_load_to_peft(tmp_path: Path, first: Path, where: str) -> None:
+    """PEFT's load_state_dict runs a module's load_state_dict hooks (and its own
+    `_load_from_state_dict`) on the adapter's keys; the fast path would not, so it steps aside."""
+    second = adapter(tmp_path, "second", seed=2)
+
+    def halve(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for key in [key for key in state_dict if key.startswith(prefix) and ".lora_B." in key]:
+            state_dict[key] = state_dict[key] / 2
+
+    class Halving(torch.nn.Module):
+        def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+            halve(self, state_dict, prefix)
+            super()._load_from_state_dict(state_dict, prefix, *args)
+
+    models = []
+    for loader in ("peft", "fastkeys"):
+        model = with_first(first)
+        layer = model.base_model.model.model.layers[0]
+        if where == "module":
+            layer.self_attn.register_load_state_dict_pre_hook(halve)
+        elif where == "base_layer":
+            layer.self_attn.q_proj.base_layer.register_load_state_dict_pre_hook(halve)
+        else:
+            layer.__class__ = type("HalvingLayer", (type(layer), Halving), {})
+        if loader == "peft":
+            model.load_adapter(second, "second")
+        else:
+            result = fastkeys.peft.load_adapter(model, second, "second")
+            assert result.loader == "peft" and "load_state_dict hook" in (result.reason or ""), result
+        models.append(model)
+    assert_same_state(end_state(models[0]), end_state(models[1]))
+
+
 def test_no_process_wide_hook_and_nothing_outlives_the_model(tmp_path: Path, first: Path) -> None:
     registration = torch.nn.modules.module._global_module_registration_hooks
     hooks_before = dict(registration)

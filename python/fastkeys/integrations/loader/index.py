@@ -22,12 +22,17 @@ class ModelIndex:
     wrappers, in its order, with their modules; `layers`: the tuner layers among them;
     `segments`: every dotted segment of the model's parameter and buffer names outside those
     internals; `auxiliary`: whether PEFT's auxiliary wrappers (modules_to_save, trainable tokens)
-    are in the model."""
+    are in the model; `load_hook`: the name of the first module (the root is "", a tuner layer's
+    base layer is named by its layer) that has a `load_state_dict` hook or its own
+    `_load_from_state_dict`, or None. PEFT's `load_state_dict` runs those on every key, adapters'
+    included; the fast path does not."""
 
     def __init__(self, model: nn.Module) -> None:
         self.modules: dict[str, Any] = {}
         self.layers: dict[str, Any] = {}
         self.auxiliary = False
+        self.load_hook: str | None = None
+        custom: dict[type, bool] = {}  # type -> overrides _load_from_state_dict
         segments: set[str] = {"weight", "bias", "base_layer"}
         tuner_layer = boundary.BaseTunerLayer
         wrapper = boundary.AuxiliaryTrainingWrapper
@@ -45,6 +50,8 @@ class ModelIndex:
                 segments.update(name.split("."))
             segments.update(module._parameters)
             segments.update(module._buffers)
+            if self.load_hook is None and _load_hook(module, custom):
+                self.load_hook = name
             kind = kinds.get(type(module))
             if kind is None:
                 kind = kinds[type(module)] = (
@@ -59,6 +66,8 @@ class ModelIndex:
                 inner = module
                 while isinstance(base := getattr(inner, "base_layer", None), nn.Module):
                     memo.add(id(base))
+                    if self.load_hook is None and _load_hook(base, custom):
+                        self.load_hook = name
                     inner = base
                 continue
             if kind == 2:
@@ -68,3 +77,11 @@ class ModelIndex:
             children = [(prefix + key, child) for key, child in module._modules.items() if child is not None]
             stack.extend(reversed(children))
         self.segments = segments
+
+
+def _load_hook(module: nn.Module, custom: dict[type, bool]) -> bool:
+    kind = type(module)
+    overrides = custom.get(kind)
+    if overrides is None:
+        overrides = custom[kind] = kind._load_from_state_dict is not nn.Module._load_from_state_dict
+    return overrides or bool(module._load_state_dict_pre_hooks) or bool(module._load_state_dict_post_hooks)

@@ -103,6 +103,11 @@ def model_refusal(peft_model: Any, adapter_name: str, index: ModelIndex, config:
         return f"the adapter name {adapter_name!r} is an attribute of torch's per-adapter containers"
     if index.auxiliary:
         return _AUXILIARY
+    if index.load_hook is not None:
+        return (
+            f"the model's module {index.load_hook or '(root)'!r} has a load_state_dict hook or its own "
+            "_load_from_state_dict, which PEFT's load_state_dict runs on the adapter's keys"
+        )
     active = tuner.active_adapters
     if any(getattr(peft_model.peft_config.get(name), "bias", "none") != "none" for name in active):
         return "an active adapter trains biases, which PEFT re-marks across the whole model"
