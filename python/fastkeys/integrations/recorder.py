@@ -38,8 +38,8 @@ from fastkeys.rules.matching import MissingAdapterKeysWarning, filter_missing
 VERIFIED = {
     "peft": ("0.21.2",),
     "torch": ("2.15",),
-    "transformers": ("5.24",),
-    "diffusers": ("0.42.1",),
+    "transformers": ("4.57.6", "5.24"),
+    "diffusers": ("0.39.0", "0.42.1"),
 }
 _SHOWN = 5
 _local = threading.local()
