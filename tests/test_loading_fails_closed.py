@@ -124,17 +124,57 @@ def test_low_cpu_mem_usage_exact_or_routed(tmp_path: Path, first: Path, dtype: t
         assert "low_cpu_mem_usage=True rounds adapter weights" in (results["x"].reason or "")
 
 
-def test_loading_over_an_existing_name_replaces_its_weights(tmp_path: Path, first: Path) -> None:
-    one, two = adapter(tmp_path, "one", seed=1), adapter(tmp_path, "two", seed=2)
-    expected = with_first(first)
-    expected.load_adapter(one, "x")
-    expected.load_adapter(two, "x")
-    actual = with_first(first)
-    assert fastkeys.peft.load_adapter(actual, one, "x").loader == "fastkeys"
-    result = fastkeys.peft.load_adapter(actual, two, "x")
-    assert result.loader == "peft" and "already has an adapter named 'x'" in (result.reason or "")
-    assert result.base_weights_written == []
-    assert_same_state(end_state(expected), end_state(actual))
+SWAPS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    # case: (how the second checkpoint is saved, options of the swap, loader expected)
+    "same shape": ({}, {}, "fastkeys"),
+    "trainable": ({}, {"is_trainable": True}, "fastkeys"),
+    "bf16 checkpoint": ({"dtype": torch.bfloat16}, {}, "fastkeys"),
+    "active adapter": ({}, {"active": True}, "fastkeys"),
+    "model in train mode": ({}, {"train": True}, "fastkeys"),
+    "a tensor missing": ({"drop": True}, {}, "peft"),
+    "low_cpu_mem_usage": ({}, {"low_cpu_mem_usage": True}, "peft"),
+}
+
+
+@pytest.mark.parametrize("case", list(SWAPS))
+def test_loading_over_an_existing_name_swaps_its_weights_as_peft_does(
+    tmp_path: Path, first: Path, case: str
+) -> None:
+    """PEFT's load_adapter over an existing name copies the checkpoint into that adapter's
+    parameters (a hot swap); fastkeys does it at the adapter's cost where that is the same state."""
+    saving, options, loader = SWAPS[case]
+    one = adapter(tmp_path, "one", seed=1)
+    two = adapter(tmp_path, "two", seed=2, dtype=saving.get("dtype"))
+    if saving.get("drop"):
+        rewrite(two, lambda tensors: tensors.pop(next(iter(sorted(tensors)))))
+    active, train = options.pop("active", False), options.pop("train", False)
+    models = []
+    for who in ("peft", "fastkeys"):
+        model = with_first(first)
+        model.load_adapter(one, "x")
+        if active:
+            model.set_adapter("x")
+        if train:
+            model.train()
+        if who == "peft":
+            model.load_adapter(two, "x", **options)
+        else:
+            result = fastkeys.peft.load_adapter(model, two, "x", **options)
+            assert result.loader == loader, result
+            assert (result.reason is None) == (loader == "fastkeys"), result
+            assert len(result.missing_keys) == (1 if saving.get("drop") else 0), result
+            assert result.base_weights_written == []
+        models.append(model)
+    assert_same_state(end_state(models[0]), end_state(models[1]))
+
+
+def test_a_swap_that_does_not_fit_is_peft_s_error_and_changes_nothing(tmp_path: Path, first: Path) -> None:
+    model = with_first(first)
+    model.load_adapter(adapter(tmp_path, "one", seed=1), "x")
+    before = end_state(model)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fastkeys.peft.load_adapter(model, adapter(tmp_path, "wide", seed=2, r=8), "x")
+    assert_same_state(before, end_state(model))
 
 
 def test_a_module_peft_wraps_is_no_base_weight_written(tmp_path: Path, first: Path) -> None:
@@ -358,33 +398,49 @@ def test_save_embedding_layers_checkpoints_load_and_say_so(tmp_path: Path) -> No
 # 4. Interruptions: a KeyboardInterrupt at points spread over a whole load.
 
 
-@pytest.mark.parametrize("path", ["fastkeys", "peft"])
+@pytest.mark.parametrize("path", ["fastkeys", "peft", "swap"])
 def test_an_interrupted_load_leaves_the_model_as_it_was_or_loaded(
     tmp_path: Path, first: Path, path: str
 ) -> None:
     """KeyboardInterrupt at 24 points spread over every traced line of a whole load (fastkeys' loader
     and PEFT's code): it stays a KeyboardInterrupt, and the model is as it was or as loaded."""
     extra: dict[str, Any] = (
-        {} if path == "fastkeys" else {"target_modules": ["q_proj", "k_proj"], "bias": "lora_only"}
+        {"target_modules": ["q_proj", "k_proj"], "bias": "lora_only"} if path == "peft" else {}
     )
     directory = adapter(tmp_path, "x", **extra)
-    loaded = with_first(first)
-    assert fastkeys.peft.load_adapter(loaded, directory, "x").loader == path
+    swapped = adapter(tmp_path, "swapped", seed=5) if path == "swap" else None
+
+    def start() -> Any:
+        model = with_first(first)
+        if swapped is not None:  # the load replaces the values of an adapter loaded before
+            fastkeys.peft.load_adapter(model, swapped, "x")
+        return model
+
+    loaded = start()
+    assert fastkeys.peft.load_adapter(loaded, directory, "x").loader == (
+        "fastkeys" if path == "swap" else path
+    )
     after = end_state(loaded)
-    fresh = with_first(first)
+    fresh = start()
     total, _fired = traced_lines(lambda: fastkeys.peft.load_adapter(fresh, directory, "x"))
     points = spread(total, 24)
     interrupted = 0
     for point in points:
-        model = with_first(first)
+        model = start()
         before = end_state(model)
         try:
             traced_lines(lambda model=model: fastkeys.peft.load_adapter(model, directory, "x"), point)  # type: ignore[misc]
         except KeyboardInterrupt:
             interrupted += 1
         state = end_state(model)
-        assert_same_state(after if "x" in model.peft_config else before, state)
+        done = "x" in model.peft_config if swapped is None else not torch.equal(*_first_a(before, state))
+        assert_same_state(after if done else before, state)
     assert interrupted >= len(points) - 1, (interrupted, points, total)
+
+
+def _first_a(*states: dict[str, Any]) -> list[torch.Tensor]:
+    key = next(key for key in states[0]["state_dict"] if ".lora_A.x." in key)
+    return [state["state_dict"][key][2] for state in states]
 
 
 def test_from_pretrained_reads_a_local_subfolder_as_peft_does(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from fastkeys.integrations.loader.inject import load_fast
 from fastkeys.integrations.loader.peft_re import check_expressions
 from fastkeys.integrations.loader.plan import Refused
 from fastkeys.integrations.loader.result import FAST, PEFT, AdapterLoadResult
+from fastkeys.integrations.loader.swap import swap_fast
 from fastkeys.integrations.loader.transaction import Transaction
 from fastkeys.rules.matching import filter_missing
 
@@ -113,19 +114,25 @@ def load_one(
     if reason is None:
         assert source.checkpoint is not None
         tx = Transaction()
+        fast = {
+            "is_trainable": is_trainable,
+            "autocast_adapter_dtype": autocast_adapter_dtype,
+            "low_cpu_mem_usage": low_cpu_mem_usage,
+        }
         try:
-            load_fast(
-                peft_model,
-                adapter_name,
-                source.config,
-                source.checkpoint,
-                source.directory,
-                index,
-                tx,
-                is_trainable=is_trainable,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-            )
+            if adapter_name in peft_model.peft_config:  # PEFT's hot swap: the adapter's values only
+                swap_fast(peft_model, adapter_name, source.checkpoint, source.directory, index, tx, **fast)
+            else:
+                load_fast(
+                    peft_model,
+                    adapter_name,
+                    source.config,
+                    source.checkpoint,
+                    source.directory,
+                    index,
+                    tx,
+                    **fast,
+                )
             return AdapterLoadResult([], [], FAST, None, [])
         except Refused as refused:
             tx.roll_back()

@@ -72,7 +72,7 @@ def load_fast(
         expected = dict(plan.expected)
         for name in plan.targets:
             if name not in built:
-                for key, parameter in _new_parameters(index.modules[name], adapter_name, name).items():
+                for key, parameter in adapter_parameters(index.modules[name], adapter_name, name).items():
                     if parameter.device.type == "meta":
                         raise Refused(f"{key} is on the meta device")
                     expected[key] = tuple(parameter.shape)
@@ -131,7 +131,7 @@ def load_fast(
                 layer = index.modules[name]
                 if autocast_adapter_dtype:
                     _upcast(layer, adapter_name)
-                for key, parameter in _new_parameters(layer, adapter_name, name).items():
+                for key, parameter in adapter_parameters(layer, adapter_name, name).items():
                     parameter.copy_(tensors[plan.by_model_key[key]])
         for parameter in upcast:
             # cast_adapter_dtype puts the float32 copy in through ParameterDict.__setitem__, which
@@ -142,7 +142,7 @@ def load_fast(
                 layer.set_requires_grad(adapter_name, True)
         _extend_unique(tuner.targeted_module_names, plan.targets)
         if not is_trainable:
-            _eval(peft_model, index, touched.values(), adapter_name, tx)
+            eval_like_peft(peft_model, index, touched.values(), adapter_name, tx)
 
 
 def _record_layer(tx: Transaction, layer: Any, adapter_name: str) -> None:
@@ -184,8 +184,9 @@ def _record_direct(tx: Transaction, layer: Any, adapter_name: str, layout: Layou
         tx.record_entries(holder._keys, adapter_name)
 
 
-def _new_parameters(layer: Any, adapter_name: str, module_name: str) -> dict[str, Any]:
-    """The new adapter's parameters in `layer`, by model key."""
+def adapter_parameters(layer: Any, adapter_name: str, module_name: str) -> dict[str, Any]:
+    """The parameters of the adapter `adapter_name` in `layer` (the tuner layer at `module_name`),
+    by model key."""
     found: dict[str, Any] = {}
     for attribute in layer.adapter_layer_names:
         holder = getattr(layer, attribute, None)
@@ -389,11 +390,12 @@ def _extend_unique(names: list[str], new: list[str]) -> None:
     names.extend(name for name in new if name not in seen and not seen.add(name))  # type: ignore[func-returns-value]
 
 
-def _eval(
+def eval_like_peft(
     peft_model: Any, index: ModelIndex, layers: Iterable[Any], adapter_name: str, tx: Transaction
 ) -> None:
     """PEFT ends a non-trainable load with `peft_model.eval()`. When the model is already in eval
-    mode (every indexed module and every adapter container says so), only the new modules need it."""
+    mode (every indexed module and every adapter container says so), only the adapter's modules in
+    `layers` need it (recorded where a flag changes: a swapped adapter's modules exist already)."""
     if peft_model.training or any(module.training for module in index.modules.values()):
         tx.record_training(peft_model.modules())
         peft_model.eval()
@@ -407,8 +409,11 @@ def _eval(
                     peft_model.eval()
                     return
                 entry = holder._modules.get(adapter_name)
-                if entry is not None:
-                    if entry._modules:
-                        entry.eval()
-                    else:  # a leaf (Linear, Dropout, Identity): what eval() does, without its recursion
-                        vars(entry)["training"] = False
+                if entry is None:
+                    continue
+                if entry._modules:
+                    tx.record_training(entry.modules())
+                    entry.eval()
+                elif entry.training:  # a leaf (Linear, Dropout, Identity): eval() without its recursion
+                    tx.record_training((entry,))
+                    vars(entry)["training"] = False

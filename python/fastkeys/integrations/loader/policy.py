@@ -25,7 +25,14 @@ from fastkeys.integrations.loader.methods import (
     method_of,
 )
 
-__all__ = ["ALLOWED", "PEFT_CONDENSES_TARGETS", "config_refusal", "model_refusal", "options_refusal"]
+__all__ = [
+    "ALLOWED",
+    "PEFT_CONDENSES_TARGETS",
+    "config_refusal",
+    "model_refusal",
+    "options_refusal",
+    "swap_refusal",
+]
 
 # field -> (accepted?, what is accepted): every LoraConfig field of the verified PEFT releases (the
 # other methods' lists are in their records, `methods.py`)
@@ -87,11 +94,8 @@ def model_refusal(peft_model: Any, adapter_name: str, index: ModelIndex, config:
     method: Method | None = method_of(config)
     if method is None:
         return config_refusal(config) or "the config's method is not covered"
-    tuner = peft_model.base_model
-    if type(tuner) is not method.tuner:
-        return f"the model's tuner is {type(tuner).__name__}, not {method.tuner.__name__}"
     if adapter_name in peft_model.peft_config:
-        return f"the model already has an adapter named {adapter_name!r}: PEFT's loader replaces its weights"
+        return swap_refusal(peft_model, adapter_name, index)
     if not index.layers:
         return "the model has no adapter layers yet (PEFT freezes the base model on the first injection)"
     if "." in adapter_name or adapter_name in index.segments:
@@ -101,6 +105,27 @@ def model_refusal(peft_model: Any, adapter_name: str, index: ModelIndex, config:
         )
     if adapter_name in _CONTAINER_ATTRIBUTES or any(hasattr(c, adapter_name) for c in _CONTAINERS):
         return f"the adapter name {adapter_name!r} is an attribute of torch's per-adapter containers"
+    tuner = peft_model.base_model
+    active = tuner.active_adapters
+    if any(getattr(peft_model.peft_config.get(name), "bias", "none") != "none" for name in active):
+        return "an active adapter trains biases, which PEFT re-marks across the whole model"
+    return _state_refusal(peft_model, index, method)
+
+
+def swap_refusal(peft_model: Any, adapter_name: str, index: ModelIndex) -> str | None:
+    """Why loading over the existing adapter `adapter_name` (PEFT then copies the checkpoint's
+    tensors into its parameters, under its existing config) is not the fast path's, or None."""
+    config = peft_model.peft_config[adapter_name]
+    method = method_of(config)
+    if method is None or config_refusal(config) is not None:
+        return f"the existing adapter {adapter_name!r} is of a method or config the fast path does not cover"
+    return _state_refusal(peft_model, index, method)
+
+
+def _state_refusal(peft_model: Any, index: ModelIndex, method: Method) -> str | None:
+    tuner = peft_model.base_model
+    if type(tuner) is not method.tuner:
+        return f"the model's tuner is {type(tuner).__name__}, not {method.tuner.__name__}"
     if index.auxiliary:
         return _AUXILIARY
     if index.load_hook is not None:
@@ -108,9 +133,6 @@ def model_refusal(peft_model: Any, adapter_name: str, index: ModelIndex, config:
             f"the model's module {index.load_hook or '(root)'!r} has a load_state_dict hook or its own "
             "_load_from_state_dict, which PEFT's load_state_dict runs on the adapter's keys"
         )
-    active = tuner.active_adapters
-    if any(getattr(peft_model.peft_config.get(name), "bias", "none") != "none" for name in active):
-        return "an active adapter trains biases, which PEFT re-marks across the whole model"
     if getattr(peft_model, "hf_device_map", None) is not None:
         return "the model is dispatched with a device map"
     if any(layer.merged for layer in index.layers.values()):
