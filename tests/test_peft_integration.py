@@ -189,6 +189,18 @@ def test_a_peft_without_the_internal_fails_clearly(monkeypatch: pytest.MonkeyPat
         fkpeft.load_adapter(object(), "x", "default")
 
 
+def test_one_recorder_under_every_name_peft_exposes() -> None:
+    """PEFT's loader, diffusers and transformers 4.57 call set_peft_model_state_dict by three names:
+    one wrapper records for all of them."""
+    import peft.utils
+    from peft.utils import save_and_load
+
+    boundary.install()
+    wrapper = getattr(peft.peft_model, "set_peft_model_state_dict")  # noqa: B009  (not re-exported)
+    assert wrapper is peft.set_peft_model_state_dict is peft.utils.set_peft_model_state_dict
+    assert wrapper.__wrapped__ is save_and_load.set_peft_model_state_dict  # type: ignore[attr-defined]
+
+
 def test_recording_is_a_pass_through_outside_fastkeys(saved: dict[str, Path]) -> None:
     boundary.install()  # installs the recorder
     model = peft.PeftModel.from_pretrained(tiny_llama(), saved["lora"], "default")
