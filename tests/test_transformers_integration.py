@@ -289,6 +289,34 @@ def test_missing_internal_is_a_runtime_error_naming_the_version(monkeypatch: pyt
         fkt.load_adapter(tiny_llama(), "unused")
 
 
+def test_a_load_fastkeys_did_not_see_is_a_runtime_error(
+    saved: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If load_adapter stops loading through the recorded function, the adapter is loaded but
+    fastkeys has no result: an error naming the version, not transformers' answer."""
+    import peft.utils
+    from transformers.modeling_utils import PreTrainedModel
+
+    from fastkeys.integrations import recorder
+
+    directory = saved["llama-resized"]
+    fkt.load_adapter(with_adapters("llama-resized", directory, []), str(directory), "warmup")  # installs
+    wrapped: Any
+    if TRANSFORMERS_4:
+        wrapped = peft.utils.set_peft_model_state_dict
+        monkeypatch.setattr(peft.utils, "set_peft_model_state_dict", wrapped.__wrapped__)
+    else:
+        wrapped = vars(PreTrainedModel)["_load_pretrained_model"].__func__
+        monkeypatch.setattr(PreTrainedModel, "_load_pretrained_model", staticmethod(wrapped.__wrapped__))
+    monkeypatch.setattr(recorder, "install_transformers", lambda: None)
+    model = with_adapters("llama-resized", directory, [])
+    with pytest.raises(
+        RuntimeError, match=rf"load_adapter loading through .*transformers {transformers.__version__}"
+    ):
+        fkt.load_adapter(model, str(directory), "x")
+    assert set(model.peft_config) == {"x"}
+
+
 @pytest.mark.parametrize("release", ["4.56.2", "6.0.0"])
 def test_a_release_outside_the_range_is_a_runtime_error(
     release: str, monkeypatch: pytest.MonkeyPatch

@@ -62,12 +62,14 @@ def load_adapter(model: Any, peft_model_id: Any = None, adapter_name: str = "def
         info = model.load_adapter(peft_model_id, adapter_name=adapter_name, **kwargs)
     load.raise_error()
     judged = load.result_for(model)
-    if judged is None:
-        raise RuntimeError(
-            "transformers' load_adapter did not load the model through the function fastkeys records "
-            "(PreTrainedModel._load_pretrained_model, or peft's set_peft_model_state_dict before "
-            "transformers 5), so there is no load result to check (fastkeys is tested with "
-            f"transformers {', '.join(recorder.VERIFIED['transformers'])})"
+    if judged is None:  # loaded some other way: returning transformers' result would be wrong
+        import transformers
+
+        raise recorder.missing_internal(
+            transformers,
+            "load_adapter loading through PreTrainedModel._load_pretrained_model (5.x) or "
+            "peft.utils.set_peft_model_state_dict (4.57)",
+            recorder.INSTEAD,
         )
     missing = judged.verdict
     if info is None:  # transformers 4.57

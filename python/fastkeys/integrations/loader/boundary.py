@@ -232,9 +232,10 @@ def fed_tensors(path: str, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
 
 
 def last_result(records: list[Any], what: str) -> Any:
+    """The raw result of the last load in `records`; RuntimeError naming the version when PEFT's
+    `what` loaded without `set_peft_model_state_dict`."""
     if not records:
-        raise RuntimeError(
-            f"PEFT's {what} did not call set_peft_model_state_dict, so there is no load result to check "
-            f"(fastkeys is verified with peft {', '.join(VERIFIED['peft'])})"
+        raise recorder.missing_internal(
+            peft, f"PEFT's {what} loading through set_peft_model_state_dict", recorder.INSTEAD
         )
     return records[-1]
