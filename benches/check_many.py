@@ -8,7 +8,7 @@ each) into a temporary directory, then times, interleaved round by round (median
 
 - the whole command, `fastkeys check BASE A1 ... AN` (and with `--values`) in a fresh process,
   under the Rust core and under the pure-Python fallback;
-- in-process: `check_base(base, [all adapters])` against one `check_base` call per adapter, and
+- in-process: `check_many(base, [all adapters])` against one `check_base` call per adapter, and
   against a loop over `safetensors.safe_open` that only collects every adapter's names and
   shapes (the floor for any Python tool that reads the headers; it checks nothing);
 - with values: against `safetensors.torch.load_file` + torch's own zero and isfinite tests.
@@ -36,7 +36,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from benches import suite as bench
-from fastkeys import IMPLEMENTATION, check_base, scan
+from fastkeys import IMPLEMENTATION, check_base, check_many, scan
 
 MODULES = {
     "self_attn.q_proj": (64, 64),
@@ -152,18 +152,18 @@ def main() -> None:
             f"fastkeys check BASE <{n} adapters> (python)": lambda: cli("python", base, adapters),
             f"fastkeys check --values BASE <{n}> (rust)": lambda: cli("rust", base, adapters, "--values"),
             f"fastkeys check --values BASE <{n}> (python)": lambda: cli("python", base, adapters, "--values"),
-            "in-process check_base(base, list) (rust)": lambda: check_base(base_ckpt, adapters),
+            "in-process check_many(base, list) (rust)": lambda: check_many(base_ckpt, adapters),
             "in-process, one check_base call per adapter": lambda: [
                 check_base(base_ckpt, a) for a in adapters
             ],
             "safe_open loop: names and shapes only": lambda: safe_open_headers(adapters),
-            "in-process check_base(values=True) (rust)": lambda: check_base(base_ckpt, adapters, values=True),
+            "in-process check_many(values=True) (rust)": lambda: check_many(base_ckpt, adapters, values=True),
             "load_file + torch zero/isfinite per tensor": lambda: torch_values(adapters),
         }
         if args.rust_only:
             contenders = {k: v for k, v in contenders.items() if "python" not in k and "torch" not in k}
         seconds, answers = bench._measure(contenders, args.rounds)
-        assert all(check == [] for check in answers["in-process check_base(base, list) (rust)"])
+        assert all(check == [] for check in answers["in-process check_many(base, list) (rust)"])
         machine = bench._machine()
         print(
             f"\n{n} {'distinct ' if args.distinct else ''}LoRA adapters "
@@ -172,18 +172,18 @@ def main() -> None:
             f"{machine['cpu']}, {machine['cores']} cores, "
             f"Python {machine['python']}; median of {args.rounds} interleaved rounds\n"
         )
-        reference = seconds["in-process check_base(base, list) (rust)"]
+        reference = seconds["in-process check_many(base, list) (rust)"]
         for label, taken in seconds.items():
             print(
                 f"  {label:<48} {taken:8.2f} s  {taken * 1e3 / n:7.2f} ms/adapter  {taken / reference:6.2f}x"
             )
         profile = cProfile.Profile()
         profile.enable()
-        check_base(base_ckpt, adapters)
+        check_many(base_ckpt, adapters)
         profile.disable()
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(8)
-        print("\nwhere check_base(base, list) spends its time (cProfile, tottime):")
+        print("\nwhere check_many(base, list) spends its time (cProfile, tottime):")
         print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:3000])
 
 

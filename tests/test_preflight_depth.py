@@ -253,12 +253,16 @@ def test_many_adapters_in_one_call(lora: Path, llama_base: Path, tmp_path: Path)
     config = json.loads((lora / "adapter_config.json").read_text())
     config["target_modules"] = ["q_proj", "k_proj", "v_proj"]
     (wider_targets / "adapter_config.json").write_text(json.dumps(config))
-    checks = check_base(llama_base, [lora, wide, lora, wider_targets])
-    assert [len(c) for c in checks] == [0, 8, 0, 2] and checks[1][0].kind == "shape"
-    assert {f.kind for f in checks[3]} == {"untrained_target"}
-    assert [c.adapter for c in checks] == [str(lora), str(wide), str(lora), str(wider_targets)]
+    checks = check_many(llama_base, [lora, wide, lora, wider_targets])
+    assert all(isinstance(c, list) for c in checks)
+    assert [len(c) for c in checks] == [0, 8, 0, 2] and checks[1][0].kind == "shape"  # type: ignore[arg-type,index]
+    assert {f.kind for f in checks[3]} == {"untrained_target"}  # type: ignore[union-attr]
+    assert [c.adapter for c in checks] == [str(lora), str(wide), str(lora), str(wider_targets)]  # type: ignore[union-attr]
+    assert [check_base(llama_base, one) for one in (lora, wide)] == checks[:2]
     with pytest.raises(FileNotFoundError, match="absent"):
-        check_base(llama_base, [lora, absent])
+        check_base(llama_base, absent)
+    with pytest.raises(TypeError, match="check_many"):
+        check_base(llama_base, [lora])  # type: ignore[arg-type]
     answers = check_many(llama_base, [absent, lora])
     assert isinstance(answers[0], FileNotFoundError) and answers[1] == []
 

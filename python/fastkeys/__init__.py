@@ -5,8 +5,8 @@ rest (base-model keys, other adapters' keys, references to shared tensors). `Key
 compiled engine behind it. `IMPLEMENTATION` says which engine runs: "rust" or "python".
 
 Checkpoints are known from their headers alone: `read_keys`, `scan` (`Checkpoint`),
-`insert_adapter_name` / `remove_adapter_name`, and the preflight checks `check_adapter` and
-`check_base`. Those load on first use, so that `import fastkeys` stays fast.
+`insert_adapter_name` / `remove_adapter_name`, and the preflight checks `check_adapter`,
+`check_base` and `check_many`. Those load on first use, so that `import fastkeys` stays fast.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     __version__: str
 
     from fastkeys.checkpoints.scan import Checkpoint, Tensor, read_keys, scan
-    from fastkeys.preflight.checks import AdapterCheck, Finding, check_adapter, check_base
+    from fastkeys.preflight.checks import AdapterCheck, Finding, check_adapter, check_base, check_many
 
 __all__ = [
     "IMPLEMENTATION",
@@ -40,6 +40,7 @@ __all__ = [
     "Tensor",
     "check_adapter",
     "check_base",
+    "check_many",
     "filter_missing",
     "insert_adapter_name",
     "read_keys",
@@ -56,6 +57,7 @@ _LAZY = {
     "Finding": "preflight.checks",
     "check_adapter": "preflight.checks",
     "check_base": "preflight.checks",
+    "check_many": "preflight.checks",
 }
 
 

@@ -7,7 +7,7 @@ import collections
 import json
 import os
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple, TypeVar, overload
+from typing import NamedTuple
 
 from fastkeys.checkpoints.scan import Checkpoint, scan, scan_many
 from fastkeys.preflight.findings import (
@@ -255,45 +255,32 @@ class _Base:
 
 
 AdapterPath = Checkpoint | str | os.PathLike[str]
-# Lists are invariant (a `list[Path]` is no `list[AdapterPath]`): the element type is a variable.
-_Adapter = TypeVar("_Adapter", bound=AdapterPath)
-AdapterList = list[_Adapter] | tuple[_Adapter, ...]
 
 
-@overload
-def check_base(base: AdapterPath, adapter: AdapterPath, *, values: bool = False) -> BaseCheck: ...
-@overload
-def check_base(
-    base: AdapterPath, adapter: AdapterList[_Adapter], *, values: bool = False
-) -> list[BaseCheck]: ...
-def check_base(
-    base: AdapterPath,
-    adapter: AdapterPath | AdapterList[_Adapter],
-    *,
-    values: bool = False,
-) -> BaseCheck | list[BaseCheck]:
+def check_base(base: AdapterPath, adapter: AdapterPath, *, values: bool = False) -> BaseCheck:
     """Does this adapter fit this base model? From headers and adapter_config.json alone, unless
     `values=True` reads the adapter's tensor data too.
 
     `base` is the model's checkpoint (file, index or directory); `adapter` a directory with
-    `adapter_config.json`, or a list of them (their headers are read in parallel; the answer is
-    then a list, in order). Every adapter module must exist in the base (else `missing_module`,
-    or one `prefix` finding when one rewrite of a run of segments makes them exist); adapter
-    tensors must hold values and have their method's number of dimensions (`degenerate`); for
-    LoRA-family adapters shapes must agree with the base weight (`shape`); each of
-    `target_modules` must match a base module (`unmatched_target`) and every base module they
-    select must have weights in the adapter (`untrained_target`). With `values=True`:
-    `untrained` when the tensors that make each module's update zero are all zero, `non_finite`
-    for NaN or infinity. The answer is a `BaseCheck`: the list of findings, with the adapter's
-    `coverage`. The first unusable input raises (OSError or ValueError naming the file)."""
-    many = isinstance(adapter, (list, tuple))
-    adapters: list[AdapterPath] = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
-    checks = []
-    for answer in check_many(base, adapters, values=values):
-        if isinstance(answer, Exception):
-            raise answer
-        checks.append(answer)
-    return checks if many else checks[0]
+    `adapter_config.json` (for many adapters, `check_many`: their headers are read in parallel).
+    Every adapter module must exist in the base (else `missing_module`, or one `prefix` finding
+    when one rewrite of a run of segments makes them exist); adapter tensors must hold values and
+    have their method's number of dimensions (`degenerate`); for LoRA-family adapters shapes must
+    agree with the base weight (`shape`); each of `target_modules` must match a base module
+    (`unmatched_target`) and every base module they select must have weights in the adapter
+    (`untrained_target`). With `values=True`: `untrained` when the tensors that make each
+    module's update zero are all zero, `non_finite` for NaN or infinity. The answer is a
+    `BaseCheck`: the list of findings, with the adapter's `coverage`. An unusable input raises
+    (OSError or ValueError naming the file)."""
+    if isinstance(adapter, (list, tuple)):
+        raise TypeError(
+            "check_base checks one adapter; for many, check_many(base, adapters) reads them in "
+            "one parallel call and returns a BaseCheck or the adapter's error for each"
+        )
+    (answer,) = check_many(base, [adapter], values=values)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 def check_many(
