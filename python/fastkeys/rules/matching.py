@@ -286,9 +286,12 @@ def filter_missing(  # noqa: F811
     categories = tuners.per_category(method)
 
     def kept(keys: Iterable[str]) -> list[str]:
-        # Read twice; what is no iterable of str is left for the matcher to name.
-        if categories and isinstance(keys, Iterable) and not isinstance(keys, (list, tuple, str, bytes)):
-            keys = list(keys)
+        if categories and not isinstance(keys, (list, tuple, str, bytes)):
+            try:
+                keys = list(keys)  # read twice
+            except Exception:
+                matcher.filter(keys)  # names what is no iterable of str, as without FRoD
+                raise
         found = _without_harmless(matcher.filter(keys), adapter_name, method, config, peft_version)
         if categories:
             extra = _per_category_hits(keys, adapter_name, categories, ignored)
