@@ -8,7 +8,7 @@ RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
 .DEFAULT_GOAL := help
-.PHONY: help install build check format test test-rust test-native test-python test-wheels test-compat wheels fuzz demo docs lint bench bench-adapters bench-lifecycle clean
+.PHONY: help install build check format test test-rust test-native test-python test-wheels test-compat wheels fuzz demo docs lint bench bench-adapters bench-lifecycle bench-width clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -84,6 +84,9 @@ bench: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## The full benchm
 
 bench-adapters: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## 100 LoRA adapters: PEFT's load_adapter loop vs load_adapters (benches/adapters.json, docs/adapters.png; ~20 min)
 	$(PY) -m benches.adapters
+
+bench-width: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## One LoRA adapter at a realistic width (hidden 4096, r=16, bf16 base) against reading its file (benches/width.json)
+	$(PY) -m benches.width
 
 bench-lifecycle: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## Switching and evicting at 30/100/300 LoRA adapters: PEFT's set_adapter/delete_adapter vs fastkeys.peft's (benches/lifecycle.json)
 	$(PY) -m benches.lifecycle

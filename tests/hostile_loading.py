@@ -87,6 +87,42 @@ def test_a_shard_swapped_for_a_fifo_after_the_scan_is_refused_at_once(
     assert_untouched(model, before, "swap")
 
 
+def _file_rewritten_after_the_scan(data: bytearray) -> bytes:
+    """Same size, another header: a dtype changed (F32 -> I32 keeps every size)."""
+    return bytes(data).replace(b'"F32"', b'"I32"', 1)
+
+
+def _header_length_past_the_end(data: bytearray) -> bytes:
+    return (len(data) * 4).to_bytes(8, "little") + bytes(data[8:])
+
+
+def _header_cut(data: bytearray) -> bytes:
+    return bytes(data[:8]) + b"[" + bytes(data[9:])  # no longer a JSON object
+
+
+@pytest.mark.parametrize("change", [_file_rewritten_after_the_scan, _header_length_past_the_end, _header_cut])
+def test_a_file_changed_after_the_scan_is_refused_naming_it(
+    tmp_path: Path, first: Path, monkeypatch: pytest.MonkeyPatch, change: Any
+) -> None:
+    directory = adapter(tmp_path, "changed")
+    from fastkeys.integrations.loader import api
+
+    scanned = api.scan  # type: ignore[attr-defined]
+
+    def scan_then_change(path: Any) -> Any:
+        checkpoint = scanned(path)
+        target = Path(path) / "adapter_model.safetensors"
+        target.write_bytes(change(bytearray(target.read_bytes())))
+        return checkpoint
+
+    monkeypatch.setattr(api, "scan", scan_then_change)
+    model = with_first(first)
+    before = end_state(model)
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors"):
+        fastkeys.peft.load_adapter(model, directory, "changed")
+    assert_untouched(model, before, "changed")
+
+
 def test_bin_checkpoints_load_like_peft_through_the_same_checks(tmp_path: Path, first: Path) -> None:
     directory = _bin_adapter(tmp_path, "bin")
     expected = with_first(first)

@@ -12,23 +12,31 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastkeys.checkpoints.scan import Checkpoint, _adapter_config, _inside, _regular_file, scan
-from fastkeys.engine.pure.safetensors import open_regular
+from fastkeys.engine.pure.safetensors import MAX_HEADER_LEN, open_regular, parse_header
 
 SINGLE_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 CONFIG_FILE = "adapter_config.json"
 _CHUNK = 64 << 20
+# safetensors' dtype names -> torch's (the others, F4, F6_*, F8_E8M0 and the FNUZ floats, torch
+# cannot hold here)
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "C64": "complex64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 
 
-def read_checked(path: str, directory: Path) -> bytes:
+def read_checked(path: str, directory: Path) -> bytearray:
     """The whole of `path`, a regular file that resolves inside `directory` (as `scan` allows:
-    a Hugging Face cache snapshot's links into its `blobs/` included)."""
+    a Hugging Face cache snapshot's links into its `blobs/` included), read once into one buffer."""
     try:
         file = open_regular(path)
     except ValueError as error:
@@ -39,25 +47,29 @@ def read_checked(path: str, directory: Path) -> bytes:
         if not _inside(directory, real):
             raise ValueError(f"{path}: lies outside the checkpoint directory {directory}")
         size = os.fstat(file.fileno()).st_size
-        parts: list[bytes] = []
-        remaining = size
-        while remaining > 0:
-            part = file.read(min(_CHUNK, remaining))
-            if not part:
+        data = bytearray(size)
+        view = memoryview(data)
+        reader: Any = file  # a binary file object: readinto, which typing.BinaryIO does not declare
+        done = 0
+        while done < size:
+            read = reader.readinto(view[done : done + _CHUNK])
+            if not read:
                 break
-            parts.append(part)
-            remaining -= len(part)
-    data = b"".join(parts)
-    if len(data) != size:
+            done += read
+        grew = done == size and file.read(1)
+        view.release()
+    if done != size or grew:
         raise ValueError(f"{path}: the file changed while being read")
     return data
 
 
-def read_tensors(checkpoint: Checkpoint, directory: Path, names: list[str] | None = None) -> dict[str, Any]:
+def read_tensors(
+    checkpoint: Checkpoint, directory: Path, names: list[str] | None = None, *, own: bool = True
+) -> dict[str, Any]:
     """The tensors `names` (all when None) of a scanned checkpoint, read from the files the scan
-    checked, each as its header said (ValueError naming the file if it changed since)."""
-    from safetensors.torch import load
-
+    checked, each as its header said (ValueError naming the file if it changed since). Each file is
+    read once; with `own=False` the tensors are views of that buffer (for a caller that copies each
+    one anyway), else each gets its own storage, as safetensors' loader gives them."""
     wanted = list(checkpoint) if names is None else names
     by_file: dict[str, list[str]] = {}
     for name in wanted:
@@ -65,19 +77,42 @@ def read_tensors(checkpoint: Checkpoint, directory: Path, names: list[str] | Non
     tensors: dict[str, Any] = {}
     for file, file_names in by_file.items():
         data = read_checked(file, directory)
-        try:
-            found = load(data)
-        except Exception as error:  # safetensors raises its own error types
-            raise ValueError(f"{file}: not a safetensors file fastkeys can read ({error})") from None
+        start, entries = _entries(file, data)
         expected = [name for name in checkpoint if checkpoint.shard_of(name) == file]
-        if sorted(found) != sorted(expected):
+        if sorted(entries) != sorted(expected):
             raise ValueError(f"{file}: its tensors changed since the checkpoint was scanned")
         for name in file_names:
-            tensor, header = found[name], checkpoint[name]
-            if tuple(tensor.shape) != header.shape or tensor.numel() * tensor.element_size() != header.nbytes:
+            dtype, shape, begin, end = entries[name]
+            header = checkpoint[name]
+            if (dtype, shape, end - begin) != (header.dtype, header.shape, header.nbytes):
                 raise ValueError(f"{file}: tensor {name!r} changed since the checkpoint was scanned")
+            kind = getattr(torch, _TORCH_DTYPES.get(dtype, "-"), None)
+            if not isinstance(kind, torch.dtype):
+                raise ValueError(f"{file}: tensor {name!r} is {dtype}, which torch cannot hold")
+            if end == begin:
+                tensor = torch.empty(shape, dtype=kind)
+            else:
+                count = (end - begin) // kind.itemsize
+                tensor = torch.frombuffer(data, dtype=kind, count=count, offset=start + begin).reshape(shape)
+                if own:
+                    tensor = tensor.clone()
             tensors[name] = tensor
     return tensors
+
+
+def _entries(file: str, data: bytearray) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
+    """(where the data starts, name -> (dtype, shape, begin, end)) of a safetensors file's bytes,
+    validated as the engine validates headers (offsets inside the data, no gaps, sizes that fit)."""
+    if sys.byteorder != "little":
+        raise ValueError(f"{file}: safetensors data is little-endian; this machine is not")
+    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if length < 0 or length > MAX_HEADER_LEN or 8 + length > len(data):
+        raise ValueError(f"{file}: not a safetensors file fastkeys can read (its header length)")
+    try:
+        found, _metadata = parse_header(bytes(data[8 : 8 + length]), len(data) - 8 - length)
+    except ValueError as error:
+        raise ValueError(f"{file}: not a safetensors file fastkeys can read ({error})") from None
+    return 8 + length, {name: (dtype, shape, begin, end) for name, dtype, shape, begin, end in found}
 
 
 def has_safetensors(directory: Path) -> bool:

@@ -77,7 +77,7 @@ def load_fast(
                         raise Refused(f"{key} is on the meta device")
                     expected[key] = tuple(parameter.shape)
         check_checkpoint(checkpoint, plan, expected, adapter_name)
-        tensors = read_tensors(checkpoint, directory, [plan.by_model_key[key] for key in expected])
+        tensors = read_tensors(checkpoint, directory, [plan.by_model_key[key] for key in expected], own=False)
         leaves = Leaves()
         quick: set[int] = set()
         for name, (r, alpha) in plan.quick.items():

@@ -68,7 +68,7 @@ def swap_fast(
             raise Refused(
                 f"{key} is a {parameter.dtype} parameter on {parameter.device}, which PEFT recreates"
             )
-    tensors = read_tensors(checkpoint, directory, list(by_model_key.values()))
+    tensors = read_tensors(checkpoint, directory, list(by_model_key.values()), own=False)
     with torch.no_grad():
         for key, parameter in parameters.items():
             tx.protect(parameter)
