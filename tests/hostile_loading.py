@@ -64,22 +64,30 @@ def test_a_failure_inside_peft_s_injection_leaves_no_trace(
     assert_untouched(model, before, name)
 
 
-def test_a_shard_swapped_for_a_fifo_after_the_scan_is_refused_at_once(
-    tmp_path: Path, first: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    directory = adapter(tmp_path, "swap")
+def _after_the_scan(monkeypatch: pytest.MonkeyPatch, edit: Any) -> None:
+    """`edit(path of the adapter file)` runs right after the loader scanned the checkpoint."""
     from fastkeys.integrations.loader import api
 
     scanned = api.scan  # type: ignore[attr-defined]
 
-    def scan_then_swap(path: Any) -> Any:
+    def scan_then_edit(path: Any) -> Any:
         checkpoint = scanned(path)
-        target = Path(path) / "adapter_model.safetensors"
-        target.unlink()
-        os.mkfifo(target)
+        edit(Path(path) / "adapter_model.safetensors")
         return checkpoint
 
-    monkeypatch.setattr(api, "scan", scan_then_swap)  # the name api reads checkpoints through
+    monkeypatch.setattr(api, "scan", scan_then_edit)  # the name api reads checkpoints through
+
+
+def test_a_shard_swapped_for_a_fifo_after_the_scan_is_refused_at_once(
+    tmp_path: Path, first: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = adapter(tmp_path, "swap")
+
+    def swap(target: Path) -> None:
+        target.unlink()
+        os.mkfifo(target)
+
+    _after_the_scan(monkeypatch, swap)
     model = with_first(first)
     before = end_state(model)
     with pytest.raises(ValueError, match="not a regular file"):
@@ -105,17 +113,7 @@ def test_a_file_changed_after_the_scan_is_refused_naming_it(
     tmp_path: Path, first: Path, monkeypatch: pytest.MonkeyPatch, change: Any
 ) -> None:
     directory = adapter(tmp_path, "changed")
-    from fastkeys.integrations.loader import api
-
-    scanned = api.scan  # type: ignore[attr-defined]
-
-    def scan_then_change(path: Any) -> Any:
-        checkpoint = scanned(path)
-        target = Path(path) / "adapter_model.safetensors"
-        target.write_bytes(change(bytearray(target.read_bytes())))
-        return checkpoint
-
-    monkeypatch.setattr(api, "scan", scan_then_change)
+    _after_the_scan(monkeypatch, lambda target: target.write_bytes(change(bytearray(target.read_bytes()))))
     model = with_first(first)
     before = end_state(model)
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors"):
