@@ -28,11 +28,12 @@ TESTS = ["tests/test_peft_versions.py"]
 
 # transformers 4.57.6 wants huggingface_hub < 1; these are the newest that fit it.
 TRANSFORMERS_457 = ["transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.2"]
-# (PEFT, transformers): the oldest PEFT minors pair only with transformers 4.x; "venv" is the
-# pinned transformers of requirements/peft.txt.
+# (PEFT, transformers): PEFT 0.17 imports transformers' HybridCache, which 5.x removed, so it
+# pairs with 4.x only; "venv" is the pinned transformers of requirements/peft.txt.
 PAIRS: list[tuple[str, str]] = [
     ("0.17.1", "4.57.6"),
     ("0.18.1", "4.57.6"),
+    ("0.18.1", "venv"),
     ("0.19.1", "venv"),
     ("0.20.0", "venv"),
     ("0.21.2", "4.57.6"),
@@ -94,6 +95,12 @@ def run(peft: str, transformers: str, implementation: str, every: bool) -> dict[
             "versions": versions}  # fmt: skip
 
 
+def venv_transformers() -> str:
+    from importlib import metadata
+
+    return metadata.version("transformers")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     for peft, transformers in pairs:
         for implementation in args.implementations:
             result = run(peft, transformers, implementation, every=not args.slice)
-            label = "venv's" if transformers == "venv" else transformers
+            label = f"{venv_transformers()} (venv)" if transformers == "venv" else transformers
             rows.append((peft, label, implementation, result))
             failed |= bool(result["failed"])
             status = "ok" if not result["failed"] else "FAILED"
             print(
-                f"peft {peft:7s} transformers {label:7s} {implementation:6s} {status:6s} "
+                f"peft {peft:7s} transformers {label:14s} {implementation:6s} {status:6s} "
                 f"passed {result['passed']:3d} failed {result['failed']:3d} skipped {result['skipped']:3d} "
                 f"({result['seconds']:.0f} s)",
                 flush=True,
