@@ -38,9 +38,7 @@ from fixtures.loading import (
 )
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
-# Runs once, under the default implementation: the engine work inside these loads (checkpoint scans,
-# key renaming, expressions) is held equal under both by tests/test_differential.py,
-# tests/test_load_adapters.py and tests/test_loader_expressions.py.
+pytestmark = pytest.mark.engine  # checkpoint scans, key renaming and expressions run on the engine: both
 
 FULL = os.environ.get("FASTKEYS_FULL") == "1"
 

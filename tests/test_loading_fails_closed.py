@@ -36,9 +36,8 @@ from fixtures.peft_models import save_seeded_adapter, tiny_llama
 CHILD_SECONDS = 600  # the hostile module takes well under a minute
 CHILD_MEMORY = 6 << 30  # bytes of address space: torch needs about 4 GiB just to import
 
-# Runs once, under the default implementation, but for the hostile checkpoints (the engine reads
-# their headers: both implementations); the rest of the engine work is held equal under both by
-# tests/test_differential.py and tests/test_load_adapters.py.
+# every load reads its checkpoint and renames its keys on the engine: both implementations
+pytestmark = pytest.mark.engine
 
 
 @pytest.fixture
@@ -326,7 +325,6 @@ def test_no_process_wide_hook_and_nothing_outlives_the_model(tmp_path: Path, fir
 # 4. All or nothing; base weights. (Hostile checkpoints: tests/hostile_loading.py, in a child.)
 
 
-@pytest.mark.engine
 def test_hostile_checkpoints_in_a_child_with_time_and_memory_limits() -> None:
     """tests/hostile_loading.py (checkpoints that write base weights, blow up inside PEFT, swap a
     shard for a FIFO, link out of the directory, ...) runs in a child pytest with a time limit and
