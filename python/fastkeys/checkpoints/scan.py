@@ -315,39 +315,39 @@ def scan(path: str | os.PathLike[str], *, progress: Callable[[int, int], None] |
 
     Raises FileNotFoundError/OSError for files that cannot be read and ValueError for malformed
     ones or an inconsistent index (a listed tensor its shard lacks, a tensor in two shards)."""
-    plan = _plan(path)
-    return _assemble(plan, _read(plan.files, progress))
+    layout = _layout(path)
+    return _assemble(layout, _read(layout.files, progress))
 
 
 def scan_many(paths: Sequence[str | os.PathLike[str]]) -> list[Checkpoint | OSError | ValueError]:
     """`scan` for many checkpoints that keeps going: one that cannot be used gives its exception
     in its place. The headers of every file are read in one parallel call."""
-    plans: list[_Plan | OSError | ValueError] = []
+    layouts: list[_Layout | OSError | ValueError] = []
     for path in paths:
         try:
-            plans.append(_plan(path))
+            layouts.append(_layout(path))
         except (OSError, ValueError) as error:
-            plans.append(error)
-    files = [file for plan in plans if isinstance(plan, _Plan) for file in plan.files]
+            layouts.append(error)
+    files = [file for layout in layouts if isinstance(layout, _Layout) for file in layout.files]
     headers: dict[str, Header] = {}
     # A bad file fails the batch: then each checkpoint is read alone, keeping its error with it.
     with contextlib.suppress(OSError, ValueError):
         headers = dict(zip(files, core.read_headers(files), strict=True))
     out: list[Checkpoint | OSError | ValueError] = []
-    for plan in plans:
-        if not isinstance(plan, _Plan):
-            out.append(plan)
+    for layout in layouts:
+        if not isinstance(layout, _Layout):
+            out.append(layout)
             continue
         try:
-            known = all(file in headers for file in plan.files)
-            read = [headers[file] for file in plan.files] if known else _read(plan.files, None)
-            out.append(_assemble(plan, read))
+            known = all(file in headers for file in layout.files)
+            read = [headers[file] for file in layout.files] if known else _read(layout.files, None)
+            out.append(_assemble(layout, read))
         except (OSError, ValueError) as error:
             out.append(error)
     return out
 
 
-class _Plan(NamedTuple):
+class _Layout(NamedTuple):
     """What a checkpoint consists of, known before any header is read."""
 
     path: str
@@ -357,7 +357,7 @@ class _Plan(NamedTuple):
     adapter_config: dict[str, object] | None
 
 
-def _plan(path: str | os.PathLike[str]) -> _Plan:
+def _layout(path: str | os.PathLike[str]) -> _Layout:
     root = Path(_path(path))
     adapter_config = None
     weight_map: dict[str, str] | None = None
@@ -374,10 +374,10 @@ def _plan(path: str | os.PathLike[str]) -> _Plan:
         files, index = [str(root)], None
     if index is not None:
         files, weight_map, metadata = _index_files(index)
-    return _Plan(str(path), files, weight_map, metadata, adapter_config)
+    return _Layout(str(path), files, weight_map, metadata, adapter_config)
 
 
-def _assemble(plan: _Plan, headers: list[Header]) -> Checkpoint:
+def _assemble(layout: _Layout, headers: list[Header]) -> Checkpoint:
     names: list[str] = []
     dtypes: list[str] = []
     shapes: list[tuple[int, ...]] = []
@@ -385,7 +385,7 @@ def _assemble(plan: _Plan, headers: list[Header]) -> Checkpoint:
     file_column: list[str] = []
     file_metadata: dict[str, dict[str, str]] = {}
     for file, (file_names, file_dtypes, file_shapes, file_sizes, file_meta, _size) in zip(
-        plan.files, headers, strict=True
+        layout.files, headers, strict=True
     ):
         names += file_names
         dtypes += file_dtypes
@@ -395,15 +395,15 @@ def _assemble(plan: _Plan, headers: list[Header]) -> Checkpoint:
         if file_meta is not None:
             file_metadata[file] = file_meta
     checkpoint = Checkpoint(
-        plan.path,
+        layout.path,
         (names, dtypes, shapes, sizes, file_column),
-        plan.files,
-        dict(plan.metadata),
+        layout.files,
+        dict(layout.metadata),
         file_metadata,
-        plan.adapter_config,
+        layout.adapter_config,
     )
-    if plan.weight_map is not None:
-        checkpoint._check_index(plan.weight_map)
-    elif len(plan.files) == 1 and plan.files[0] in file_metadata:
-        checkpoint.metadata = file_metadata[plan.files[0]]
+    if layout.weight_map is not None:
+        checkpoint._check_index(layout.weight_map)
+    elif len(layout.files) == 1 and layout.files[0] in file_metadata:
+        checkpoint.metadata = file_metadata[layout.files[0]]
     return checkpoint

@@ -57,14 +57,15 @@ def _syntax() -> tuple[re.Pattern[str], re.Pattern[str]]:
     return re.compile(r"\{(\d*)(,(\d*))?\}"), re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]+))?([:)])")
 
 
-class _Refused(ValueError):
-    pass
+class _Unsupported(ValueError):
+    """An expression the dialect does not accept (the loader's `plan.Refused` is another thing: a
+    load sent to PEFT)."""
 
 
 def _check_char(ch: str) -> str:
     code = ord(ch)
     if 0xD800 <= code <= 0xDFFF or code == 0xFFFD:
-        raise _Refused(f"it contains {ch!r}: lone surrogates and U+FFFD cannot be matched alike")
+        raise _Unsupported(f"it contains {ch!r}: lone surrogates and U+FFFD cannot be matched alike")
     return ch
 
 
@@ -102,14 +103,14 @@ def _fold_literal(ch: str) -> str | None:
     if ch.isascii() and ch.isalpha():
         return f"[{ch.lower()}{ch.upper()}]"
     if _cased(ch):
-        raise _Refused(f"{ch!r} has other cases; (?i) folds ASCII letters only")
+        raise _Unsupported(f"{ch!r} has other cases; (?i) folds ASCII letters only")
     return None
 
 
 def _fold_range(low: int, high: int) -> list[tuple[int, int]]:
     """Under `(?i)`: the ASCII case partners of the letters in low..high."""
     if high > 0x7F and any(_cased(chr(code)) for code in range(max(low, 0x80), high + 1)):
-        raise _Refused("a range with non-ASCII letters under (?i); (?i) folds ASCII letters only")
+        raise _Unsupported("a range with non-ASCII letters under (?i); (?i) folds ASCII letters only")
     extra = []
     for start, end, shift in ((0x41, 0x5A, 0x20), (0x61, 0x7A, -0x20)):
         a, b = max(low, start), min(high, end)
@@ -139,7 +140,7 @@ class _Reader:
         """Reads the character after a backslash: ('char', c) for a literal, ('class', x) for a
         shorthand class, ('assert', x) for an assertion."""
         if self.done():
-            raise _Refused("it ends with a lone backslash")
+            raise _Unsupported("it ends with a lone backslash")
         e = self.take()
         if e in "dwsDWS":
             return "class", e
@@ -151,16 +152,16 @@ class _Reader:
             width = _HEX_DIGITS[e]
             digits = self.text[self.pos : self.pos + width]
             if len(digits) != width or not all(c in "0123456789abcdefABCDEF" for c in digits):
-                raise _Refused(f"\\{e} needs {width} hex digits")
+                raise _Unsupported(f"\\{e} needs {width} hex digits")
             self.pos += width
             code = int(digits, 16)
             if code > 0x10FFFF:
-                raise _Refused(f"\\{e}{digits} is not a code point")
+                raise _Unsupported(f"\\{e}{digits} is not a code point")
             return "char", _check_char(chr(code))
         if e.isdigit():
-            raise _Refused("back-references and octal escapes are not supported")
+            raise _Unsupported("back-references and octal escapes are not supported")
         if e.isascii() and e.isalpha():
-            raise _Refused(f"the escape \\{e} is not supported")
+            raise _Unsupported(f"the escape \\{e} is not supported")
         return "char", _check_char(e)
 
 
@@ -175,22 +176,24 @@ def _read_class(reader: _Reader, fold: bool = False) -> str:
     first = True
     while True:
         if reader.done():
-            raise _Refused("a [ is never closed")
+            raise _Unsupported("a [ is never closed")
         ch = reader.take()
         if ch == "]" and not first:
             break
         first = False
         if ch == "[":
-            raise _Refused("nested sets ('[' inside [...]) are read differently by the engines; escape it")
+            raise _Unsupported(
+                "nested sets ('[' inside [...]) are read differently by the engines; escape it"
+            )
         if ch in "&~|-" and reader.peek() == ch:
-            raise _Refused(f"'{ch}{ch}' inside [...] is a set operation in one engine; escape it")
+            raise _Unsupported(f"'{ch}{ch}' inside [...] is a set operation in one engine; escape it")
         if ch == "\\":
             kind, value = reader.escape()
             if kind == "assert":
-                raise _Refused(f"\\{value} is not supported inside [...]")
+                raise _Unsupported(f"\\{value} is not supported inside [...]")
             if kind == "class":
                 if value.isupper():
-                    raise _Refused(f"\\{value} inside [...] is not supported; use [^...]")
+                    raise _Unsupported(f"\\{value} inside [...] is not supported; use [^...]")
                 items.append(("class", _SHORTHAND_CLASS[value]))
                 continue
             items.append(("lit", value))
@@ -208,9 +211,9 @@ def _read_class(reader: _Reader, fold: bool = False) -> str:
         if is_range:
             low, high = ord(value), ord(items[index + 2][1])
             if low > high:
-                raise _Refused(f"the range {value!r}-{items[index + 2][1]!r} is reversed")
+                raise _Unsupported(f"the range {value!r}-{items[index + 2][1]!r} is reversed")
             if (low <= 0xDFFF and high >= 0xD800) or low <= 0xFFFD <= high:
-                raise _Refused("a range covering surrogates or U+FFFD cannot be matched alike")
+                raise _Unsupported("a range covering surrogates or U+FFFD cannot be matched alike")
             out.append(f"{_class_lit(value)}-{_class_lit(items[index + 2][1])}")
             if fold:
                 out += [f"{_class_lit(chr(a))}-{_class_lit(chr(b))}" for a, b in _fold_range(low, high)]
@@ -238,29 +241,29 @@ def _read_group_open(reader: _Reader, fold: bool, at_start: bool) -> tuple[str, 
     if rest.startswith("?P<"):
         end = rest.find(">")
         if end < 0:
-            raise _Refused("a group name is never closed")
+            raise _Unsupported("a group name is never closed")
         reader.pos += end + 1
         return "(?:", fold, False
     if rest.startswith(("?=", "?!", "?<")):
-        raise _Refused("lookaround is not supported")
+        raise _Unsupported("lookaround is not supported")
     if rest.startswith("?P="):
-        raise _Refused("back-references are not supported")
+        raise _Unsupported("back-references are not supported")
     if rest.startswith("?("):
-        raise _Refused("conditional groups are not supported")
+        raise _Unsupported("conditional groups are not supported")
     if rest.startswith("?>"):
-        raise _Refused("atomic groups are not supported")
+        raise _Unsupported("atomic groups are not supported")
     if rest.startswith("?#"):
-        raise _Refused("comments are not supported")
+        raise _Unsupported("comments are not supported")
     flags = _syntax()[1].match(reader.text, reader.pos - 1)
     if flags is None:
-        raise _Refused("unknown group syntax after '(?'")
+        raise _Unsupported("unknown group syntax after '(?'")
     on, off, closing = flags.group(1) or "", flags.group(2) or "", flags.group(3)
     for flag in on + off:
         if flag not in "is":
-            raise _Refused(f"the flag {flag!r} is not supported (only i and s are)")
+            raise _Unsupported(f"the flag {flag!r} is not supported (only i and s are)")
     bare = closing == ")"
     if bare and (off or not at_start):
-        raise _Refused("flags go at the start of the expression, (?i)..., or on a group, (?i:...)")
+        raise _Unsupported("flags go at the start of the expression, (?i)..., or on a group, (?i:...)")
     reader.pos = flags.end()
     inside = (fold or "i" in on) and "i" not in off
     # `i` is written out as case classes, never passed on; `s` means the same in both engines.
@@ -280,7 +283,7 @@ def _read_quantifier(reader: _Reader) -> tuple[str, int] | None:
     high_text = found.group(3) if found.group(2) else found.group(1)
     high = int(high_text) if high_text else None
     if low > _MAX_REPEAT or (high is not None and high > _MAX_REPEAT):
-        raise _Refused(f"repetition counts above {_MAX_REPEAT} are not supported")
+        raise _Unsupported(f"repetition counts above {_MAX_REPEAT} are not supported")
     reader.pos = found.end()
     if not found.group(2):
         return f"{{{low}}}", low
@@ -370,7 +373,7 @@ def _translate_one(pattern: str) -> tuple[str, str, int]:
             both(ch)
             repeat(2 if ch == "+" else 1)
             if reader.peek() == "+":
-                raise _Refused("possessive quantifiers are not supported")
+                raise _Unsupported("possessive quantifiers are not supported")
         elif ch == "{":
             quantifier = _read_quantifier(reader)
             if quantifier is None:
@@ -380,7 +383,7 @@ def _translate_one(pattern: str) -> tuple[str, str, int]:
                 both(quantifier[0])
                 repeat(quantifier[1])
                 if reader.peek() == "+":
-                    raise _Refused("possessive quantifiers are not supported")
+                    raise _Unsupported("possessive quantifiers are not supported")
         elif ch == "}":
             both("\\}")
             atom()
@@ -430,11 +433,13 @@ def _checked(pattern: str, what: str) -> tuple[str, str, int]:
     try:
         for_rust, for_python, size = _translate_one(pattern)
         if size > MAX_SIZE:
-            raise _Refused(f"it is too large ({size} atoms counted with their repetitions, over {MAX_SIZE})")
+            raise _Unsupported(
+                f"it is too large ({size} atoms counted with their repetitions, over {MAX_SIZE})"
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             re.compile(for_python)
-    except (_Refused, re.error, FutureWarning, DeprecationWarning, RecursionError) as error:
+    except (_Unsupported, re.error, FutureWarning, DeprecationWarning, RecursionError) as error:
         raise ValueError(f"{what} {pattern!r} is not an expression fastkeys accepts: {error}") from None
     return for_rust, for_python, size
 
