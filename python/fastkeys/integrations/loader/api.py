@@ -22,7 +22,7 @@ from fastkeys.integrations.loader.files import BIN_FILE, CONFIG_FILE, has_safete
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.inject import load_fast
 from fastkeys.integrations.loader.peft_re import check_expressions
-from fastkeys.integrations.loader.plan import Refused
+from fastkeys.integrations.loader.plan import Options, Refused
 from fastkeys.integrations.loader.result import FAST, PEFT, AdapterLoadResult
 from fastkeys.integrations.loader.swap import swap_fast
 from fastkeys.integrations.loader.transaction import Transaction
@@ -111,17 +111,13 @@ def load_one(
         or policy.config_refusal(source.config)
         or policy.model_refusal(peft_model, adapter_name, index, source.config)
     )
+    fast = Options(is_trainable, autocast_adapter_dtype, low_cpu_mem_usage)
     if reason is None:
         assert source.checkpoint is not None
         tx = Transaction()
-        fast = {
-            "is_trainable": is_trainable,
-            "autocast_adapter_dtype": autocast_adapter_dtype,
-            "low_cpu_mem_usage": low_cpu_mem_usage,
-        }
         try:
             if adapter_name in peft_model.peft_config:  # PEFT's hot swap: the adapter's values only
-                swap_fast(peft_model, adapter_name, source.checkpoint, source.directory, index, tx, **fast)
+                swap_fast(peft_model, adapter_name, source.checkpoint, source.directory, index, tx, fast)
             else:
                 load_fast(
                     peft_model,
@@ -131,7 +127,7 @@ def load_one(
                     source.directory,
                     index,
                     tx,
-                    **fast,
+                    fast,
                 )
             return AdapterLoadResult([], [], FAST, None, [])
         except Refused as refused:
@@ -140,12 +136,7 @@ def load_one(
         except BaseException:
             tx.roll_back()
             raise
-    options = {
-        "is_trainable": is_trainable,
-        "torch_device": torch_device,
-        "autocast_adapter_dtype": autocast_adapter_dtype,
-        "low_cpu_mem_usage": low_cpu_mem_usage,
-    }
+    options = {**fast._asdict(), "torch_device": torch_device}
     tensors = source.tensors()
     tx = Transaction()
     tx.record_all(peft_model.modules())

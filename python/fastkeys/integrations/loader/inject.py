@@ -32,7 +32,7 @@ from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.leaves import Leaves
 from fastkeys.integrations.loader.methods import Layout, Method, method_of
 from fastkeys.integrations.loader.peft_re import linear_matching
-from fastkeys.integrations.loader.plan import MODEL_PREFIX, Refused, check_checkpoint, make_plan
+from fastkeys.integrations.loader.plan import MODEL_PREFIX, Options, Refused, check_checkpoint, make_plan
 from fastkeys.integrations.loader.transaction import Transaction
 
 
@@ -44,11 +44,9 @@ def load_fast(
     directory: Path,
     index: ModelIndex,
     tx: Transaction,
-    *,
-    is_trainable: bool,
-    autocast_adapter_dtype: bool,
-    low_cpu_mem_usage: bool,
+    options: Options,
 ) -> None:
+    is_trainable, autocast_adapter_dtype, low_cpu_mem_usage = options
     tuner = peft_model.base_model
     method = method_of(config)
     if method is None:  # policy.config_refusal sent it to PEFT already

@@ -22,6 +22,14 @@ from fastkeys.rules.matching import insert_adapter_name
 from fastkeys.rules.records import MODEL_PREFIX as MODEL_PREFIX  # inject.py imports it from here
 
 
+class Options(NamedTuple):
+    """A load's options that the fast paths take (`torch_device` goes to PEFT: `policy`)."""
+
+    is_trainable: bool
+    autocast_adapter_dtype: bool
+    low_cpu_mem_usage: bool
+
+
 class Refused(Exception):
     """The fast path cannot reproduce PEFT exactly for this load; the message is the reason."""
 

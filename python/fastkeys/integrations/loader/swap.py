@@ -25,7 +25,7 @@ from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.files import read_tensors
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.inject import adapter_parameters, eval_like_peft
-from fastkeys.integrations.loader.plan import Refused
+from fastkeys.integrations.loader.plan import Options, Refused
 from fastkeys.integrations.loader.transaction import Transaction
 from fastkeys.rules.matching import insert_adapter_name
 
@@ -37,11 +37,9 @@ def swap_fast(
     directory: Path,
     index: ModelIndex,
     tx: Transaction,
-    *,
-    is_trainable: bool,
-    autocast_adapter_dtype: bool,
-    low_cpu_mem_usage: bool,
+    options: Options,
 ) -> None:
+    is_trainable, autocast_adapter_dtype, low_cpu_mem_usage = options
     if low_cpu_mem_usage:
         raise Refused("low_cpu_mem_usage=True replaces the adapter's parameters by the checkpoint's tensors")
     if torch.__future__.get_swap_module_params_on_conversion():
