@@ -37,6 +37,19 @@ def test_a_release_that_is_no_version_is_refused() -> None:
         filter_missing([], "t", peft_version=cast(Any, (0, 20)))
 
 
+@pytest.mark.parametrize("text", ["0..21", "0.-1", "0,21", "0x21", "1e9", "0", "9" * 30])
+def test_malformed_text_is_no_old_release(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stranger's config saying "0..21" must not read as release 0 (whose rules drop VeRA's
+    projections): as an argument it is refused, from a config or the installed PEFT it counts as
+    unknown (the newest rules)."""
+    with pytest.raises(ValueError, match="peft_version must be a version string"):
+        filter_missing(VERA, "t", "vera", peft_version=text)
+    monkeypatch.setattr(versions, "installed_peft", lambda: None)
+    assert filter_missing(VERA, "t", config={"peft_type": "VERA", "peft_version": text}) == VERA[:3]
+    monkeypatch.setattr(versions, "installed_peft", lambda: text)
+    assert filter_missing(VERA, "t", "vera") == VERA[:3]
+
+
 @pytest.mark.parametrize("release", ["0.17.1", "0.18.1", "0.19.1", "0.20.0"])
 def test_before_021_vera_projections_never_load_and_are_harmless(release: str) -> None:
     assert filter_missing(VERA, "t", "vera", peft_version=release) == ["m.q.vera_lambda_b.t"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import itertools
+import os
 from collections.abc import Iterable, Mapping
 
 from fastkeys.engine import IMPLEMENTATION, core
@@ -157,28 +157,35 @@ def _unset_flags(method: tuners.Method | None, config: object) -> frozenset[str]
     return frozenset(unset)
 
 
-def _names_one_of(key: str, segments: frozenset[str], adapter_name: str) -> bool:
-    """Whether the key's adapter segment (the one before the name) is one of `segments`."""
-    parts = key.split(".")
-    return any(
-        part in segments and following == adapter_name for part, following in itertools.pairwise(parts)
-    )
-
-
 def _without_harmless(
     found: list[str], adapter_name: str, method: tuners.Method | None, config: object, explicit: object
 ) -> list[str]:
-    """`found` less the tensors that the PEFT release rebuilds at load (records.Harmless). The
-    release is looked up only when such a tensor is among the keys: rarely, and never for most
-    methods (the lookup costs more than `import fastkeys`)."""
+    """`found` less the tensors that the PEFT release rebuilds at load (records.Harmless). One
+    engine pass over `found` decides whether any such tensor is there; the release is looked up
+    only then (the lookup costs more than `import fastkeys`)."""
     candidates = tuners.harmless_candidates(method)
-    if not candidates or not any(_names_one_of(key, candidates, adapter_name) for key in found):
+    if not candidates or not found or not _segment_matcher(candidates, adapter_name).filter(found):
         return found
     release = versions.resolve(explicit, config)
     harmless = tuners.harmless_segments(method, release, _unset_flags(method, config))
     if not harmless:
         return found
-    return [key for key in found if not _names_one_of(key, harmless, adapter_name)]
+    dropped = set(_segment_matcher(harmless, adapter_name).filter(found))
+    return [key for key in found if key not in dropped]
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_matcher(segments: frozenset[str], adapter_name: str) -> KeyMatcher:
+    """Keys where one of `segments` is followed by the adapter's name (the engine's rule)."""
+    return KeyMatcher((), [adapter_name], exact=tuple(sorted(segments)))
+
+
+def _mentions(keys: Iterable[str], segments: tuple[str, ...]) -> bool:
+    """Whether any key may hold one of `segments`: one substring search for what they all start
+    with (`frod_`); a false positive costs only the exact pass."""
+    common = os.path.commonprefix(list(segments))  # noqa: RUF071 (a string prefix is meant)
+    text = "\n".join(keys)
+    return any(probe in text for probe in ((common,) if common else segments))
 
 
 def _per_category_hits(
@@ -293,7 +300,9 @@ def filter_missing(  # noqa: F811
                 matcher.filter(keys)  # names what is no iterable of str, as without FRoD
                 raise
         found = _without_harmless(matcher.filter(keys), adapter_name, method, config, peft_version)
-        if categories:
+        # the per-category pass only when one of its segments is in the keys (checked at C speed;
+        # every key is a str: the matcher checked)
+        if categories and _mentions(keys, categories):
             extra = _per_category_hits(keys, adapter_name, categories, ignored)
             if extra:
                 chosen = {*found, *extra}

@@ -12,6 +12,7 @@ The lookup runs on first use, and only for a method that has version-scoped rule
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Mapping
 
@@ -22,26 +23,23 @@ Version = tuple[int, ...]
 
 
 def parse(text: object, source: str = "peft_version") -> Version:
-    """The release numbers at the start of a version string: "0.21.0", "0.21.0.dev0" and
-    "0.21.0rc1" are all (0, 21, 0) (a pre-release is read as its release: it carries its
-    changes)."""
+    """The release numbers at the start of a version string: "0.21.0", "0.21.0.dev0",
+    "0.21.0rc1" and "0.21.0+local" are all (0, 21, 0) (a pre-release is read as its release: it
+    carries its changes). A release has at least two numbers and ends at the string's end or at a
+    suffix that starts with a letter, `+`, `-` or `_`: "0..21", "0.-1", "0,21", "0x21" or "1e9"
+    are a ValueError naming `source`, never an old release."""
     if not isinstance(text, str):
         raise TypeError(f"{source} must be a version string such as '0.21.0', not {type(text).__name__}")
-    numbers: list[int] = []
-    for part in text.strip().split("."):
-        digits = ""
-        for character in part:
-            if not character.isascii() or not character.isdigit():
-                break
-            digits += character
-        if not digits:
-            break
-        numbers.append(int(digits))
-        if len(digits) < len(part):  # "0rc1": the release ends here
-            break
-    if not numbers:
-        raise ValueError(f"{source} must be a version string such as '0.21.0', not {text!r}")
-    return tuple(numbers)
+    found = _release_pattern().match(text.strip())
+    if found is None:
+        raise ValueError(f"{source} must be a version string such as '0.21.0', not {text[:40]!r}")
+    return tuple(int(part) for part in found.group(1).split("."))
+
+
+@functools.cache
+def _release_pattern() -> re.Pattern[str]:
+    # at most 9 digits a number: no huge ints from a stranger's config
+    return re.compile(r"v?(\d{1,9}(?:\.\d{1,9})+)(?=$|[+\-_]|\.?[A-Za-z])")
 
 
 @functools.cache
@@ -60,7 +58,8 @@ def installed_peft() -> str | None:
     version = getattr(module, "__version__", None)
     if isinstance(version, str):
         return version
-    return _distribution_version()
+    found = _distribution_version()
+    return found if isinstance(found, str) else None
 
 
 def _config_version(config: object) -> object:
@@ -75,7 +74,10 @@ def resolve(explicit: object, config: object) -> Version | None:
         return parse(explicit)
     installed = installed_peft()
     if installed is not None:
-        return parse(installed, "the installed peft's version")
+        try:
+            return parse(installed, "the installed peft's version")
+        except ValueError:
+            return None  # a build that says no release ("unknown"): the newest rules
     saved = _config_version(config)
     if isinstance(saved, str):
         try:
