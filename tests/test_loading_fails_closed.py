@@ -73,6 +73,7 @@ def test_a_config_field_the_fast_path_does_not_know_goes_to_peft(
     ("library", "version", "reason"),
     [
         ("peft", "0.99.0", "PEFT 0.99.0 is not a version the fast path was verified on (0.21.2)"),
+        ("peft", "0.21.2+fork", "PEFT 0.21.2+fork is not a version the fast path was verified on (0.21.2)"),
         ("torch", "2.99.1+cpu", "torch 2.99.1 is not a version the fast path was verified on (2.15)"),
     ],
 )

@@ -179,7 +179,9 @@ def registration_hooks_installed() -> bool:
 
 
 def versions() -> dict[str, str]:
-    return {"peft": recorder.version(peft), "torch": recorder.version(torch)}
+    # PEFT exactly as it says (a "+fork" build is not the release verified); torch without its
+    # build tag ("+cu132": the same release for every accelerator)
+    return {"peft": str(getattr(peft, "__version__", "?")), "torch": recorder.version(torch)}
 
 
 def version_refusal() -> str | None:
