@@ -10,7 +10,7 @@ import subprocess
 import sys
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import peft
 import pytest
@@ -448,3 +448,5 @@ def test_from_pretrained_reads_a_local_subfolder_as_peft_does(tmp_path: Path) ->
     actual = fastkeys.peft.from_pretrained(tiny_llama(), str(tmp_path / "repo"), subfolder="inner")
     assert inner.is_dir()
     assert_same_state(end_state(expected), end_state(actual))
+    with pytest.raises(TypeError, match="subfolder must be a str, not int"):
+        fastkeys.peft.from_pretrained(tiny_llama(), str(tmp_path / "repo"), subfolder=cast(Any, 3))

@@ -88,9 +88,10 @@ def test_the_recorder_judges_inside_a_judging_load_only() -> None:
         assert recorder.recording() and recorder.active() is None
         assert recording(_Model(), {}, "foo").missing_keys == raw
     assert records.raw == [_Result(raw, [])] and not recorder.recording()
+    loaded = _Model()
     with recorder.loading("foo") as outer, recorder.loading("foo") as inner:
-        assert recording(_Model(), {}, "foo").missing_keys == ["q.lora_A.foo.weight"]
-    assert inner.result_for(_Model) is None
+        assert recording(loaded, {}, "foo").missing_keys == ["q.lora_A.foo.weight"]
+    assert inner.result_for(loaded) is inner.results[0] and inner.result_for(_Model()) is None
     for load in (outer, inner):
         assert [judged.verdict for judged in load.results] == [["q.lora_A.foo.weight"]]
         assert load.results[0].raw_missing == raw

@@ -151,11 +151,12 @@ def from_pretrained(model: Any, model_id: str, adapter_name: str = "default", **
         for message in _PEFT_MISSING_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
         # PEFT reads `subfolder` of a local directory; fastkeys reads that folder itself
-        local = (
-            os.path.join(model_id, kwargs.get("subfolder") or "")
-            if isinstance(model_id, (str, os.PathLike))
-            else None
-        )
+        subfolder = kwargs.get("subfolder")
+        if subfolder is not None and not isinstance(subfolder, str):
+            raise TypeError(f"subfolder must be a str, not {type(subfolder).__name__}")
+        local = None
+        if isinstance(model_id, (str, os.PathLike)):
+            local = os.path.join(model_id, subfolder) if subfolder else os.fspath(model_id)
         if local is not None and os.path.isdir(local):
             options = {key: value for key, value in kwargs.items() if key != "subfolder"}
             loaded, raw = api.from_pretrained(model, local, adapter_name, **options)
