@@ -585,3 +585,52 @@ def test_the_layer_index_templates_of_peft_before_0_21(template: str) -> None:
                 assert got.group(1) == expected.group(1), (pattern, name)
     with linear_matching(), pytest.raises(ValueError, match="groups of its own"):
         proxy.match(template.format("(layers|h)"), names[0])
+
+
+@pytest.mark.parametrize("block", ["linear_matching", "loading", "feeding"])
+def test_an_interrupt_while_entering_a_block_leaves_the_thread_unmarked(block: str) -> None:
+    """Ctrl-C at every line of entering the thread-local blocks (up to their body): the thread is
+    left unmarked (a marked main thread would refuse expressions or record loads for good). The
+    exit is one store in a `finally`, which Python gives no way to protect."""
+    from fastkeys.integrations import recorder
+
+    blocks: dict[str, Any] = {
+        "linear_matching": linear_matching,
+        "loading": lambda: recorder.loading("x"),
+        "feeding": lambda: recorder.feeding("p", {}),
+    }
+    files = {expressions.__file__, recorder.__file__}
+
+    def unmarked() -> bool:
+        feed = getattr(recorder._local, "feed", None)
+        return expressions._local.depth == 0 and not recorder._stack() and feed is None
+
+    def enter(stop_at: int | None) -> int:
+        """Lines traced until the block's body runs; with `stop_at`, Ctrl-C at that line."""
+        count = 0
+
+        def tracer(frame: Any, event: str, _arg: Any) -> Any:
+            nonlocal count
+            if frame.f_code.co_filename not in files:
+                return None
+            if event == "line":
+                count += 1
+                if count == stop_at:
+                    raise KeyboardInterrupt
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            with blocks[block]():
+                sys.settrace(None)
+        finally:
+            sys.settrace(None)
+        return count
+
+    enter(None)  # the first block installs the proxy: a longer path than the ones measured
+    total = enter(None)
+    assert total >= 2 and unmarked()
+    for point in range(1, total + 1):
+        with pytest.raises(KeyboardInterrupt):
+            enter(point)
+        assert unmarked(), (block, point, total)

@@ -155,11 +155,12 @@ def loading(adapter_name: str | None, *, judging: bool = True) -> Iterator[Load]
     `judging=False` only records the raw results and leaves the library's result as it is."""
     stack = _stack()
     load = Load(adapter_name, judging)
-    stack.append(load)
-    try:
+    depth = len(stack)
+    try:  # the push inside: a Ctrl-C right after it must not leave this thread marked for good
+        stack.append(load)
         yield load
     finally:
-        stack.pop()
+        del stack[depth:]
 
 
 def active() -> Load | None:
@@ -178,8 +179,8 @@ def feeding(path: str, tensors: dict[str, Any]) -> Iterator[None]:
     """While open, PEFT's `safe_load_file` of the file `path` (an empty safetensors file) on this
     thread returns `tensors` instead."""
     previous = getattr(_local, "feed", None)
-    _local.feed = (path, tensors)
     try:
+        _local.feed = (path, tensors)
         yield
     finally:
         _local.feed = previous

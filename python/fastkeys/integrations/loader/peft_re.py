@@ -265,11 +265,12 @@ def linear_matching() -> Iterator[None]:
     fastkeys cannot answer for exactly (see the module doc). Other threads, and this one outside
     the block, see the real `re`. Blocks nest."""
     _install()
-    _local.depth += 1
-    try:
+    depth = _local.depth
+    try:  # set inside, restored as found: a Ctrl-C at any line leaves this thread's depth as it was
+        _local.depth = depth + 1
         yield
     finally:
-        _local.depth -= 1
+        _local.depth = depth
 
 
 # The modules of peft 0.21.2 that match config text with `re`: patched on every block. The other
