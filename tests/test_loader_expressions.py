@@ -588,26 +588,24 @@ def test_the_layer_index_templates_of_peft_before_0_21(template: str) -> None:
 
 
 @pytest.mark.parametrize("block", ["linear_matching", "loading", "feeding"])
-def test_an_interrupt_while_entering_a_block_leaves_the_thread_unmarked(block: str) -> None:
-    """Ctrl-C at every line of entering the thread-local blocks (up to their body): the thread is
-    left unmarked (a marked main thread would refuse expressions or record loads for good). The
-    exit is one store in a `finally`, which Python gives no way to protect."""
-    from fastkeys.integrations import recorder
+def test_an_interrupt_anywhere_in_a_block_leaves_the_thread_unmarked(block: str) -> None:
+    """Ctrl-C at every line fastkeys runs to enter and leave the thread-local blocks: the thread is
+    left unmarked (a marked main thread would refuse expressions or record loads for good), and a
+    block that was not interrupted marks the thread while its body runs."""
+    from fastkeys.integrations import marks, recorder
 
     blocks: dict[str, Any] = {
         "linear_matching": linear_matching,
         "loading": lambda: recorder.loading("x"),
         "feeding": lambda: recorder.feeding("p", {}),
     }
-    files = {expressions.__file__, recorder.__file__}
+    files = {expressions.__file__, recorder.__file__, marks.__file__}
 
-    def unmarked() -> bool:
-        feed = getattr(recorder._local, "feed", None)
-        return expressions._local.depth == 0 and not recorder._stack() and feed is None
-
-    def enter(stop_at: int | None) -> int:
-        """Lines traced until the block's body runs; with `stop_at`, Ctrl-C at that line."""
+    def run(stop_at: int | None) -> tuple[int, list[str]]:
+        """Lines traced over the whole block, and the marks its body saw; with `stop_at`, Ctrl-C at
+        that line."""
         count = 0
+        inside: list[str] = []
 
         def tracer(frame: Any, event: str, _arg: Any) -> Any:
             nonlocal count
@@ -623,14 +621,16 @@ def test_an_interrupt_while_entering_a_block_leaves_the_thread_unmarked(block: s
         try:
             with blocks[block]():
                 sys.settrace(None)
+                inside.extend(marks.held())
+                sys.settrace(tracer)
         finally:
             sys.settrace(None)
-        return count
+        return count, inside
 
-    enter(None)  # the first block installs the proxy: a longer path than the ones measured
-    total = enter(None)
-    assert total >= 2 and unmarked()
+    run(None)  # the first block installs the proxy: a longer path than the ones measured
+    total, inside = run(None)
+    assert total >= 4 and inside == [block] and marks.held() == []
     for point in range(1, total + 1):
         with pytest.raises(KeyboardInterrupt):
-            enter(point)
-        assert unmarked(), (block, point, total)
+            run(point)
+        assert marks.held() == [], (block, point, total)

@@ -24,11 +24,11 @@ import contextlib
 import functools
 import importlib
 import os
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from fastkeys.integrations.marks import ThreadMarks
 from fastkeys.rules.matching import MissingAdapterKeysWarning, filter_missing
 
 # Every library version fastkeys was verified on, in one place. The PEFT fast path is exact only on
@@ -42,7 +42,9 @@ VERIFIED = {
     "diffusers": ("0.39.0", "0.42.1"),
 }
 _SHOWN = 5
-_local = threading.local()
+# The loads and feeds open on each thread.
+_LOADS: ThreadMarks[Load] = ThreadMarks("loading")
+_FEEDS: ThreadMarks[tuple[str, dict[str, Any]]] = ThreadMarks("feeding")
 
 
 def version(library: Any) -> str:
@@ -143,24 +145,17 @@ def _ordered(keys: Any) -> list[str]:
 
 
 def _stack() -> list[Load]:
-    stack: list[Load] | None = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    return stack
+    """The loads open on this thread, innermost last."""
+    return _LOADS.values()
 
 
 @contextlib.contextmanager
 def loading(adapter_name: str | None, *, judging: bool = True) -> Iterator[Load]:
     """Marks this thread as inside a fastkeys load of `adapter_name` while open (nestable).
     `judging=False` only records the raw results and leaves the library's result as it is."""
-    stack = _stack()
     load = Load(adapter_name, judging)
-    depth = len(stack)
-    try:  # the push inside: a Ctrl-C right after it must not leave this thread marked for good
-        stack.append(load)
+    with _LOADS.mark(load):
         yield load
-    finally:
-        del stack[depth:]
 
 
 def active() -> Load | None:
@@ -178,12 +173,8 @@ def recording() -> bool:
 def feeding(path: str, tensors: dict[str, Any]) -> Iterator[None]:
     """While open, PEFT's `safe_load_file` of the file `path` (an empty safetensors file) on this
     thread returns `tensors` instead."""
-    previous = getattr(_local, "feed", None)
-    try:
-        _local.feed = (path, tensors)
+    with _FEEDS.mark((path, tensors)):
         yield
-    finally:
-        _local.feed = previous
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +234,7 @@ def _recording(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _fed(original: Callable[..., Any]) -> Callable[..., Any]:
     def fed(filename: Any, device: Any = "cpu") -> Any:
-        feed = getattr(_local, "feed", None)
+        feed = _FEEDS.innermost()
         if feed is not None and os.fspath(filename) == feed[0]:
             # the placeholder is an empty safetensors file: reading it checks `device` as safetensors
             # does (same errors), then the checked tensors go where they would have gone

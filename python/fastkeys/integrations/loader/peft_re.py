@@ -8,8 +8,9 @@ PEFT's modules make, on the calling thread and while the block is open, run on
 
 How. Each `peft.*` module's global `re` is replaced, once and for all, by `_Re`: a module object
 that hands every attribute to the real `re`, except `match`, `fullmatch` and `search`, which
-consult a thread-local depth: 0 (other threads, code outside the block) is the real function,
-called as is. Inside the block a call is answered so:
+ask whether the calling thread is inside a block (`fastkeys.integrations.marks`): outside
+(other threads, code outside the block) they are the real functions, called as is. Inside the
+block a call is answered so:
 
 1. The whole pattern is compiled by the real `re` (compiling is linear; matching is what
    backtracks), so that a pattern PEFT could not compile raises the `re.error` PEFT would raise.
@@ -45,11 +46,11 @@ import contextlib
 import functools
 import re
 import sys
-import threading
 import types
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from fastkeys.integrations.marks import ThreadMarks
 from fastkeys.rules.expressions import _checked, engine
 
 if sys.version_info >= (3, 11):
@@ -128,11 +129,8 @@ _FIELDS_BY_CALLER = {
 }
 
 
-class _Depth(threading.local):
-    depth = 0
-
-
-_local = _Depth()
+# Open `linear_matching()` blocks on each thread.
+_MATCHING: ThreadMarks[bool] = ThreadMarks("linear_matching")
 
 
 class LinearMatch:
@@ -232,17 +230,17 @@ class _Re(types.ModuleType):
         return "<module 're', matching in linear time inside fastkeys' linear_matching()>"
 
     def match(self, pattern: Any, string: Any, flags: Any = 0) -> Any:
-        if not _local.depth:
+        if not _MATCHING.values():
             return re.match(pattern, string, flags)
         return _answer("match", pattern, string, flags, _caller())
 
     def fullmatch(self, pattern: Any, string: Any, flags: Any = 0) -> Any:
-        if not _local.depth:
+        if not _MATCHING.values():
             return re.fullmatch(pattern, string, flags)
         return _answer("fullmatch", pattern, string, flags, _caller())
 
     def search(self, pattern: Any, string: Any, flags: Any = 0) -> Any:
-        if not _local.depth:
+        if not _MATCHING.values():
             return re.search(pattern, string, flags)
         return _answer("search", pattern, string, flags, _caller())
 
@@ -265,12 +263,8 @@ def linear_matching() -> Iterator[None]:
     fastkeys cannot answer for exactly (see the module doc). Other threads, and this one outside
     the block, see the real `re`. Blocks nest."""
     _install()
-    depth = _local.depth
-    try:  # set inside, restored as found: a Ctrl-C at any line leaves this thread's depth as it was
-        _local.depth = depth + 1
+    with _MATCHING.mark(True):
         yield
-    finally:
-        _local.depth = depth
 
 
 # The modules of peft 0.21.2 that match config text with `re`: patched on every block. The other
