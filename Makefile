@@ -8,7 +8,7 @@ RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
 .DEFAULT_GOAL := help
-.PHONY: help install build check format test test-rust test-native test-python test-wheels test-compat test-compat-slice wheels fuzz demo docs lint bench bench-adapters bench-lifecycle bench-width clean
+.PHONY: help install build check format test test-parts test-rust test-native test-python test-wheels test-compat test-compat-slice wheels fuzz demo docs lint bench bench-adapters bench-lifecycle bench-width clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -74,7 +74,12 @@ wheels: $(VENV)/.dev-installed ## dist/: the abi3 wheel, the sdist and the pure-
 test-wheels: wheels ## Install each artifact into a fresh virtual environment and check it
 	$(PY) -m pytest -q -n $(WORKERS) tests/install
 
-test: lint test-rust test-native test-python test-compat-slice test-wheels ## Everything CI runs: the strict checks, cargo test, pytest under both implementations (with the import budget), the oldest PEFT pair, the wheels
+test: ## Everything CI runs: the strict checks, cargo test, pytest under both implementations (with the import budget), the oldest PEFT pair, the wheels
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-parts
+
+# `make test` runs these two at a time, each part's output printed whole when it ends: the downloads
+# overlap the compiles, and single-core steps (mypy, the pip installs) overlap the test runs.
+test-parts: lint test-rust test-native test-python test-compat-slice test-wheels
 
 test-compat-slice: build $(VENV)/.peft-installed ## The slice of test-compat in `make test`: the oldest pair (PEFT 0.17.1, transformers 4.57.6), both implementations
 	$(PY) scripts/compat.py --slice
