@@ -8,7 +8,7 @@ RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
 .DEFAULT_GOAL := help
-.PHONY: help install build check format test test-parts test-rust test-native test-python test-wheels test-compat test-compat-slice wheels fuzz demo docs lint bench bench-adapters bench-lifecycle bench-width clean
+.PHONY: help install build check format test test-parts compat-slice-fetched test-rust test-native test-python test-wheels test-compat test-compat-slice wheels fuzz demo docs lint lint-rust lint-python bench bench-adapters bench-lifecycle bench-width clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -79,10 +79,13 @@ test: ## Everything CI runs: the strict checks, cargo test, pytest under both im
 
 # `make test` runs these two at a time, each part's output printed whole when it ends: the downloads
 # overlap the compiles, and single-core steps (mypy, the pip installs) overlap the test runs.
-test-parts: lint test-rust test-native test-python test-compat-slice test-wheels
+test-parts: lint-rust lint-python test-rust test-native test-python test-compat-slice test-wheels
 
-test-compat-slice: build $(VENV)/.peft-installed ## The slice of test-compat in `make test`: the oldest pair (PEFT 0.17.1, transformers 4.57.6), both implementations
+test-compat-slice: build $(VENV)/.peft-installed compat-slice-fetched ## The slice of test-compat in `make test`: the oldest pair (PEFT 0.17.1, transformers 4.57.6), both implementations
 	$(PY) scripts/compat.py --slice
+
+compat-slice-fetched: $(VENV)/.dev-installed # the slice's overlays, downloaded while torch is (no torch needed)
+	$(PY) scripts/compat.py --slice --fetch
 
 test-compat: build $(VENV)/.peft-installed ## PEFT 0.17 to 0.21 (an overlay each, in .venv/compat/): the filter ground truth and fastkeys.peft, both implementations
 	$(PY) scripts/compat.py
@@ -105,13 +108,17 @@ demo: build ## The seed scenario: what load_state_dict reports, what fastkeys ke
 docs: build $(VENV)/.peft-installed ## Regenerate the generated tables of README.md and docs/*.md
 	$(PY) docs/tables.py
 
-lint: build $(VENV)/.peft-installed ## ruff, mypy --strict (package, tests, benches, fixtures), stubtest, cargo fmt --check, clippy -D warnings
+lint: lint-rust lint-python ## ruff, mypy --strict (package, tests, benches, fixtures), stubtest, cargo fmt --check, clippy -D warnings
+
+lint-rust: ## cargo fmt --check, clippy -D warnings (needs no Python packages)
+	cargo fmt --check
+	cargo clippy --all-targets --features python -- -D warnings
+
+lint-python: build $(VENV)/.peft-installed ## ruff, mypy --strict (package, tests, benches, fixtures), stubtest
 	$(BIN)/ruff check python tests benches fixtures docs scripts
 	$(BIN)/ruff format --check python tests benches fixtures docs scripts
 	$(BIN)/mypy --strict python/fastkeys tests benches fixtures
 	$(PY) -m mypy.stubtest fastkeys._native
-	cargo fmt --check
-	cargo clippy --all-targets --features python -- -D warnings
 
 clean: ## Remove build output (keeps .venv)
 	rm -rf target dist $(EXTENSION_STAMP) python/fastkeys/_native*.so

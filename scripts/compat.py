@@ -10,6 +10,7 @@ a table and exits non-zero when a run fails.
     python scripts/compat.py                       every pair, both implementations
     python scripts/compat.py --pairs 0.17.1 --implementations rust   one pair, one engine
     python scripts/compat.py --slice               the oldest pair, the default cases (cheap)
+    python scripts/compat.py --slice --fetch       only download the slice's overlays
 """
 
 from __future__ import annotations
@@ -111,10 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         "--slice", action="store_true", help="the oldest pair and the default cases only (for `make test`)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print each run's pytest output")
+    parser.add_argument(
+        "--fetch", action="store_true", help="only install the overlays (needs no torch; `make test`)"
+    )
     args = parser.parse_args(argv)
     pairs = [pair for pair in PAIRS if not args.pairs or pair[0] in args.pairs]
     if args.slice:
         pairs = pairs[:1]
+    if args.fetch:
+        for peft, transformers in pairs:
+            overlays(peft, transformers)
+        return 0
     rows = []
     failed = False
     for peft, transformers in pairs:

@@ -66,7 +66,9 @@ def test_a_list_mutated_by_another_thread_while_being_filtered() -> None:
     worker = threading.Thread(target=mutate)
     worker.start()
     try:
-        for _ in range(50):
+        # A native engine reading a list mid-mutation could crash; the fallback only ever reads it
+        # through Python's own list API, so it gets fewer rounds to keep the suite quick.
+        for _ in range(50 if fastkeys.IMPLEMENTATION == "rust" else 5):
             kept = filter_missing(keys)
             assert all(key == LORA for key in kept)
             groups = KeyMatcher(["lora_"], ["default"]).group(keys)
@@ -102,7 +104,7 @@ def test_a_thousand_calls_on_100k_keys_do_not_grow_the_process() -> None:
     gc.collect()
     before = _rss()
     # A leak would be the native code's; the fallback gets fewer rounds to keep the suite quick.
-    for _ in range(1000 if fastkeys.IMPLEMENTATION == "rust" else 100):
+    for _ in range(1000 if fastkeys.IMPLEMENTATION == "rust" else 30):
         matcher.filter(keys)
     gc.collect()
     assert _rss() - before < 5 * 2**20
