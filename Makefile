@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
-PIP := $(PY) -m pip --disable-pip-version-check
+# --no-compile: a module is byte-compiled when first imported, not all of torch at install (~25 s of CPU)
+PIP := $(PY) -m pip --disable-pip-version-check --no-compile
 RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
