@@ -4,8 +4,11 @@ pytest-xdist workers (`make test WORKERS=0` runs in-process)."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import types
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +57,66 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             seen[module.__name__] = _uses_torch(module)
         if seen[module.__name__]:
             item.add_marker(pytest.mark.torch)
+
+
+# Where the torch libraries are not installed (`make check` with only requirements/dev.txt), a run
+# that deselects the torch suite does not import its modules at all: which ones they are is read
+# from their imports (and those of the tests' and fixtures' own modules they import), since
+# importing them is what fails. With the libraries installed nothing is skipped here: the marker
+# above deselects, and a torch module that fails to import fails the run.
+_ROOT = Path(__file__).resolve().parents[1]
+# fastkeys' own modules that import torch and PEFT when imported (layer 4's loader).
+_LOADER = "fastkeys.integrations.loader"
+_MISSING = sorted(name for name in _TORCH_LIBRARIES if importlib.util.find_spec(name) is None)
+
+
+def _imports(body: list[ast.stmt]) -> list[tuple[str, int]]:
+    """(module, relative level) of the module-level imports, inside `if` and `try` blocks too."""
+    found: list[tuple[str, int]] = []
+    for node in body:
+        if isinstance(node, ast.Import):
+            found += [(alias.name, 0) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found += [(node.module or "", node.level)]
+        elif isinstance(node, (ast.If, ast.Try)):
+            found += _imports([*node.body, *node.orelse, *getattr(node, "finalbody", [])])
+    return found
+
+
+def _source(name: str, level: int, importer: Path) -> Path | None:
+    """The checkout's file for an import of a test or fixture module, else None."""
+    base = importer.parent if level else _ROOT
+    for _ in range(max(level - 1, 0)):
+        base = base.parent
+    candidate = base.joinpath(*name.split(".")) if name else base
+    for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+        if path.is_file() and path.resolve().parent.name in ("tests", "fixtures"):
+            return path
+    return None
+
+
+def _needs_torch(path: Path, seen: dict[Path, bool]) -> bool:
+    if path not in seen:
+        seen[path] = False  # an import cycle adds nothing
+        for name, level in _imports(ast.parse(path.read_text(encoding="utf-8")).body):
+            top = name.split(".")[0]
+            local = _source(name, level, path)
+            if (
+                (not level and (top in _TORCH_LIBRARIES or name.startswith(_LOADER)))
+                or name == "safetensors.torch"
+                or (local is not None and _needs_torch(local, seen))
+            ):
+                seen[path] = True
+                break
+    return seen[path]
+
+
+_SCANNED: dict[Path, bool] = {}
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    deselected = "not torch" in " ".join(str(config.getoption("markexpr") or "").split())
+    module = collection_path.suffix == ".py" and collection_path.name.startswith("test_")
+    if _MISSING and deselected and module:
+        return _needs_torch(collection_path.resolve(), _SCANNED) or None
+    return None
