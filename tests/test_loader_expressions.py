@@ -587,6 +587,22 @@ def test_the_layer_index_templates_of_peft_before_0_21(template: str) -> None:
         proxy.match(template.format("(layers|h)"), names[0])
 
 
+def test_a_thread_keeps_only_the_marks_of_its_open_blocks() -> None:
+    """A server opens blocks for every load, for the life of the process: the ended ones are dropped
+    whether or not anything asked for the marks in between."""
+    from fastkeys.integrations.marks import ThreadMarks
+
+    marks: ThreadMarks[int] = ThreadMarks("test")
+    with marks.mark(1):
+        for value in range(1000):
+            with marks.mark(value):
+                pass
+        with marks.mark(2):
+            assert marks.values() == [1, 2]
+        assert len(marks._entries()) <= 2
+    assert marks.values() == [] and marks._entries() == []
+
+
 @pytest.mark.parametrize("block", ["linear_matching", "loading", "feeding"])
 def test_an_interrupt_anywhere_in_a_block_leaves_the_thread_unmarked(block: str) -> None:
     """Ctrl-C at every line fastkeys runs to enter and leave the thread-local blocks: the thread is
@@ -606,6 +622,7 @@ def test_an_interrupt_anywhere_in_a_block_leaves_the_thread_unmarked(block: str)
         that line."""
         count = 0
         inside: list[str] = []
+        assert marks.held() == []  # and the blocks that ended are dropped: every run starts alike
 
         def tracer(frame: Any, event: str, _arg: Any) -> Any:
             nonlocal count

@@ -46,6 +46,7 @@ class ThreadMarks(Generic[T]):
 
     def mark(self, value: T) -> contextlib.AbstractContextManager[None]:
         """A block that holds `value` on this thread while its body runs (nestable)."""
+        self.values()  # drops the blocks that ended, so that a thread's list stays as long as its nesting
         block = _held()
         # Listed before it is entered: a created generator does not count yet, and one that is
         # never entered is collected with its block.
