@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 # --no-compile: a module is byte-compiled when first imported, not all of torch at install (~25 s of CPU)
-PIP := $(PY) -m pip --disable-pip-version-check --no-compile
+INSTALL := $(PY) -m pip --disable-pip-version-check install --no-compile
 RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
@@ -19,16 +19,16 @@ $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.dev-installed: requirements/dev.txt | $(BIN)/activate
-	$(PIP) install -q -r requirements/dev.txt
+	$(INSTALL) -q -r requirements/dev.txt
 	touch $@
 
 $(VENV)/.bench-installed: requirements/bench.txt | $(VENV)/.dev-installed
-	$(PIP) install -q -r requirements/bench.txt
+	$(INSTALL) -q -r requirements/bench.txt
 	touch $@
 
 $(VENV)/.peft-installed: requirements/peft.txt | $(VENV)/.dev-installed
-	$(PIP) install -q $$(grep -E '^torch==' requirements/peft.txt)
-	$(PIP) install -q -r requirements/peft.txt
+	$(INSTALL) -q $$(grep -E '^torch==' requirements/peft.txt)
+	$(INSTALL) -q -r requirements/peft.txt
 	touch $@
 
 install: $(VENV)/.dev-installed $(VENV)/.peft-installed ## Create .venv with every pinned tool and library
