@@ -59,15 +59,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.torch)
 
 
-# Where the torch libraries are not installed (`make check` with only requirements/dev.txt), a run
-# that deselects the torch suite does not import its modules at all: which ones they are is read
-# from their imports (and those of the tests' and fixtures' own modules they import), since
-# importing them is what fails. With the libraries installed nothing is skipped here: the marker
-# above deselects, and a torch module that fails to import fails the run.
+# Where the torch libraries are not installed (`make check` with only requirements/dev.txt), the
+# torch-free run (`-m "not torch"`, exactly) does not import the modules that need a missing one:
+# which libraries a module needs is read from its imports (and those of the tests' and fixtures'
+# own modules it imports), since importing it is what fails. Any other run skips nothing here: the
+# marker above deselects, and a module that fails to import fails the run.
 _ROOT = Path(__file__).resolve().parents[1]
 # fastkeys' own modules that import torch and PEFT when imported (layer 4's loader).
 _LOADER = "fastkeys.integrations.loader"
-_MISSING = sorted(name for name in _TORCH_LIBRARIES if importlib.util.find_spec(name) is None)
+_MISSING = {name for name in _TORCH_LIBRARIES if importlib.util.find_spec(name) is None}
 
 
 def _imports(body: list[ast.stmt]) -> list[tuple[str, int]]:
@@ -95,28 +95,32 @@ def _source(name: str, level: int, importer: Path) -> Path | None:
     return None
 
 
-def _needs_torch(path: Path, seen: dict[Path, bool]) -> bool:
+def _libraries(path: Path, seen: dict[Path, frozenset[str]]) -> frozenset[str]:
+    """The torch libraries that importing the module at `path` imports."""
     if path not in seen:
-        seen[path] = False  # an import cycle adds nothing
+        seen[path] = frozenset()  # an import cycle adds nothing
+        found: set[str] = set()
         for name, level in _imports(ast.parse(path.read_text(encoding="utf-8")).body):
             top = name.split(".")[0]
+            if not level and top in _TORCH_LIBRARIES:
+                found.add(top)
+            elif not level and name.startswith(_LOADER):
+                found |= {"torch", "peft"}
+            elif not level and name == "safetensors.torch":
+                found.add("torch")
             local = _source(name, level, path)
-            if (
-                (not level and (top in _TORCH_LIBRARIES or name.startswith(_LOADER)))
-                or name == "safetensors.torch"
-                or (local is not None and _needs_torch(local, seen))
-            ):
-                seen[path] = True
-                break
+            if local is not None:
+                found |= _libraries(local, seen)
+        seen[path] = frozenset(found)
     return seen[path]
 
 
-_SCANNED: dict[Path, bool] = {}
+_SCANNED: dict[Path, frozenset[str]] = {}
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    deselected = "not torch" in " ".join(str(config.getoption("markexpr") or "").split())
+    torch_free = " ".join(str(config.getoption("markexpr") or "").split()) == "not torch"
     module = collection_path.suffix == ".py" and collection_path.name.startswith("test_")
-    if _MISSING and deselected and module:
-        return _needs_torch(collection_path.resolve(), _SCANNED) or None
+    if _MISSING and torch_free and module:
+        return bool(_libraries(collection_path.resolve(), _SCANNED) & _MISSING) or None
     return None

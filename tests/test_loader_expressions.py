@@ -8,6 +8,7 @@ implementations (FASTKEYS_IMPLEMENTATION=rust and =python).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -601,6 +602,44 @@ def test_a_thread_keeps_only_the_marks_of_its_open_blocks() -> None:
             assert marks.values() == [1, 2]
         assert len(marks._entries()) <= 2
     assert marks.values() == [] and marks._entries() == []
+
+
+@pytest.mark.parametrize("block", ["linear_matching", "loading", "feeding"])
+def test_an_interrupt_in_contextlib_leaves_no_mark_while_its_traceback_is_kept(block: str) -> None:
+    """Ctrl-C at the first line of contextlib's `__exit__`, before it resumes the block's generator:
+    the generator stays suspended, held by the traceback that a REPL keeps (`sys.last_exc`), and
+    the thread must still be unmarked, and marked again by the next block."""
+    from fastkeys.integrations import marks, recorder
+
+    blocks: dict[str, Any] = {
+        "linear_matching": linear_matching,
+        "loading": lambda: recorder.loading("x"),
+        "feeding": lambda: recorder.feeding("p", {}),
+    }
+
+    def tracer(frame: Any, event: str, _arg: Any) -> Any:
+        if frame.f_code.co_filename != contextlib.__file__ or frame.f_code.co_name != "__exit__":
+            return None
+        if event == "line":
+            raise KeyboardInterrupt
+        return tracer
+
+    def load() -> None:  # fastkeys opens its blocks inside its own functions
+        with blocks[block]():
+            sys.settrace(tracer)
+
+    kept: list[BaseException] = []
+    try:
+        load()
+    except KeyboardInterrupt as error:
+        kept.append(error)  # what the REPL does with an uncaught one
+    finally:
+        sys.settrace(None)
+    assert kept and kept[0].__traceback__ is not None
+    assert marks.held() == []
+    with blocks[block]():
+        assert marks.held() == [block]
+    assert marks.held() == []
 
 
 @pytest.mark.parametrize("block", ["linear_matching", "loading", "feeding"])
