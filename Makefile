@@ -48,7 +48,7 @@ test-rust: ## cargo test: the Rust core, without Python
 test-native: build $(VENV)/.peft-installed ## pytest against the compiled extension (fails if it does not import)
 	FASTKEYS_IMPLEMENTATION=rust $(PY) -m pytest -q -n $(WORKERS)
 
-test-python: $(VENV)/.peft-installed ## pytest against the pure-Python fallback: every test but the torch suite, plus its engine-facing modules
+test-python: $(VENV)/.peft-installed | $(AFTER_NATIVE) ## pytest against the pure-Python fallback: every test but the torch suite, plus its engine-facing modules
 	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q -n $(WORKERS) -m "not torch or engine"
 
 check: build ## The edit loop (under a minute, torch not needed): ruff, mypy on the package, the torch-free tests
@@ -76,10 +76,12 @@ test-wheels: wheels ## Install each artifact into a fresh virtual environment an
 	$(PY) -m pytest -q -n $(WORKERS) tests/install
 
 test: ## Everything CI runs: the strict checks, cargo test, pytest under both implementations (with the import budget), the oldest PEFT pair, the wheels
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-parts
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-parts AFTER_NATIVE=test-native
 
 # `make test` runs these two at a time, each part's output printed whole when it ends: the downloads
-# overlap the compiles, and single-core steps (mypy, the pip installs) overlap the test runs.
+# overlap the compiles, and single-core steps (mypy, the pip installs) overlap the test runs. The
+# two pytest runs (two workers each) run one after the other (AFTER_NATIVE): four workers on two
+# cores cost more CPU than they save.
 test-parts: lint-rust lint-python test-rust test-native test-python test-compat-slice test-wheels
 
 test-compat-slice: build $(VENV)/.peft-installed compat-slice-fetched ## The slice of test-compat in `make test`: the oldest pair (PEFT 0.17.1, transformers 4.57.6), both implementations
