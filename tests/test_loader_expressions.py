@@ -605,18 +605,25 @@ def test_a_thread_keeps_only_the_marks_of_its_open_blocks() -> None:
     assert marks.values() == [] and marks._entries() == []
 
 
+def _thread_blocks() -> dict[str, Any]:
+    """The blocks that mark a thread, by the name `marks.held()` gives them."""
+    from fastkeys.integrations import recorder
+
+    return {
+        "linear_matching": linear_matching,
+        "loading": lambda: recorder.loading("x"),
+        "feeding": lambda: recorder.feeding("p", {}),
+    }
+
+
 @pytest.mark.parametrize("block", ["linear_matching", "loading", "feeding"])
 def test_an_interrupt_in_contextlib_leaves_no_mark_while_its_traceback_is_kept(block: str) -> None:
     """Ctrl-C at the first line of contextlib's `__exit__`, before it resumes the block's generator:
     the generator stays suspended, held by the traceback that a REPL keeps (`sys.last_exc`), and
     the thread must still be unmarked, and marked again by the next block."""
-    from fastkeys.integrations import marks, recorder
+    from fastkeys.integrations import marks
 
-    blocks: dict[str, Any] = {
-        "linear_matching": linear_matching,
-        "loading": lambda: recorder.loading("x"),
-        "feeding": lambda: recorder.feeding("p", {}),
-    }
+    blocks = _thread_blocks()
 
     def tracer(frame: Any, event: str, _arg: Any) -> Any:
         if frame.f_code.co_filename != contextlib.__file__ or frame.f_code.co_name != "__exit__":
@@ -652,11 +659,7 @@ def test_an_interrupt_anywhere_in_a_block_leaves_the_thread_unmarked(block: str)
     block that was not interrupted marks the thread while its body runs."""
     from fastkeys.integrations import marks, recorder
 
-    blocks: dict[str, Any] = {
-        "linear_matching": linear_matching,
-        "loading": lambda: recorder.loading("x"),
-        "feeding": lambda: recorder.feeding("p", {}),
-    }
+    blocks = _thread_blocks()
     files = {expressions.__file__, recorder.__file__, marks.__file__}
 
     def run(stop_at: int | None) -> tuple[int, list[str]]:
