@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 # --no-compile: a module is byte-compiled when first imported, not all of torch at install (~25 s of CPU)
 INSTALL := $(PY) -m pip --disable-pip-version-check install --no-compile
+# ... and that needs bytecode to be written: with PYTHONDONTWRITEBYTECODE set (as on the CI image),
+# every process that imports peft compiles torch, transformers and peft again (import peft: 21 s
+# of CPU instead of 9 s), and `make test` starts dozens of them.
+unexport PYTHONDONTWRITEBYTECODE
 RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
