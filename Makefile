@@ -67,7 +67,7 @@ format: $(VENV)/.dev-installed ## ruff format and cargo fmt, in place
 
 fuzz: build ## A long fuzzing run: proptest on the Rust core, hypothesis on both implementations
 	PROPTEST_CASES=200000 cargo test --release --quiet fuzz
-	FASTKEYS_FUZZ_EXAMPLES=20000 FASTKEYS_IMPLEMENTATION=rust $(PY) -m pytest -q tests/test_differential.py tests/test_checkpoint.py tests/test_header_fuzz.py tests/test_linear.py
+	FASTKEYS_FUZZ_EXAMPLES=20000 FASTKEYS_IMPLEMENTATION=rust $(PY) -m pytest -q tests/engine/test_differential.py tests/checkpoints/test_scan.py tests/checkpoints/test_header_fuzz.py tests/engine/test_regex.py
 
 wheels: $(VENV)/.dev-installed ## dist/: the abi3 wheel, the sdist and the pure-Python wheel; twine check --strict
 	rm -rf dist

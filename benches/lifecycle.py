@@ -6,9 +6,9 @@
 The model is the issue's (benches/adapters.py): a Llama shape with 32 layers and hidden size 64,
 LoRA r=4 on q, k, v, o, gate, up, down (224 LoRA layers, 448 tensors per adapter). For each size N,
 two models get the same N adapters (`fastkeys.peft.load_adapters`, whose end state is PEFT's loop's,
-tests/test_load_adapters.py; PEFT's own loop would take most of an hour at 300). Then, round by
-round, the same operation runs on PEFT's model with PEFT's call and on the other with fastkeys'
-(interleaved, the order alternating, so a busy machine slows both alike):
+tests/integrations/loader/test_load_adapters.py; PEFT's own loop would take most of an hour
+at 300). Then, round by round, the same operation runs on PEFT's model with PEFT's call and on
+the other with fastkeys' (interleaved, the order alternating, so a busy machine slows both alike):
 
 - `set_adapter`: switch to another adapter;
 - `delete`: evict one inactive adapter (the oldest), reloaded untimed into both afterwards;

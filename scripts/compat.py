@@ -2,7 +2,7 @@
 
 Each pair runs in its own interpreter: the venv's Python with an overlay in front of its
 site-packages (`pip install --no-deps --target`, cached under .venv/compat/; torch, safetensors
-and the rest are the venv's own). The tests (tests/test_peft_versions.py with FASTKEYS_COMPAT=1:
+and the rest are the venv's own). The tests (tests/integrations/test_peft_versions.py with FASTKEYS_COMPAT=1:
 filter_missing on every method the PEFT has, complete and one tensor short, through `load_adapter`
 and `from_pretrained`; fastkeys.peft's loaders) run under both implementations; the script prints
 a table and exits non-zero when a run fails.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".venv" / "compat"
-TESTS = ["tests/test_peft_versions.py"]
+TESTS = ["tests/integrations/test_peft_versions.py"]
 
 # transformers 4.57.6 wants huggingface_hub < 1; these are the newest that fit it.
 TRANSFORMERS_457 = ["transformers==4.57.6", "tokenizers==0.22.2", "huggingface_hub==0.36.2"]

@@ -90,7 +90,7 @@ def _source(name: str, level: int, importer: Path) -> Path | None:
         base = base.parent
     candidate = base.joinpath(*name.split(".")) if name else base
     for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
-        if path.is_file() and path.resolve().parent.name in ("tests", "fixtures"):
+        if path.is_file() and not {_ROOT / "tests", _ROOT / "fixtures"}.isdisjoint(path.resolve().parents):
             return path
     return None
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import fastkeys
 
 PACKAGE = Path(fastkeys.__file__).parent
+CHECKOUT = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = {
     "fastkeys._native": 0,
@@ -104,5 +107,21 @@ def test_no_module_over_600_lines() -> None:
         str(path.relative_to(PACKAGE)): n
         for path in PACKAGE.rglob("*.py")
         if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
+    assert long == {}
+
+
+def test_no_other_source_file_much_over_600_lines() -> None:
+    """The Rust core, the tests, fixtures, benchmarks and scripts: about 600 lines at most (a test
+    module may run a few lines over rather than split one suite in two)."""
+    if not (CHECKOUT / "Cargo.toml").is_file():
+        pytest.skip("fastkeys is installed, not run from a checkout")
+    folders = ["rust", "tests", "fixtures", "benches", "scripts", "docs"]
+    long = {
+        str(path.relative_to(CHECKOUT)): n
+        for folder in folders
+        for path in (CHECKOUT / folder).rglob("*")
+        if path.suffix in (".py", ".rs")
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES + 20
     }
     assert long == {}

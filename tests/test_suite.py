@@ -13,6 +13,10 @@ from . import conftest
 TESTS = Path(__file__).resolve().parent
 
 
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(TESTS.parent).with_suffix("").parts)
+
+
 def _skips_itself(path: Path) -> bool:
     """Whether the module calls `pytest.importorskip` at module level (it skips cleanly anyway)."""
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
@@ -30,10 +34,11 @@ def test_the_imports_read_without_torch_match_the_torch_marker() -> None:
     collection on a machine without torch."""
     pytest.importorskip("peft")
     pytest.importorskip("diffusers")
-    paths = sorted(TESTS.glob("test_*.py"))
-    read = {path.name: bool(conftest._libraries(path, {})) for path in paths}
+    paths = sorted(path for path in TESTS.rglob("test_*.py") if "install" not in path.parts)
+    read = {_module_name(path): bool(conftest._libraries(path, {})) for path in paths}
     marked = {
-        path.name: conftest._uses_torch(importlib.import_module(f"tests.{path.stem}")) for path in paths
+        _module_name(path): conftest._uses_torch(importlib.import_module(_module_name(path)))
+        for path in paths
     }
     assert sum(read.values()) >= 8
     wrong = [

@@ -2,7 +2,7 @@
 
 Read by the type checkers only (`typing` costs a third of `import fastkeys`): `_engine` declares
 its choice as an `Engine`, so mypy checks both modules against it, and stubtest checks the
-native module's stub against the compiled extension; tests/test_contract.py checks that the
+native module's stub against the compiled extension; tests/engine/test_contract.py checks that the
 fallback's signatures are the stub's, at run time.
 """
 

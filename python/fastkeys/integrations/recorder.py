@@ -33,8 +33,8 @@ from fastkeys.rules.matching import MissingAdapterKeysWarning, filter_missing
 
 # Every library version fastkeys was verified on, in one place. The PEFT fast path is exact only on
 # these PEFT releases (its loader changes in patch releases too) and torch minor releases, checked
-# by the differential tests (tests/test_load_adapters.py) against PEFT's own loop; transformers and
-# diffusers by their integration tests.
+# by the differential tests (tests/integrations/loader/test_load_adapters.py) against PEFT's own
+# loop; transformers and diffusers by their integration tests.
 VERIFIED = {
     "peft": ("0.21.2",),
     "torch": ("2.15",),

@@ -6,7 +6,7 @@ outside it, sends the load to PEFT's loader with the reason), the base-layer typ
 on, and the one function that adds an adapter to a layer that already holds the method's adapters.
 Everything else the fast path does (matching, checks, the bookkeeping of PEFT's whole-model
 passes, the transaction) is the same for every method. Adding a method is a record here and its
-differential tests (`tests/test_load_methods.py`).
+differential tests (`tests/integrations/loader/test_load_methods.py`).
 
 For LoHa, LoKr and IA3 that function is PEFT's own tuner `_create_and_replace`, which calls the
 layer's `update_layer` with the method's arguments; LoRA keeps its verified direct call (DoRA is the

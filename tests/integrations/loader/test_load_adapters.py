@@ -222,8 +222,8 @@ def test_methods_and_options_the_fast_path_leaves_to_peft(tmp_path: Path) -> Non
 
 
 def test_other_methods_go_through_peft(tmp_path: Path) -> None:
-    """LoHa, LoKr, IA3, HRA and OFT have their own fast path (tests/test_load_methods.py); a method
-    without one goes through PEFT's loader and says so."""
+    """LoHa, LoKr, IA3, HRA and OFT have their own fast path (test_load_methods.py); a method without
+    one goes through PEFT's loader and says so."""
     config = peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"])
     first = save_seeded_adapter(config, tmp_path / "first")
     adapters = {"vera": save_seeded_adapter(config, tmp_path / "vera", seed=3, shards=2)}

@@ -12,8 +12,7 @@ from fastkeys import filter_missing
 from fastkeys.engine import pure as _pure
 from fastkeys.engine.contract import Engine, Matcher
 from fastkeys.rules.expressions import translate
-
-from .conftest import examples
+from tests.conftest import examples
 
 try:
     from fastkeys import _native

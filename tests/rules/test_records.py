@@ -1,7 +1,7 @@
 """Each PEFT method is one record in `fastkeys.rules.records`; everything else reads it. No torch needed.
 
 The PEFT-facing checks of the table (prefixes and flags against the installed PEFT) are in
-test_tuners.py; these check that the records are consistent and that a new record is all a new
+tests/rules/test_tuners.py; these check that the records are consistent and that a new record is all a new
 method needs."""
 
 from __future__ import annotations

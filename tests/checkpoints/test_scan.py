@@ -15,8 +15,7 @@ from safetensors.numpy import save_file
 
 import fastkeys
 from fastkeys import read_keys, scan
-
-from .conftest import examples
+from tests.conftest import examples
 
 
 def write(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:

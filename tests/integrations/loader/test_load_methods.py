@@ -1,6 +1,6 @@
 """The fast path for LoHa, LoKr and IA3 against PEFT's own `load_adapter` loop, on real tiny models.
 
-Every end state is compared with the one PEFT produces, as in tests/test_load_adapters.py (state_dict
+Every end state is compared with the one PEFT produces, as in test_load_adapters.py (state_dict
 keys, values bitwise, dtypes, devices; module names and types; requires_grad; training flags;
 peft_config; active adapters; targeted_module_names; outputs with each adapter active), plus every
 tuner layer's own per-adapter bookkeeping (`r`, `alpha`, `scaling`, the dropouts, IA3's

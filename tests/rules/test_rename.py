@@ -1,5 +1,5 @@
 """insert_adapter_name / remove_adapter_name against cases (no torch needed); against PEFT on real
-models in test_rename_peft.py."""
+models in tests/integrations/test_rename_peft.py."""
 
 from __future__ import annotations
 

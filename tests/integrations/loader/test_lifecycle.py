@@ -29,7 +29,7 @@ from fixtures.loading import QV, assert_same_state, end_state, spread, traced_li
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
 # Runs once, under the default implementation: set/delete never reach the engine, and the loads
-# that set the models up are held equal under both by tests/test_load_adapters.py.
+# that set the models up are held equal under both by tests/integrations/loader/test_load_adapters.py.
 
 INPUTS = torch.tensor([[1, 2, 3, 4, 5, 6]])
 DELETED = "was active which is now deleted"

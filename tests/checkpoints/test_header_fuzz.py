@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from fastkeys import read_keys
-
-from .conftest import examples
+from tests.conftest import examples
 
 
 class Raw(str):

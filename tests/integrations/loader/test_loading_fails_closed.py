@@ -323,11 +323,11 @@ def test_no_process_wide_hook_and_nothing_outlives_the_model(tmp_path: Path, fir
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. All or nothing; base weights. (Hostile checkpoints: tests/hostile_loading.py, in a child.)
+# 4. All or nothing; base weights. (Hostile checkpoints: hostile_loading.py, in a child.)
 
 
 def test_hostile_checkpoints_in_a_child_with_time_and_memory_limits() -> None:
-    """tests/hostile_loading.py (checkpoints that write base weights, blow up inside PEFT, swap a
+    """hostile_loading.py (checkpoints that write base weights, blow up inside PEFT, swap a
     shard for a FIFO, link out of the directory, ...) runs in a child pytest with a time limit and
     an address-space cap, so a hang or a runaway allocation fails instead of stalling the suite."""
 
@@ -336,9 +336,17 @@ def test_hostile_checkpoints_in_a_child_with_time_and_memory_limits() -> None:
 
         resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[3]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/hostile_loading.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/integrations/loader/hostile_loading.py",
+        ],
         cwd=root,
         capture_output=True,
         text=True,

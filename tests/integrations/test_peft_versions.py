@@ -7,7 +7,7 @@ and `PeftModel.from_pretrained`. PEFT's raw load result is recorded before PEFT 
 keys that a dropped tensor makes newly missing are exactly the relevant ones, and a complete load
 has none. `filter_missing` must give exactly those, with the adapter's config.
 
-By default only the variants that tests/test_peft_integration.py does not build run (the
+By default only the variants that tests/integrations/test_peft_integration.py does not build run (the
 save_projection / save_indices settings and FRoD); `make test-compat` (scripts/compat.py) sets
 FASTKEYS_COMPAT=1 and runs every method, on each supported (PEFT, transformers) pair.
 """

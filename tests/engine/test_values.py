@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from fastkeys.engine.pure import safetensors as _headers
 from fastkeys.engine.pure import values as _pure_values
 from fastkeys.preflight.checks import _read_value_flags
-
-from .conftest import examples
+from tests.conftest import examples
 
 torch = pytest.importorskip("torch")
 

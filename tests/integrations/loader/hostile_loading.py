@@ -1,5 +1,5 @@
 """Hostile checkpoints on the loading path (issue 16, docs/hostile.md). Not collected by itself:
-tests/test_loading_fails_closed.py runs this module in a child pytest with a time limit and an
+test_loading_fails_closed.py runs this module in a child pytest with a time limit and an
 address-space cap, so a hang or a runaway allocation fails instead of stalling the suite."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Rules that hold only on some PEFT releases (records.Harmless), the release they are read for
 (fastkeys.rules.versions), and FRoD's per-category tensors. No torch: the ground truth behind
-each rule is tests/test_peft_versions.py, run on every release by `make test-compat`."""
+each rule is tests/integrations/test_peft_versions.py, run on every release by `make test-compat`."""
 
 from __future__ import annotations
 
