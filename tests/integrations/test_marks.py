@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("peft")
+peft = pytest.importorskip("peft")  # the blocks patch PEFT's modules
 
 pytestmark = pytest.mark.engine  # linear_matching() answers with the engine: both implementations
 
