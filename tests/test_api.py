@@ -308,28 +308,16 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_import_brings_neither_torch_nor_peft() -> None:
+# What `import fastkeys` must not load: the heavy libraries fastkeys works beside (seconds each).
+# The standard library is not policed here: the import's time is measured, against the bare
+# interpreter's start in the same run, by the benchmark suite (`make bench`, "import").
+IMPORT_FORBIDDEN = ("torch", "peft", "transformers", "diffusers", "numpy", "safetensors")
+
+
+def test_import_and_filtering_bring_none_of_the_heavy_libraries() -> None:
     done = _run(
         "import sys, fastkeys; fastkeys.filter_missing(['a.lora_A.default']);"
-        "print(sorted(m for m in ('torch', 'peft', 'transformers', 'numpy') if m in sys.modules))"
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
-
-
-# What `import fastkeys` must not load: measured, each costs a noticeable share of the import
-# (typing a third, copy with weakref a fifth, importlib.metadata more than fastkeys itself), or
-# belongs to the heavy libraries fastkeys works beside. A deterministic budget: the time itself
-# is measured by the benchmark suite (`make bench`, the "import" scenario), not asserted here.
-IMPORT_FORBIDDEN = (
-    "typing", "dataclasses", "copy", "inspect", "pathlib", "importlib.metadata", "argparse",
-    "subprocess", "tempfile", "torch", "peft", "transformers", "diffusers", "numpy", "safetensors",
-)  # fmt: skip
-
-
-def test_import_stays_within_its_module_budget() -> None:
-    done = _run(
-        "import sys, fastkeys; fastkeys.filter_missing(['a.lora_A.default'], 'default', 'lora');"
+        "fastkeys.filter_missing(['a.lora_A.default'], 'default', 'lora');"
         f"print(sorted(m for m in {IMPORT_FORBIDDEN!r} if m in sys.modules))"
     )
     assert done.returncode == 0, done.stderr

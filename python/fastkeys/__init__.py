@@ -11,6 +11,8 @@ Checkpoints are known from their headers alone: `read_keys`, `scan` (`Checkpoint
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastkeys.engine import IMPLEMENTATION
 from fastkeys.rules.matching import (
     KeyMatcher,
@@ -20,8 +22,6 @@ from fastkeys.rules.matching import (
     remove_adapter_name,
 )
 from fastkeys.rules.records import METHODS
-
-TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
 
 if TYPE_CHECKING:
     __version__: str

@@ -1,5 +1,5 @@
 """fastkeys.integrations.marks: a thread is marked exactly while one of its blocks runs
-(`linear_matching()`, `recorder.loading()`, `recorder.feeding()`), however the block ends, an
+(`linear_time_matching()`, `recorder.loading()`, `recorder.feeding()`), however the block ends, an
 interrupt at any line included."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 
 peft = pytest.importorskip("peft")  # the blocks patch PEFT's modules
 
-pytestmark = pytest.mark.engine  # linear_matching() answers with the engine: both implementations
+pytestmark = pytest.mark.engine  # linear_time_matching() answers with the engine: both implementations
 
 from fastkeys.integrations.loader import peft_re  # noqa: E402
-from fastkeys.integrations.loader.peft_re import linear_matching  # noqa: E402
+from fastkeys.integrations.loader.peft_re import linear_time_matching  # noqa: E402
 
 
 def test_a_thread_keeps_only_the_marks_of_its_open_blocks() -> None:
@@ -40,13 +40,13 @@ def _thread_blocks() -> dict[str, Any]:
     from fastkeys.integrations import recorder
 
     return {
-        "linear_matching": linear_matching,
+        "linear_time_matching": linear_time_matching,
         "loading": lambda: recorder.loading("x"),
         "feeding": lambda: recorder.feeding("p", {}),
     }
 
 
-@pytest.mark.parametrize("block", ["linear_matching", "loading", "feeding"])
+@pytest.mark.parametrize("block", ["linear_time_matching", "loading", "feeding"])
 def test_an_interrupt_in_contextlib_leaves_no_mark_while_its_traceback_is_kept(block: str) -> None:
     """Ctrl-C at the first line of contextlib's `__exit__`, before it resumes the block's generator:
     the generator stays suspended, held by the traceback that a REPL keeps (`sys.last_exc`), and
@@ -82,7 +82,7 @@ def test_an_interrupt_in_contextlib_leaves_no_mark_while_its_traceback_is_kept(b
     gc.collect()
 
 
-@pytest.mark.parametrize("block", ["linear_matching", "loading", "feeding"])
+@pytest.mark.parametrize("block", ["linear_time_matching", "loading", "feeding"])
 def test_an_interrupt_anywhere_in_a_block_leaves_the_thread_unmarked(block: str) -> None:
     """Ctrl-C at every line fastkeys runs to enter and leave the thread-local blocks: the thread is
     left unmarked (a marked main thread would refuse expressions or record loads for good), and a

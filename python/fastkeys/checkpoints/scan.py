@@ -274,8 +274,8 @@ def _kind(value: object) -> str:
 def _adapter_config(path: Path) -> dict[str, object]:
     """adapter_config.json, with the fields fastkeys reads checked: their types, and the regular
     expressions (`target_modules` or `exclude_modules` as a string, `layers_pattern`) compiled
-    for the linear engine, so that a hostile config is a ValueError naming the file."""
-    from fastkeys.rules.expressions import linear
+    for the linear-time engine, so that a hostile config is a ValueError naming the file."""
+    from fastkeys.rules.expressions import user_regex
 
     config = _read_json(path, MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
@@ -304,7 +304,7 @@ def _adapter_config(path: Path) -> dict[str, object]:
             field in ("target_modules", "exclude_modules") and isinstance(value, str)
         ):
             for pattern in value if isinstance(value, list) else [value]:
-                linear(str(pattern), f"{path}: {field}")
+                user_regex(str(pattern), f"{path}: {field}")
     return config
 
 

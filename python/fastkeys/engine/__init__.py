@@ -10,7 +10,8 @@ import os
 
 __all__ = ["IMPLEMENTATION", "core"]
 
-TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
+from typing import TYPE_CHECKING
+
 if TYPE_CHECKING:
     from fastkeys.engine.contract import Engine
 

@@ -1,6 +1,6 @@
 """Marks that blocks put on the calling thread, seen exactly while the block is open.
 
-`linear_matching()`, `recorder.loading()` and `recorder.feeding()` mark the thread that opens them.
+`linear_time_matching()`, `recorder.loading()` and `recorder.feeding()` mark the thread that opens them.
 A mark kept as a thread-local value, set on entry and restored in a `finally`, outlives its block
 when a KeyboardInterrupt lands on the restoring line (a trace function, or a signal, can raise
 there), and a main thread left marked would refuse expressions or record loads for good. So a mark
@@ -46,7 +46,7 @@ class _Entry:
 
 def _opener(frame: FrameType) -> FrameType:
     """The frame of the `with` statement: past the generators run by contextlib's `__enter__`
-    (`linear_matching`, `loading`, `recorded_results`, ...) and contextlib's own frames."""
+    (`linear_time_matching`, `loading`, `recorded_results`, ...) and contextlib's own frames."""
     while frame.f_back is not None and _CONTEXTLIB in (
         frame.f_code.co_filename,
         frame.f_back.f_code.co_filename,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -20,13 +19,17 @@ from fastkeys.preflight.findings import (
 )
 from fastkeys.rules import records as tuners
 from fastkeys.rules.matching import filter_missing, insert_adapter_name, tensor_segments
-from fastkeys.rules.targets import in_layers, linear_like, selects
+from fastkeys.rules.targets import all_linear_takes, in_layers, selects
 
 __all__ = ["AdapterCheck", "BaseCheck", "Coverage", "Finding", "check_adapter", "check_base", "check_many"]
 
-AdapterCheck = collections.namedtuple("AdapterCheck", ["missing_keys", "unexpected_keys"])
-AdapterCheck.__doc__ = """What loading would report: the adapter-relevant missing keys and the
-unexpected keys (in their model form), like torch's `_IncompatibleKeys` after fastkeys' filter."""
+
+class AdapterCheck(NamedTuple):
+    """What loading would report: the adapter-relevant missing keys and the
+    unexpected keys (in their model form), like torch's `_IncompatibleKeys` after fastkeys' filter."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 def _checkpoint_keys(
@@ -433,7 +436,7 @@ def _selection(
     excluded = config.get("exclude_modules")
     findings = []
     if targets == "all-linear":
-        selected = [m for m, shape in weights.items() if len(shape) == 2 and linear_like(m)]
+        selected = [m for m, shape in weights.items() if len(shape) == 2 and all_linear_takes(m)]
     else:
         if isinstance(targets, list):
             for target in targets:

@@ -4,17 +4,22 @@ value flags, used by `checks`."""
 
 from __future__ import annotations
 
-import collections
 import functools
+from typing import NamedTuple
 
 from fastkeys.checkpoints.scan import Checkpoint
 from fastkeys.rules import records as tuners
 
 Shapes = dict[str, tuple[int, ...]]
 
-Finding = collections.namedtuple("Finding", ["kind", "key", "message"])
-Finding.__doc__ = """One problem `check_base` found: `kind` (missing_module, shape, unmatched_target,
-untrained_target, prefix), the key or name it concerns, and what was expected."""
+
+class Finding(NamedTuple):
+    """One problem `check_base` found: `kind` (missing_module, shape, unmatched_target,
+    untrained_target, prefix), the key or name it concerns, and what was expected."""
+
+    kind: str
+    key: str
+    message: str
 
 
 def _rules(method: tuners.Method | None) -> tuners.Method:

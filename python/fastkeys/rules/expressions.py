@@ -32,8 +32,12 @@ import functools
 import re
 import warnings
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-__all__ = ["MAX_SIZE", "engine", "linear", "translate"]
+if TYPE_CHECKING:
+    from fastkeys.engine.contract import Regex
+
+__all__ = ["MAX_SIZE", "regex_for_engine", "translate", "user_regex"]
 
 # Characters that Rust's parser reads as syntax, so a literal one is written escaped.
 _RUST_META = frozenset("\\.+*?()|[]{}^$#&-~")
@@ -444,7 +448,7 @@ def _checked(pattern: str, what: str) -> tuple[str, str, int]:
     return for_rust, for_python, size
 
 
-def linear(pattern: str, what: str, template: tuple[str, str] = ("{}", "{}")) -> Regex:
+def user_regex(pattern: str, what: str, template: tuple[str, str] = ("{}", "{}")) -> Regex:
     """A user's expression compiled for the implementation that runs, matched in linear time:
     `fastkeys._native.Regex` (Rust's `regex` crate) or `fastkeys.engine.pure.regex.Regex` (a Pike VM).
     `template` places it inside a larger expression, written for (Rust, Python); the result's
@@ -453,17 +457,12 @@ def linear(pattern: str, what: str, template: tuple[str, str] = ("{}", "{}")) ->
     if not isinstance(pattern, str):
         raise TypeError(f"{what} must be str, not {type(pattern).__name__}")
     for_rust, for_python, _size = _checked(pattern, what)
-    return engine(template[0].format(for_rust), template[1].format(for_python))
+    return regex_for_engine(template[0].format(for_rust), template[1].format(for_python))
 
 
 @functools.lru_cache(maxsize=256)
-def engine(for_rust: str, for_python: str) -> Regex:
+def regex_for_engine(for_rust: str, for_python: str) -> Regex:
     """An expression already written for both engines, compiled for the one that runs."""
     from fastkeys.engine import IMPLEMENTATION, core
 
     return core.Regex(for_rust if IMPLEMENTATION == "rust" else for_python)
-
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from fastkeys.engine.contract import Regex

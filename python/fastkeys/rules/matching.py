@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from fastkeys.engine import IMPLEMENTATION, core
 from fastkeys.rules import records as tuners
@@ -31,22 +32,15 @@ class MissingAdapterKeysWarning(UserWarning):
         self.missing_keys = list(missing_keys)
 
 
-# `typing` costs a third of `import fastkeys`: the checkers read it, the interpreter does not.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any, TypeVar, overload
+Result = TypeVar("Result")
 
+if TYPE_CHECKING:
     from typing_extensions import Self
 
     # The checkers see the stub's methods, with their types, whichever engine runs.
     from fastkeys._native import KeyMatcher as _Core
-
-    Result = TypeVar("Result")
 else:
     _Core = core.KeyMatcher
-
-    def overload(function: object) -> object:
-        return function
 
 
 class KeyMatcher(_Core):
@@ -253,7 +247,7 @@ def filter_missing(
     peft_version: str | None = ...,
 ) -> list[str]: ...
 @overload
-def filter_missing(  # noqa: F811 (a local `overload` at run time, typing's for the checkers)
+def filter_missing(
     missing: Result,
     adapter_name: str = ...,
     peft_type: object = ...,
@@ -262,7 +256,7 @@ def filter_missing(  # noqa: F811 (a local `overload` at run time, typing's for 
     ignore: Iterable[str] | None = ...,
     peft_version: str | None = ...,
 ) -> Result: ...
-def filter_missing(  # noqa: F811
+def filter_missing(
     missing: Any,
     adapter_name: str = "default",
     peft_type: object = None,

@@ -1,6 +1,6 @@
-"""PEFT's regular-expression matching on fastkeys' linear engine (issue 16, item 6).
+"""PEFT's regular-expression matching on fastkeys' linear-time engine (issue 16, item 6).
 
-`linear_matching()` must give, on the calling thread, the answer Python's `re` gives to every match
+`linear_time_matching()` must give, on the calling thread, the answer Python's `re` gives to every match
 PEFT makes on a config's expressions (or refuse, with a ValueError, what it cannot answer for
 exactly), in time linear in the name; other threads keep the real `re`. Runs under both
 implementations (FASTKEYS_IMPLEMENTATION=rust and =python).
@@ -24,7 +24,7 @@ import pytest
 
 peft = pytest.importorskip("peft")
 
-pytestmark = pytest.mark.engine  # the linear engine: both implementations
+pytestmark = pytest.mark.engine  # the linear-time engine: both implementations
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -34,7 +34,7 @@ from peft.utils.other import get_pattern_key  # noqa: E402
 
 import fastkeys  # noqa: E402
 from fastkeys.integrations.loader import peft_re as expressions  # noqa: E402
-from fastkeys.integrations.loader.peft_re import LinearMatch, check_expressions, linear_matching  # noqa: E402
+from fastkeys.integrations.loader.peft_re import LinearTimeMatch, check_expressions, linear_time_matching  # noqa: E402
 from fastkeys.rules.expressions import _checked  # noqa: E402
 from fixtures.peft_models import save_adapter, tiny_bert, tiny_llama  # noqa: E402
 from tests.conftest import examples  # noqa: E402
@@ -73,7 +73,7 @@ class _Slow(BaseException):
 
 def _both(call: Any, limit: float = 0.5) -> tuple[tuple[str, Any], tuple[str, Any]] | None:
     """`call` outside (given `limit` seconds: `re` checks for signals while it backtracks), then
-    inside `linear_matching()`; None when outside took too long."""
+    inside `linear_time_matching()`; None when outside took too long."""
 
     def ring(*_: object) -> None:
         raise _Slow
@@ -87,7 +87,7 @@ def _both(call: Any, limit: float = 0.5) -> tuple[tuple[str, Any], tuple[str, An
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    with linear_matching():
+    with linear_time_matching():
         inside = _outcome(call)
     return outside, inside
 
@@ -299,7 +299,7 @@ def test_refusals_happen_only_where_the_dialect_must(fragment: str, text: str) -
     for kind, template in KINDS.items():
         pattern = template.replace("{}", fragment, 1)
         function = FUNCTION.get(kind, "match")
-        with linear_matching():
+        with linear_time_matching():
             refused = _outcome(lambda p=pattern, f=function: getattr(peft.utils.other.re, f)(p, text))
         if refused[0] != "ValueError":
             continue
@@ -336,9 +336,9 @@ def test_generated_configs_answer_alike(
 
 def test_a_match_holds_what_peft_reads() -> None:
     proxy: Any = expressions._PROXY
-    with linear_matching():
+    with linear_time_matching():
         found = proxy.match(r"(?:^|.*?\.)layers\.(?P<idx>\d+)\.", "model.layers.12.q")
-        assert isinstance(found, LinearMatch) and found
+        assert isinstance(found, LinearTimeMatch) and found
         assert found.groupdict() == {"idx": "12"} and found.group("idx") == "12" and found["idx"] == "12"
         assert found.group(1) == "12"
         with pytest.raises(NotImplementedError):
@@ -423,7 +423,7 @@ def test_only_the_calling_thread_is_affected() -> None:
     seen: dict[str, Any] = {}
 
     def holder() -> None:
-        with linear_matching():
+        with linear_time_matching():
             seen["inside"] = _outcome(lambda: peft.utils.other.re.fullmatch(hostile, "a"))
             child = threading.Thread(
                 target=lambda: seen.update(child=peft.utils.other.re.fullmatch(hostile, "a"))
@@ -449,13 +449,13 @@ def test_only_the_calling_thread_is_affected() -> None:
     assert seen["inside"][0] == "ValueError" and "lookaround" in seen["inside"][1]
     assert isinstance(seen["child"], re.Match)  # a thread started inside the block is outside it
     # Inside a block, `re` itself (not PEFT's) stays the real one; blocks nest; errors leave.
-    with linear_matching():
+    with linear_time_matching():
         assert isinstance(re.fullmatch(hostile, "a"), re.Match)
-        with linear_matching():
+        with linear_time_matching():
             pass
         with pytest.raises(ValueError):
             peft.utils.other.re.fullmatch(hostile, "a")
-    with pytest.raises(KeyError), linear_matching():
+    with pytest.raises(KeyError), linear_time_matching():
         raise KeyError
     assert isinstance(peft.utils.other.re.fullmatch(hostile, "a"), re.Match)
 
@@ -516,7 +516,7 @@ def test_hostile_expressions_load_in_linear_time_and_hang_without(tmp_path: Path
         f"""
         import json, signal, time
         import peft
-        from fastkeys.integrations.loader.peft_re import linear_matching
+        from fastkeys.integrations.loader.peft_re import linear_time_matching
         from fixtures.peft_models import tiny_llama
 
         def ring(*_):
@@ -546,7 +546,7 @@ def test_hostile_expressions_load_in_linear_time_and_hang_without(tmp_path: Path
             model.load_adapter({str(layered)!r}, adapter_name="layered")
             loaded["model"] = model
 
-        with linear_matching():
+        with linear_time_matching():
             inside = timed(load, 60)
         modules = adapted(loaded["model"])
         outside = timed(lambda: peft.PeftModel.from_pretrained(tiny_llama(), {str(single)!r}), {WITHOUT})
@@ -559,7 +559,7 @@ def test_hostile_expressions_load_in_linear_time_and_hang_without(tmp_path: Path
         + [layer.format(1, p, "layered") for p in "qv"]
     )
     assert result["inside"] is not None and result["inside"] < 10, result
-    assert result["outside"] is None, result  # the same load without linear_matching(): still at it
+    assert result["outside"] is None, result  # the same load without linear_time_matching(): still at it
 
 
 @pytest.mark.parametrize("template", [r".*\.{}\.(\d+)\.", r".*?\.{}\.(\d+)\."])
@@ -570,17 +570,17 @@ def test_the_layer_index_templates_of_peft_before_0_21(template: str) -> None:
     import peft.tuners.tuners_utils as tuners_utils
 
     names = ["model.layers.3.self_attn.q_proj", "a.h.12.attn.c", "x.layers.1.y.layers.2.z", "layers.4.q", "q"]
-    with linear_matching():
+    with linear_time_matching():
         pass  # installs the proxy
     proxy: Any = vars(tuners_utils)["re"]
     for fragment in ["layers", "h", "layers|h", "lay.rs", "(?:la)yers"]:
         pattern = template.format(fragment)
         for name in names:
             expected = re.match(pattern, name)
-            with linear_matching():
+            with linear_time_matching():
                 got = proxy.match(pattern, name)
             assert (got is None) == (expected is None), (pattern, name)
             if expected is not None:
                 assert got.group(1) == expected.group(1), (pattern, name)
-    with linear_matching(), pytest.raises(ValueError, match="groups of its own"):
+    with linear_time_matching(), pytest.raises(ValueError, match="groups of its own"):
         proxy.match(template.format("(layers|h)"), names[0])

@@ -1,7 +1,7 @@
 """The pure-Python mirror of `fastkeys._native`, module for module as the Rust core is split:
 `matcher` (rust/matcher.rs, rename.rs: `KeyMatcher`), `safetensors` (rust/safetensors.rs:
 `read_headers`), `values` (rust/values.rs: `read_values`, loaded when first asked for) and
-`regex` (the linear engine standing in for the `regex` crate: `Regex`). Same arguments, answers
+`regex` (the linear-time engine standing in for the `regex` crate: `Regex`). Same arguments, answers
 and errors as the native module; `fastkeys.engine.contract.Engine` is what both provide.
 """
 

@@ -9,10 +9,10 @@ on the class, as on the native one.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from fastkeys.engine.pure.regex import Regex
 
-TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -110,7 +110,7 @@ class KeyMatcher:
             for name in adapter_names:
                 adapters.setdefault(str.__str__(name), len(adapters))
         init(self, "_adapters", adapters)
-        # Matched by the linear engine: `re` would backtrack on `(a+)+$` (see fastkeys.engine.pure.regex).
+        # Matched by the linear-time engine: `re` would backtrack on `(a+)+$` (fastkeys.engine.pure.regex).
         init(self, "_ignore", [Regex(pattern) for pattern in ignore])
         # Substrings every matching key contains: an adapter name, else a prefix. (The bare name:
         # a needle that starts with "." costs more, dots being everywhere in keys.)

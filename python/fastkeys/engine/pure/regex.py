@@ -27,9 +27,7 @@ else:  # pragma: no cover (3.10)
     import sre_constants as _c
     import sre_parse as _sre_parse
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
+from typing import Any
 
 __all__ = ["Regex"]
 

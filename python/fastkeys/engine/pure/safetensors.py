@@ -8,10 +8,7 @@ import json
 import os
 import stat
 from collections.abc import Sequence
-
-TYPE_CHECKING = False  # `typing` would cost a third of `import fastkeys`
-if TYPE_CHECKING:
-    from typing import BinaryIO
+from typing import BinaryIO
 
 __all__ = ["DTYPE_BITS", "MAX_HEADER_LEN", "open_regular", "parse_header", "path_text", "read_headers"]
 

@@ -15,7 +15,7 @@ Imports run one way, down this list; only `api` is called from outside (by `fast
 | `policy`      | the allow-list: config fields, options, model states the fast path reproduces |
 | `index`       | the model as PEFT's matcher sees it, read afresh per load |
 | `transaction` | record, roll back (values, modules, flags, RNG), Ctrl-C deferred while restoring |
-| `peft_re`     | PEFT's regular-expression matching on fastkeys' linear engine |
+| `peft_re`     | PEFT's regular-expression matching on fastkeys' linear-time engine |
 | `files`       | reading tensors through the checks `scan` made |
 | `boundary`    | the private PEFT and torch symbols used, the version gate, PEFT's hooks (via `recorder`) |
 | `result`      | `AdapterLoadResult` |

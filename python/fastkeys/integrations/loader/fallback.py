@@ -4,7 +4,7 @@
   for the weights; PEFT's read of the placeholder is fed the tensors fastkeys read from the files it
   checked (`boundary.fed_tensors`). PEFT never opens the user's checkpoint, so containment, regular
   files, size caps and sharded checkpoints work as on the fast path.
-- **Expressions**: PEFT's matching of config expressions runs on the linear engine.
+- **Expressions**: PEFT's matching of config expressions runs on the linear-time engine.
 - **Base weights**: a load-time hook on the base model sees the state dict torch is about to copy.
   A tensor that would overwrite a pre-existing base-model weight is refused (ValueError, before it
   is written) unless PEFT's own saving puts such weights in a checkpoint: an embedding
@@ -32,7 +32,7 @@ from torch import nn
 
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.files import CONFIG_FILE, SINGLE_FILE
-from fastkeys.integrations.loader.peft_re import linear_matching
+from fastkeys.integrations.loader.peft_re import linear_time_matching
 from fastkeys.integrations.loader.transaction import Transaction
 
 
@@ -162,7 +162,7 @@ def peft_load(
         with (
             boundary.recorded_results() as records,
             boundary.fed_tensors(str(placeholder), tensors),
-            linear_matching(),
+            linear_time_matching(),
             _guarded_writes(base_model, base, adapter_name, config, tx),
         ):
             returned = call(str(directory))
@@ -177,7 +177,7 @@ def special_init_targets(config: Any, index_modules: dict[str, Any]) -> list[tor
     if init is True or init is False or init == "gaussian":
         return []
     found: list[torch.Tensor] = []
-    with linear_matching():
+    with linear_time_matching():
         for name, module in index_modules.items():
             if boundary.check_target_module_exists(config, name):
                 base = module.get_base_layer() if isinstance(module, boundary.BaseTunerLayer) else module

@@ -31,7 +31,7 @@ from fastkeys.integrations.loader.files import read_tensors
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.leaves import Leaves
 from fastkeys.integrations.loader.methods import Layout, Method, method_of
-from fastkeys.integrations.loader.peft_re import linear_matching
+from fastkeys.integrations.loader.peft_re import linear_time_matching
 from fastkeys.integrations.loader.plan import MODEL_PREFIX, Options, Refused, check_checkpoint, make_plan
 from fastkeys.integrations.loader.transaction import Transaction
 
@@ -255,7 +255,7 @@ def _inject_with_peft(
     # _create_and_replace freezes the whole new layer, base weights included; inject_adapter then
     # restores every parameter that existed before, which here are the old module's.
     existing = [(parameter, parameter.requires_grad) for parameter in old.parameters()]
-    with linear_matching():
+    with linear_time_matching():
         tuner._create_and_replace(config, adapter_name, old, child_name, parent, current_key=name)
     for parameter, requires_grad in existing:
         parameter.requires_grad = requires_grad

@@ -23,7 +23,7 @@ import peft
 from torch import nn
 
 from fastkeys.integrations.loader import boundary
-from fastkeys.integrations.loader.peft_re import linear_matching
+from fastkeys.integrations.loader.peft_re import linear_time_matching
 
 # PEFT condenses target lists this long against the whole model's names (inner modules included);
 # not for IA3 (`inject_adapter`: its feedforward_modules would go out of step).
@@ -233,7 +233,7 @@ def _update_lora(tuner: Any, layer: Any, name: str, config: Any, adapter_name: s
     """`LoraModel._create_and_replace` on an existing LoRA layer: `update_layer` with the rank and
     alpha of the module's pattern keys."""
     get_pattern_key = boundary.get_pattern_key
-    with linear_matching():
+    with linear_time_matching():
         r_key = get_pattern_key(config.rank_pattern.keys(), name)
         alpha_key = get_pattern_key(config.alpha_pattern.keys(), name)
     layer.update_layer(
@@ -257,7 +257,7 @@ def _update_with_peft(tuner: Any, layer: Any, name: str, config: Any, adapter_na
     `update_layer` with the method's arguments (rank and alpha patterns, IA3's feedforward flag
     kept by the layer, ...), as `inject_adapter` does."""
     parent, _target, child_name = boundary.get_submodules(tuner.model, name)
-    with linear_matching():
+    with linear_time_matching():
         tuner._create_and_replace(config, adapter_name, layer, child_name, parent, current_key=name)
 
 
@@ -282,7 +282,7 @@ class Layout(NamedTuple):
 
 
 def _rank_and_alpha(config: Any, name: str, alpha: Any) -> tuple[Any, Any]:
-    """The module's rank and alpha: `_create_and_replace`'s pattern lookup (linear_matching is the
+    """The module's rank and alpha: `_create_and_replace`'s pattern lookup (linear_time_matching is the
     caller's)."""
     get_pattern_key = boundary.get_pattern_key
     r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)

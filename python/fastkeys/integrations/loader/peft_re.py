@@ -1,8 +1,8 @@
-"""PEFT's regular-expression matching on fastkeys' linear engine, for the duration of a load.
+"""PEFT's regular-expression matching on fastkeys' linear-time engine, for the duration of a load.
 
 An adapter's `adapter_config.json` is hostile input, and PEFT splices parts of it into regular
 expressions that it matches with Python's backtracking `re`: `target_modules: "(.+)+X"` then holds
-a load for minutes. `linear_matching()` makes every `re.match`, `re.fullmatch` and `re.search` that
+a load for minutes. `linear_time_matching()` makes every `re.match`, `re.fullmatch` and `re.search` that
 PEFT's modules make, on the calling thread and while the block is open, run on
 `fastkeys.rules.expressions` (Rust's `regex` crate, or the pure-Python Pike VM), with the answer `re` gives.
 
@@ -35,7 +35,7 @@ global flag that PEFT's splicing moved into the middle of its expression (an err
 3.11, a flag on the whole expression before). `check_expressions` refuses the same fragments,
 by field, before the model changes.
 
-What a match returns is a `LinearMatch`: true, and holding what PEFT reads (`groupdict()["idx"]`
+What a match returns is a `LinearTimeMatch`: true, and holding what PEFT reads (`groupdict()["idx"]`
 for the layer index; group 0 of a `fullmatch`). Groups of the config's own expression are not
 captured: asking for one raises NotImplementedError.
 """
@@ -51,7 +51,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from fastkeys.integrations.marks import ThreadMarks
-from fastkeys.rules.expressions import _checked, engine
+from fastkeys.rules.expressions import _checked, regex_for_engine
 
 if sys.version_info >= (3, 11):
     from re import _constants as _c
@@ -60,11 +60,12 @@ else:  # pragma: no cover (3.10)
     import sre_constants as _c
     import sre_parse as _sre_parse
 
-TYPE_CHECKING = False
+from typing import TYPE_CHECKING
+
 if TYPE_CHECKING:
     from fastkeys.engine.contract import Regex
 
-__all__ = ["LinearMatch", "check_expressions", "linear_matching"]
+__all__ = ["LinearTimeMatch", "check_expressions", "linear_time_matching"]
 
 # PEFT's templates (peft 0.21.2) by kind: the text PEFT formats, `{}` where the config's text goes.
 _PEFT: dict[str, str] = {
@@ -129,12 +130,12 @@ _FIELDS_BY_CALLER = {
 }
 
 
-# Open `linear_matching()` blocks on each thread.
-_MATCHING: ThreadMarks[bool] = ThreadMarks("linear_matching")
+# Open `linear_time_matching()` blocks on each thread.
+_MATCHING: ThreadMarks[bool] = ThreadMarks("linear_time_matching")
 
 
-class LinearMatch:
-    """What `re.match`, `re.fullmatch` and `re.search` return inside `linear_matching()` when the
+class LinearTimeMatch:
+    """What `re.match`, `re.fullmatch` and `re.search` return inside `linear_time_matching()` when the
     expression matches: true, with the groups fastkeys knows (PEFT's `idx`; group 0 of a
     fullmatch). `re` is the pattern compiled by the real `re`, `string` the text matched."""
 
@@ -158,7 +159,7 @@ class LinearMatch:
         return True
 
     def __repr__(self) -> str:
-        return f"<fastkeys.LinearMatch of {self.re.pattern!r} in {self.string!r}>"
+        return f"<fastkeys.LinearTimeMatch of {self.re.pattern!r} in {self.string!r}>"
 
     @property
     def pos(self) -> int:
@@ -182,7 +183,7 @@ class LinearMatch:
                 if number == index and name in self._named:
                     return name
         raise NotImplementedError(
-            f"group {group!r} of {self.re.pattern!r}: linear_matching() captures only what PEFT reads"
+            f"group {group!r} of {self.re.pattern!r}: linear_time_matching() captures only what PEFT reads"
         )
 
     def group(self, *groups: int | str) -> Any:
@@ -201,7 +202,7 @@ class LinearMatch:
 
     def span(self, group: int | str = 0) -> tuple[int, int]:
         if self._name(group) != 0:
-            raise NotImplementedError("linear_matching() knows the span of a fullmatch only")
+            raise NotImplementedError("linear_time_matching() knows the span of a fullmatch only")
         return 0, len(self.string)
 
     def start(self, group: int | str = 0) -> int:
@@ -213,7 +214,7 @@ class LinearMatch:
 
 class _Re(types.ModuleType):
     """`re` as PEFT's modules see it: the real module, but for `match`, `fullmatch` and `search`
-    on a thread inside `linear_matching()`."""
+    on a thread inside `linear_time_matching()`."""
 
     def __init__(self) -> None:
         super().__init__("re", re.__doc__)
@@ -227,7 +228,7 @@ class _Re(types.ModuleType):
         return dir(re)
 
     def __repr__(self) -> str:
-        return "<module 're', matching in linear time inside fastkeys' linear_matching()>"
+        return "<module 're', matching in linear time inside fastkeys' linear_time_matching()>"
 
     def match(self, pattern: Any, string: Any, flags: Any = 0) -> Any:
         if not _MATCHING.values():
@@ -257,9 +258,9 @@ def _caller() -> str:
 
 
 @contextlib.contextmanager
-def linear_matching() -> Iterator[None]:
+def linear_time_matching() -> Iterator[None]:
     """While open, on the calling thread only: PEFT's `re.match`, `re.fullmatch` and `re.search`
-    run on fastkeys' linear engine and answer as `re` would, or raise ValueError for an expression
+    run on fastkeys' linear-time engine and answer as `re` would, or raise ValueError for an expression
     fastkeys cannot answer for exactly (see the module doc). Other threads, and this one outside
     the block, see the real `re`. Blocks nest."""
     _install()
@@ -409,7 +410,7 @@ def _compiled(kind: str, fragment: str, what: str, unicode: bool) -> Regex:
         for_rust, for_python = f"(?s:{for_rust[4:]})", f"(?s:{for_python[4:]})"
     digits = f"[{_unicode_digits()}]" if unicode else "[0-9]"
     rust, python = (t.replace("{D}", digits) for t in _ENGINES[kind])
-    return engine(rust.replace("{}", for_rust, 1), python.replace("{}", for_python, 1))
+    return regex_for_engine(rust.replace("{}", for_rust, 1), python.replace("{}", for_python, 1))
 
 
 def _answer(function: str, pattern: Any, string: Any, flags: Any, caller: str) -> Any:
@@ -452,11 +453,11 @@ def _answer(function: str, pattern: Any, string: Any, flags: Any, caller: str) -
         if index is None and not regex.search(string):
             return None
         if kind == "layers":
-            return LinearMatch(compiled, string, False, {"idx": index})
-        return LinearMatch(compiled, string, False, {}, {1: index})
+            return LinearTimeMatch(compiled, string, False, {"idx": index})
+        return LinearTimeMatch(compiled, string, False, {}, {1: index})
     if not regex.search(string):
         return None
-    return LinearMatch(compiled, string, function == "fullmatch", {})
+    return LinearTimeMatch(compiled, string, function == "fullmatch", {})
 
 
 # --- checking a config before the load -------------------------------------------------------
@@ -516,7 +517,7 @@ def _expressions(config: object) -> Iterator[tuple[str, str, tuple[str, ...]]]:
 def check_expressions(config: object, where: str) -> None:
     """Raises ValueError, naming `where` (the config file), the field and the expression, for any
     text of `config` (adapter_config.json as a dict, or a PeftConfig) that PEFT would match as a
-    regular expression while loading and that `linear_matching()` would refuse: one outside
+    regular expression while loading and that `linear_time_matching()` would refuse: one outside
     fastkeys' dialect, or one that makes PEFT's expression invalid (PEFT would raise re.error)."""
     for field, fragment, kinds in _expressions(config):
         what = f"{where}: {field}"

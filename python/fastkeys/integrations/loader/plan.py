@@ -1,7 +1,7 @@
 """What the fast path will do for one adapter, decided before the model changes.
 
 The targets come from PEFT's own matcher (`_check_target_module_exists`) run over the model index,
-with config expressions matched in linear time (`peft_re.linear_matching`). Targets that are
+with config expressions matched in linear time (`peft_re.linear_time_matching`). Targets that are
 plain LoRA `Linear` layers already need only two new matrices, whose keys and shapes are known up
 front; the others (every target of the other methods) go through PEFT's own per-layer code
 (`inject.py`). The checkpoint is checked against the plan before anything changes.
@@ -17,7 +17,7 @@ from fastkeys.checkpoints.scan import Checkpoint
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.methods import LORA, Layout, Method
-from fastkeys.integrations.loader.peft_re import linear_matching
+from fastkeys.integrations.loader.peft_re import linear_time_matching
 from fastkeys.rules.matching import insert_adapter_name
 from fastkeys.rules.records import MODEL_PREFIX as MODEL_PREFIX  # inject.py imports it from here
 
@@ -45,7 +45,7 @@ class Plan(NamedTuple):
 def selected(tuner: Any, config: Any, index: ModelIndex) -> list[str]:
     """The module names PEFT's matcher selects and does not exclude, in PEFT's order."""
     excluded = boundary.ExcludedModule
-    with linear_matching():
+    with linear_time_matching():
         return [
             name
             for name in index.modules
@@ -90,7 +90,7 @@ def make_plan(
     plain = method is LORA and not (config.use_dora or config.lora_bias)
     get_pattern_key = boundary.get_pattern_key
     direct: dict[str, Layout] = {}
-    with linear_matching():
+    with linear_time_matching():
         for name in targets:
             layer = index.modules[name]
             if method.layout is not None:
