@@ -52,8 +52,8 @@ test-rust: ## cargo test: the Rust core, without Python
 test-native: build $(VENV)/.peft-installed ## pytest against the compiled extension (fails if it does not import)
 	FASTKEYS_IMPLEMENTATION=rust $(PY) -m pytest -q -n $(WORKERS)
 
-test-python: $(VENV)/.peft-installed | $(AFTER_NATIVE) ## pytest against the pure-Python fallback: every test but the torch suite, plus its engine-facing modules
-	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q -n $(WORKERS) -m "not torch or engine"
+test-python: $(VENV)/.peft-installed | $(AFTER_NATIVE) ## pytest against the pure-Python fallback: every test but the torch suite, plus its engine-facing modules; not the tests that already run both engines side by side
+	FASTKEYS_IMPLEMENTATION=python $(PY) -m pytest -q -n $(WORKERS) -m "(not torch or engine) and not both_engines"
 
 check: build ## The edit loop (under a minute, torch not needed): ruff, mypy on the package, the torch-free tests
 	$(BIN)/ruff check python tests benches fixtures docs scripts

@@ -1,5 +1,6 @@
 """`make test` runs the suite under FASTKEYS_IMPLEMENTATION=rust, then the engine-facing part of it
-(the torch-free tests and the torch modules or tests marked `engine`) under =python; each run on
+(the torch-free tests and the torch modules or tests marked `engine`, but not the tests marked
+`both_engines`, which call both engines side by side in-process) under =python; each run on
 pytest-xdist workers (`make test WORKERS=0` runs in-process)."""
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ import pytest
 from benches import suite as bench
 from fastkeys.cli import demo as scenarios
 
+# Both engines side by side, in-process: the same test under FASTKEYS_IMPLEMENTATION=python would
+# repeat it (`make test-python` deselects it).
+pytestmark = pytest.mark.both_engines
+
 
 def test_quick_suite_runs_and_every_exact_contender_agrees() -> None:
     report = bench.run(quick=True)

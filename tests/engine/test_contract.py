@@ -25,6 +25,11 @@ PACKAGE = Path(fastkeys.__file__).parent
 FALLBACK: Engine = _pure
 
 
+# Both engines side by side, in-process: the same test under FASTKEYS_IMPLEMENTATION=python would
+# repeat it (`make test-python` deselects it).
+pytestmark = pytest.mark.both_engines
+
+
 def _stub_signatures() -> dict[str, list[str]]:
     """`name` or `Class.method` -> parameter names, as the stub declares them."""
     tree = ast.parse((PACKAGE / "_native.pyi").read_text(encoding="utf-8"))

@@ -21,6 +21,11 @@ except ImportError:  # pragma: no cover - only in a fallback-only install
         raise
     pytest.skip("the compiled extension is not built; the native run covers this", allow_module_level=True)
 
+# The tests marked `both_engines` call both engines side by side, in-process: the same tests under
+# FASTKEYS_IMPLEMENTATION=python would repeat them (`make test-python` deselects them). The one
+# that reads the running engine (`filter_missing`) runs under both.
+both_engines = pytest.mark.both_engines
+
 WORDS = [
     "base_model",
     "model",
@@ -124,6 +129,7 @@ def build(
     return module.KeyMatcher(prefixes, adapters, exact, shared, root, patterns, wrappers or [], pairs)
 
 
+@both_engines
 @settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     keys=st.lists(KEY, max_size=30),
@@ -158,6 +164,7 @@ def test_cores_agree(
     assert list(native.group(keys)) == list(pure.group(keys))
 
 
+@both_engines
 @settings(max_examples=examples(300), deadline=None)
 @given(key=KEY, pattern=PATTERN)
 def test_ignore_expressions_agree(key: str, pattern: str) -> None:
@@ -195,6 +202,7 @@ def test_filter_missing_agrees_with_a_direct_reading_of_the_rule(
     assert filter_missing(keys, adapter, peft_type) == [k for k in keys if relevant(k)]
 
 
+@both_engines
 def test_errors_agree() -> None:
     for module in (_native, _pure):
         matcher = module.KeyMatcher(["lora_"], None, [], [], "base_model", [], [], [])
@@ -212,6 +220,7 @@ class _Str(str):
 ONE_SEGMENT = "root must be one segment, non-empty and without a dot, not "
 
 
+@both_engines
 @pytest.mark.parametrize(
     ("root", "error", "message"),
     [
@@ -231,6 +240,7 @@ def test_root_errors_agree(root: object, error: type[Exception], message: str) -
         assert str(raised.value) == message, module
 
 
+@both_engines
 @pytest.mark.parametrize("module", [_native, _pure])
 def test_the_model_level_follows_the_root(module: Engine) -> None:
     matcher = module.KeyMatcher([], ["default"], ["vera_A"], ["vera_A"], "tuner", [], [], [])
@@ -244,6 +254,7 @@ def test_the_model_level_follows_the_root(module: Engine) -> None:
     assert matcher.filter(keys) == ["tuner.vera_A.default", "vera_A.default"]
 
 
+@both_engines
 @settings(max_examples=examples(300), deadline=None)
 @given(
     keys=st.lists(KEY, max_size=20),
