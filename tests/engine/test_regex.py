@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from fastkeys.engine.pure import regex as _linear
 from fastkeys.rules.expressions import translate
 from tests.conftest import examples
+from tests.engine.test_differential import KEY, PATTERN
 
 # Both engines side by side, in-process: the same test under FASTKEYS_IMPLEMENTATION=python would
 # repeat it (`make test-python` deselects it).
 pytestmark = pytest.mark.both_engines
-from tests.engine.test_differential import KEY, PATTERN
 
 # Characters whose case differs between `re`'s and `regex`'s (?i): ASCII folding keeps them apart.
 CASE_PAIRS = "kK\u212asS\u017fiI\u0130\u0131\u00df\u1e9e\u03a9\u03c9\u2126"
