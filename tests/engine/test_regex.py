@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastkeys.engine.pure import regex as _linear
+from fastkeys.engine.pure import regex as _pure_regex
 from fastkeys.rules.expressions import translate
 from tests.conftest import examples
 from tests.engine.test_differential import KEY, PATTERN
@@ -33,7 +33,7 @@ def _native() -> object:
 @given(key=KEY, pattern=PATTERN)
 def test_search_answers_as_re(key: str, pattern: str) -> None:
     (for_python,) = translate([pattern])[1]
-    assert _linear.Regex(for_python).search(key) == (re.search(for_python, key) is not None)
+    assert _pure_regex.Regex(for_python).search(key) == (re.search(for_python, key) is not None)
 
 
 @settings(max_examples=examples(150), deadline=None)
@@ -41,7 +41,7 @@ def test_search_answers_as_re(key: str, pattern: str) -> None:
 def test_search_answers_as_the_native_engine(key: str, pattern: str) -> None:
     native = _native()
     (for_rust,), (for_python,) = translate([pattern])
-    assert _linear.Regex(for_python).search(key) == native.Regex(for_rust).search(key)  # type: ignore[attr-defined]
+    assert _pure_regex.Regex(for_python).search(key) == native.Regex(for_rust).search(key)  # type: ignore[attr-defined]
 
 
 @settings(max_examples=examples(150), deadline=None)
@@ -51,7 +51,7 @@ def test_search_answers_as_the_native_engine(key: str, pattern: str) -> None:
 def test_case_insensitive_expressions_agree(key: str, pattern: list[str]) -> None:
     native = _native()
     (for_rust,), (for_python,) = translate(["(?i)" + "".join(pattern)])
-    assert _linear.Regex(for_python).search(key) == native.Regex(for_rust).search(key)  # type: ignore[attr-defined]
+    assert _pure_regex.Regex(for_python).search(key) == native.Regex(for_rust).search(key)  # type: ignore[attr-defined]
 
 
 @settings(max_examples=examples(150), deadline=None)
@@ -66,14 +66,14 @@ def test_the_layer_index_group_answers_as_re_and_as_the_native_engine(
     (for_rust,), (for_python,) = translate([pattern])
     found = re.match(f"(?:^|.*?\\.){for_python}\\.([0-9]+)\\.", name)  # as PEFT writes it
     expected = found.group(1) if found else None
-    assert _linear.Regex(LAYERS[1].format(for_python)).group(name) == expected
+    assert _pure_regex.Regex(LAYERS[1].format(for_python)).group(name) == expected
     native = _native()
     assert native.Regex(LAYERS[0].format(for_rust)).group(name) == expected  # type: ignore[attr-defined]
 
 
 def test_a_full_dfa_cache_starts_afresh_with_the_same_answers() -> None:
     (for_python,) = translate([r"(?:[a-z]\d){1,40}x"])[1]
-    engine = _linear.Regex(for_python)
+    engine = _pure_regex.Regex(for_python)
     keys = ["".join(f"{chr(97 + (i * j) % 26)}{j % 10}" for j in range(i % 40)) + "x" for i in range(3000)]
     assert [engine.search(key) for key in keys] == [re.search(for_python, key) is not None for key in keys]
-    assert len(engine._dfa.states) <= _linear._CACHE + 1
+    assert len(engine._dfa.states) <= _pure_regex._CACHE + 1
