@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastkeys import filter_missing
 from fastkeys.cli.demo import peft_substring_filter
@@ -18,6 +19,9 @@ from fastkeys.rules import records as tuners
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fixtures.peft_filters import peft_from_pretrained_filter
+
+if TYPE_CHECKING:
+    from fixtures.peft_models import PeftSurvey, Survey
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -77,13 +81,18 @@ def differences_table() -> str:
 
 
 @functools.cache  # builds real models: once per run, whichever pages show it
-def peft_table() -> str:
-    """Real PEFT models (fixtures/peft_models.py): PEFT's filters and fastkeys on the same loads."""
+def peft_table(surveyed: PeftSurvey | None = None) -> str:
+    """Real PEFT models (fixtures/peft_models.py): PEFT's filters and fastkeys on the same loads,
+    those of `surveyed` (a peft_models.PeftSurvey; the tests pass the session's) or, by default,
+    of a fresh one in a temporary directory."""
     import tempfile
 
     sys.path.insert(0, str(README.parent))
     from fixtures import peft_models
 
+    if surveyed is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            return peft_table(peft_models.PeftSurvey(Path(scratch)))
     rows = [
         "| case | tensors | complete checkpoint: keys kept by PEFT `load_adapter` / `from_pretrained` / "
         "fastkeys (right: 0) | one tensor lost: loads right for PEFT `load_adapter` / `from_pretrained` / "
@@ -91,7 +100,8 @@ def peft_table() -> str:
         "|---|---|---|---|---|",
     ]
 
-    def row(case: str, counts: dict[str, int]) -> str:
+    def row(case: str, survey: Survey) -> str:
+        counts = peft_models.survey_counts(survey)
         loads = counts["tensors"] - counts["refused"]
         return (
             f"| {case} | {counts['tensors']} | {counts['complete_load_adapter']} / "
@@ -100,17 +110,11 @@ def peft_table() -> str:
             f"**{counts['dropped_fastkeys']}/{loads}** | {counts['refused'] or ''} |"
         )
 
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch)
-        for method, make in peft_models.METHOD_CONFIGS.items():
-            directory = peft_models.save_adapter(make(), root / method.replace("+", "_"))
-            counts = peft_models.survey(directory, "target", {"default": directory}, root / f"{method}-drops")
-            rows.append(row(method, counts))
-        tricky = peft_models.save_adapter(peft_models.tricky_lora_config(), root / "tricky")
-        for name in peft_models.TRICKY_NAMES:
-            others = {other: tricky for other in peft_models.TRICKY_NAMES if other != name}
-            counts = peft_models.survey(tricky, name, others, root / f"tricky-{name}")
-            rows.append(row(f"lora, adapter `{name}` beside {len(others)} others", counts))
+    for method in peft_models.METHOD_CONFIGS:
+        rows.append(row(method, surveyed.method(method)))
+    for name in peft_models.TRICKY_NAMES:
+        others = len(peft_models.TRICKY_NAMES) - 1
+        rows.append(row(f"lora, adapter `{name}` beside {others} others", surveyed.tricky(name)))
     return "\n".join(rows)
 
 
@@ -196,6 +200,7 @@ def cli_examples() -> str:
     """Real `fastkeys inspect` and `fastkeys check` output on a tiny model and adapters."""
     import contextlib
     import io
+    import os
     import shutil
     import tempfile
 
@@ -222,7 +227,7 @@ def cli_examples() -> str:
         llava = peft_models.tiny_llava().state_dict()
         save_file({k: v.contiguous() for k, v in llava.items()}, root / "llava" / "model.safetensors")
         # Saved at PEFT's initialisation (lora_B zero), and one whose lora_A ZeRO-3 left empty.
-        peft.get_peft_model(peft_models.tiny_llama(), qv).save_pretrained(root / "untrained-adapter")
+        peft.get_peft_model(peft_models.tiny_llama(), qv).save_pretrained(str(root / "untrained-adapter"))
         shutil.copytree(adapter, root / "zero3-adapter")
         tensors = load_file(adapter / "adapter_model.safetensors")
         tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.empty(0)
@@ -235,9 +240,13 @@ def cli_examples() -> str:
             ["check", "llava", "adapter"],
             ["check", "--values", "llama", "adapter", "untrained-adapter", "zero3-adapter"],
         ):
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.chdir(root):
-                status = cli.main(argv)
+            out, cwd = io.StringIO(), os.getcwd()
+            os.chdir(root)  # contextlib.chdir is Python 3.11's
+            try:
+                with contextlib.redirect_stdout(out):
+                    status = cli.main(argv)
+            finally:
+                os.chdir(cwd)
             blocks.append(f"$ fastkeys {' '.join(argv)}\n{out.getvalue().rstrip()}\n(exit status {status})")
     return "```\n" + "\n\n".join(blocks) + "\n```"
 
@@ -325,7 +334,7 @@ def adapters_figures() -> str:
     return "\n".join(lines)
 
 
-TABLES = {
+TABLES: dict[str, Callable[[], str]] = {
     "adapters": adapters_figures,
     "differences": differences_table,
     "peft": peft_table,
@@ -344,13 +353,23 @@ PAGES = {
 }
 
 
-def render(text: str, names: tuple[str, ...] = tuple(TABLES), page: str = "README.md") -> str:
+def render(
+    text: str,
+    names: tuple[str, ...] = tuple(TABLES),
+    page: str = "README.md",
+    surveyed: PeftSurvey | None = None,
+) -> str:
+    """`text` with the tables `names` regenerated; the PEFT table from `surveyed`'s loads if given."""
     for name in names:
         pattern = re.compile(rf"(<!-- {name}:start -->).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"{page} has no <!-- {name}:start --> ... <!-- {name}:end --> markers")
-        table = TABLES[name]()
-        text = pattern.sub(lambda found, t=table: f"{found.group(1)}\n{t}\n{found.group(2)}", text)
+        table = peft_table(surveyed) if name == "peft" else TABLES[name]()
+
+        def framed(found: re.Match[str], table: str = table) -> str:
+            return f"{found.group(1)}\n{table}\n{found.group(2)}"
+
+        text = pattern.sub(framed, text)
     return text
 
 

@@ -9,6 +9,8 @@ from types import ModuleType
 
 import pytest
 
+pytest_plugins = ["tests.peft_survey"]  # the `peft_survey` fixture
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,15 +23,18 @@ def _tables() -> ModuleType:
 
 
 # One test per table: the PEFT survey (about a minute) and the loaders' table go to different
-# xdist workers instead of one worker running every table in a row.
+# xdist workers instead of one worker running every table in a row. The PEFT table is rendered from
+# the session's survey (tests/peft_survey.py), which the PEFT ground truth reads too.
 TABLES = [(page, name) for page, names in _tables().PAGES.items() for name in names]
 
 
 @pytest.mark.torch  # docs/tables.py surveys PEFT on real models
 @pytest.mark.parametrize(("page", "name"), TABLES, ids=[f"{page.name}:{name}" for page, name in TABLES])
-def test_generated_tables_are_current(page: Path, name: str) -> None:
+def test_generated_tables_are_current(page: Path, name: str, request: pytest.FixtureRequest) -> None:
     text = page.read_text(encoding="utf-8")
-    assert _tables().render(text, (name,), page.name) == text, f"{page.name} is out of date: run `make docs`"
+    surveyed = request.getfixturevalue("peft_survey") if name == "peft" else None
+    rendered = _tables().render(text, (name,), page.name, surveyed)
+    assert rendered == text, f"{page.name} is out of date: run `make docs`"
 
 
 def test_a_page_without_its_markers_is_refused() -> None:

@@ -10,7 +10,6 @@ fastkeys.peft.load_adapter, fastkeys.peft.from_pretrained and filter_missing on 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from fastkeys.integrations.loader import boundary  # noqa: E402
 from fixtures.peft_models import (  # noqa: E402
     METHOD_CONFIGS,
     TRICKY_NAMES,
+    PeftSurvey,
     checkpoint_keys,
     load_or_refusal,
     peft_load_adapter_filter,
@@ -38,6 +38,7 @@ from fixtures.peft_models import (  # noqa: E402
     without,
 )
 
+pytest_plugins = ["tests.peft_survey"]  # the `peft_survey` fixture
 pytestmark = pytest.mark.engine  # ground truth: verdicts under both implementations
 
 
@@ -50,26 +51,27 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("method", list(METHOD_CONFIGS))
-def test_ground_truth_every_method(method: str, saved: dict[str, Path], tmp_path: Path) -> None:
-    directory = saved[method]
+def test_ground_truth_every_method(method: str, peft_survey: PeftSurvey) -> None:
+    # load_adapter: the session's survey (the loads of the docs' PEFT table), raw_load(path, "target",
+    # {"default": directory}) of the complete checkpoint and of each one-tensor-short copy (PEFT
+    # cannot mix methods in one model: the adapter already in place is of the same method).
+    # from_pretrained: loaded here, from the same copies.
+    survey = peft_survey.method(method)
+    directory = survey.directory
     config = fkpeft_config(directory)
-    loaders: dict[str, Callable[[Path], tuple[list[str], Any]]] = {
-        # PEFT cannot mix methods in one model: the adapter already in place is of the same method.
-        "load_adapter": lambda path: raw_load(path, "target", {"default": directory}),
-        "from_pretrained": lambda path: pretrained_load(path, "target"),
+    loads: dict[str, tuple[tuple[list[str], Any], dict[str, tuple[list[str], Any] | None]]] = {
+        "load_adapter": (survey.complete, survey.dropped),
+        "from_pretrained": (
+            pretrained_load(directory, "target"),
+            {key: load_or_refusal(pretrained_load, path, "target") for key, path in survey.copies.items()},
+        ),
     }
-    drops = {
-        key: without(directory, key, tmp_path / f"drop{i}")
-        for i, key in enumerate(checkpoint_keys(directory))
-    }
-    for entry, load in loaders.items():
-        reported, complete = load(directory)
+    for entry, ((reported, complete), dropped) in loads.items():
         assert complete.missing_keys, "torch reports the base model's keys as missing"
         assert list(reported) == [], f"{method} via {entry}: harmless keys reported: {reported}"
         assert filter_missing(complete, "target", config=config).missing_keys == []
         checked = 0
-        for key, dropped in drops.items():
-            loaded = load_or_refusal(load, dropped)
+        for key, loaded in dropped.items():
             if loaded is None:
                 continue  # PEFT itself refuses to load without this tensor: nothing goes silently missing
             reported, raw = loaded
