@@ -21,19 +21,23 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+import fastkeys
+
 if TYPE_CHECKING:
     from fixtures.peft_models import PeftSurvey, Survey
 
 
 @pytest.fixture(scope="session")
-def peft_survey(tmp_path_factory: pytest.TempPathFactory) -> PeftSurvey:
+def peft_survey(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> PeftSurvey:
     from fixtures.peft_models import PeftSurvey
 
     root = tmp_path_factory.mktemp("peft-survey")
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    # Asked of this session's config, not of the environment, which a child pytest inherits.
+    if not hasattr(request.config, "workerinput"):
         return PeftSurvey(root)
-    # A worker's base temporary directory is `popen-gwN` in the session's.
-    shared = tmp_path_factory.getbasetemp().parent / "peft-survey"
+    # A worker's base temporary directory is `popen-gwN` in the session's, fresh for each session;
+    # the engine in the name too, so no answer of one engine can ever be read under the other.
+    shared = tmp_path_factory.getbasetemp().parent / f"peft-survey-{fastkeys.IMPLEMENTATION}"
     shared.mkdir(exist_ok=True)
     return PeftSurvey(root, functools.partial(shared_case, shared))
 
@@ -48,5 +52,7 @@ def shared_case(shared: Path, case: str, survey: Callable[[], Survey]) -> Survey
             surveyed: Survey = pickle.loads(file.read_bytes())
             return surveyed
         surveyed = survey()
-        file.write_bytes(pickle.dumps(surveyed))
+        partial = file.with_suffix(".partial")
+        partial.write_bytes(pickle.dumps(surveyed))
+        os.replace(partial, file)  # a worker that dies mid-write leaves no half pickle behind
         return surveyed

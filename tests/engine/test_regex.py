@@ -1,5 +1,5 @@
-"""The linear engines: `fastkeys.engine.pure.regex.Regex` (the fallback's Pike VM and lazy DFA) answers as
-Python's `re` on the expressions `translate` accepts, and as Rust's `regex` (`_native.Regex`),
+"""The linear-time engines: `fastkeys.engine.pure.regex.Regex` (the fallback's Pike VM and lazy
+DFA) answers as Python's `re` on the expressions `translate` accepts, and as Rust's `regex` (`_native.Regex`),
 for `search` and for the group that `layers_pattern` reads."""
 
 from __future__ import annotations

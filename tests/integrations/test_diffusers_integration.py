@@ -45,6 +45,8 @@ from fixtures.peft_models import (  # noqa: E402
 # diffusers loads a pipeline's text encoder through transformers' load_adapter (4.57 or 5.x)
 TRANSFORMERS_4 = int(pytest.importorskip("transformers").__version__.split(".")[0]) == 4
 
+pytestmark = pytest.mark.engine  # fastkeys' verdicts come from the engine: both implementations
+
 FULL = os.environ.get("FASTKEYS_FULL") == "1"
 MODELS: dict[str, Callable[[], Any]] = {"unet": tiny_unet, "sd3-transformer": tiny_sd3_transformer}
 

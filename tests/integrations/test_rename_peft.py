@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 
 from fixtures.peft_models import METHOD_CONFIGS, save_adapter, tiny_llama  # noqa: E402
 
+pytestmark = pytest.mark.engine  # fastkeys' verdicts come from the engine: both implementations
+
 RENAMED_METHODS = [
     *("lora", "dora", "adalora", "loha", "lokr", "ia3", "vera", "pvera", "randlora", "boft", "oft"),
     *("tinylora", "unilora", "ln_tuning", "trainable_tokens", "lora+trainable_token_indices"),

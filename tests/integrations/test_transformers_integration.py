@@ -40,6 +40,8 @@ from fixtures.peft_models import (  # noqa: E402
     without,
 )
 
+pytestmark = pytest.mark.engine  # fastkeys' verdicts come from the engine: both implementations
+
 FULL = os.environ.get("FASTKEYS_FULL") == "1"
 FILE = "adapter_model.safetensors"
 # transformers 4.57 loads adapters through PEFT's set_peft_model_state_dict, returns None and logs

@@ -25,6 +25,8 @@ from fixtures.peft_models import (  # noqa: E402
     without,
 )
 
+pytestmark = pytest.mark.engine  # fastkeys' verdicts come from the engine: both implementations
+
 CHECKED = ["lora", "dora", "loha", "ia3", "vera", "vblora", "tinylora", "unilora", "trainable_tokens",
            "lora+modules_to_save", "lora+trainable_token_indices"]  # fmt: skip
 

@@ -22,6 +22,8 @@ from fastkeys.cli import main as cli  # noqa: E402
 from fastkeys.preflight.checks import BaseCheck, Coverage, check_many  # noqa: E402
 from fixtures.peft_models import METHOD_CONFIGS, save_adapter, tiny_llama, tiny_llava  # noqa: E402
 
+pytestmark = pytest.mark.engine  # fastkeys' verdicts come from the engine: both implementations
+
 QV = ["q_proj", "v_proj"]
 
 
