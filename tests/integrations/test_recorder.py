@@ -5,6 +5,7 @@ diffusers are tested by their integration tests."""
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import types
@@ -132,10 +133,25 @@ def test_the_warning_names_at_most_five_tensors() -> None:
     )
 
 
-@pytest.mark.parametrize("release", ["4.56.2", "6.0.0", "main"])
+@pytest.mark.parametrize("release", ["4.56.2", "4.58.0", "5.0.0", "5.23.1", "6.0.0", "main", "5..24"])
 def test_transformers_outside_the_range_is_refused(release: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = types.ModuleType("transformers")
     fake.__version__ = release  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "transformers", fake)
-    with pytest.raises(RuntimeError, match=rf"supports transformers 4\.57 to 5\.x .*, not {release};"):
+    with pytest.raises(
+        RuntimeError, match=rf"supports transformers 4\.57 and 5\.24 to 5\.x .*, not {re.escape(release)};"
+    ):
         recorder.transformers_generation()
+
+
+@pytest.mark.parametrize(
+    ("release", "generation"),
+    [("4.57.0", 4), ("4.57.6", 4), ("5.24.0", 5), ("5.24.0.dev0", 5), ("5.24.1+local", 5), ("5.31.0", 5)],
+)
+def test_transformers_in_the_range_picks_its_loader(
+    release: str, generation: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = types.ModuleType("transformers")
+    fake.__version__ = release  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    assert recorder.transformers_generation() == generation

@@ -319,14 +319,15 @@ def test_a_load_fastkeys_did_not_see_is_a_runtime_error(
     assert set(model.peft_config) == {"x"}
 
 
-@pytest.mark.parametrize("release", ["4.56.2", "6.0.0"])
+@pytest.mark.parametrize("release", ["4.56.2", "5.0.0", "6.0.0"])
 def test_a_release_outside_the_range_is_a_runtime_error(
     release: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(transformers, "__version__", release)
     with pytest.raises(
         RuntimeError,
-        match=rf"^fastkeys.transformers supports transformers 4\.57 to 5\.x \(tested with transformers "
+        match=rf"^fastkeys.transformers supports transformers 4\.57 and 5\.24 to 5\.x "
+        rf"\(tested with transformers "
         rf"4\.57\.6, 5\.24\), not {release}; use fastkeys\.filter_missing",
     ):
         fkt.load_adapter(tiny_llama(), "unused")
