@@ -42,14 +42,19 @@ pytest_plugins = ["tests.peft_survey"]  # the `peft_survey` fixture
 pytestmark = pytest.mark.engine  # ground truth: verdicts under both implementations
 
 
-# The methods whose warnings are checked below (and lora for the result filter): saved once per module.
+# The methods whose warnings are checked below, and those whose copy of PEFT's filter is: the
+# adapters saved once per module (the ground truth reads the session survey's own).
 WARNED = ["lora", "vera", "vblora", "tinylora", "unilora", "lora+modules_to_save"]
+FILTERED = ["lora", "vera", "vblora", "tinylora", "unilora", "boft"]
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {name: save_adapter(METHOD_CONFIGS[name](), root / name.replace("+", "_")) for name in WARNED}
+    return {
+        name: save_adapter(METHOD_CONFIGS[name](), root / name.replace("+", "_"))
+        for name in {*WARNED, *FILTERED}
+    }
 
 
 @pytest.mark.parametrize("method", list(METHOD_CONFIGS))
@@ -215,7 +220,7 @@ def test_recording_is_a_pass_through_outside_fastkeys(saved: dict[str, Path]) ->
     assert "other" in model.peft_config
 
 
-@pytest.mark.parametrize("method", ["lora", "vera", "vblora", "tinylora", "unilora", "boft"])
+@pytest.mark.parametrize("method", FILTERED)
 def test_the_copy_of_peft_filter_is_faithful(method: str, saved: dict[str, Path], tmp_path: Path) -> None:
     """PEFT's own load_adapter result equals our copy of its filter applied to the raw result."""
     directory = saved[method]
