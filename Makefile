@@ -13,7 +13,7 @@ RUST_SOURCES := $(wildcard rust/*.rs) Cargo.toml Cargo.lock pyproject.toml
 EXTENSION_STAMP := $(VENV)/.fastkeys-built
 
 .DEFAULT_GOAL := help
-.PHONY: help install build check format test test-parts compat-slice-fetched test-rust test-native test-python test-wheels test-compat test-compat-slice wheels fuzz demo docs lint lint-rust lint-python bench bench-adapters bench-lifecycle bench-width clean
+.PHONY: help install build check format test test-parts compat-slice-fetched test-rust test-native test-python test-wheels test-compat test-compat-slice wheels fuzz demo docs lint lint-rust lint-python bench bench-adapters bench-lifecycle bench-methods bench-scale bench-width clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -103,10 +103,16 @@ bench: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## The full benchm
 bench-adapters: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## 100 LoRA adapters: PEFT's load_adapter loop vs load_adapters (benches/adapters.json, docs/adapters.png; ~20 min)
 	$(PY) -m benches.adapters
 
-bench-width: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## One LoRA adapter at a realistic width (hidden 4096, r=16, bf16 base) against reading its file (benches/width.json)
+bench-width: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## One LoRA adapter at a realistic width (hidden 4096, r=16, bf16 base) against reading its file; memory (benches/width.json, docs/width.png)
 	$(PY) -m benches.width
 
-bench-lifecycle: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## Switching and evicting at 30/100/300 LoRA adapters: PEFT's set_adapter/delete_adapter vs fastkeys.peft's (benches/lifecycle.json)
+bench-scale: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## 1,000 LoRA adapters against building them with plain torch; memory; the load after a PEFT-path load (benches/scale.json, docs/scale.png; ~10 min)
+	$(PY) -m benches.scale
+
+bench-methods: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## LoHa, LoKr, IA3, HRA, OFT: PEFT's load_adapter loop vs load_adapters (benches/methods.json)
+	$(PY) -m benches.methods
+
+bench-lifecycle: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## Switching and evicting at 30/100/300 LoRA adapters: PEFT's set_adapter/delete_adapter vs fastkeys.peft's (benches/lifecycle.json, docs/lifecycle.png)
 	$(PY) -m benches.lifecycle
 
 demo: build ## The seed scenario: what load_state_dict reports, what fastkeys keeps, and the timing

@@ -101,6 +101,31 @@ def timed(function: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
         gc.enable()
 
 
+def progress(text: str) -> None:
+    """One line of progress on stderr, over the previous one."""
+    print(f"\r{text}", end="", file=sys.stderr, flush=True)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def profile_top(profile: cProfile.Profile, count: int) -> list[dict[str, Any]]:
+    """The `count` functions of a profile with the most cumulative time."""
+    stats = pstats.Stats(profile)
+    top = sorted(stats.stats.items(), key=lambda item: -item[1][3])  # type: ignore[attr-defined]
+    return [
+        {"function": f"{Path(key[0]).name}:{key[1]}({key[2]})", "cumulative_s": round(row[3], 5)}
+        for key, row in top[:count]
+    ]
+
+
 def assert_identical(expected: Any, actual: Any) -> None:
     import torch
 
@@ -157,12 +182,9 @@ def run(adapters: int, layers: int, rounds: int, scratch: Path) -> dict[str, Any
         seconds, results = timed(fastkeys.peft.load_adapters, ours, {name: path(index)}, progress=False)
         per_adapter["fastkeys"].append(seconds)
         loaders[results[name].loader] = loaders.get(results[name].loader, 0) + 1
-        print(
-            f"\r{index}/{adapters - 1} loaded: PEFT {per_adapter['peft'][-1] * 1e3:8.1f} ms, "
+        progress(
+            f"{index}/{adapters - 1} loaded: PEFT {per_adapter['peft'][-1] * 1e3:8.1f} ms, "
             f"fastkeys {seconds * 1e3:6.1f} ms",
-            end="",
-            file=sys.stderr,
-            flush=True,
         )
     profile.disable()
     print(file=sys.stderr)
@@ -170,11 +192,7 @@ def run(adapters: int, layers: int, rounds: int, scratch: Path) -> dict[str, Any
 
     stats = pstats.Stats(profile)
     total_profiled = sum(row[3] for key, row in stats.stats.items() if key[2] == "load_adapters")  # type: ignore[attr-defined]
-    top = sorted(stats.stats.items(), key=lambda item: -item[1][3])  # type: ignore[attr-defined]
-    where = [
-        {"function": f"{Path(key[0]).name}:{key[1]}({key[2]})", "cumulative_s": round(row[3], 5)}
-        for key, row in top[:25]
-    ]
+    where = profile_top(profile, 25)
     peft_total = sum(per_adapter["peft"])
     ours_total = sum(per_adapter["fastkeys"])
     first_ours = statistics.median(per_adapter["fastkeys"][:3])
@@ -195,11 +213,7 @@ def run(adapters: int, layers: int, rounds: int, scratch: Path) -> dict[str, Any
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 5))
     for label, times in report["per_adapter_s"].items():
         name = "PEFT load_adapter loop" if label == "peft" else "fastkeys.peft.load_adapters"

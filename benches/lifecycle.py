@@ -20,7 +20,7 @@ At the end of each size the two models must be identical (state_dict bitwise, re
 training flags, active adapters of the model, the tuner and every layer, adapter names), or the run
 fails. A cProfile of fastkeys' set_adapter and delete at the largest size says where the time goes.
 
-Writes benches/lifecycle.json (not with --quick) and prints a summary.
+Writes benches/lifecycle.json and docs/lifecycle.png (not with --quick) and prints a summary.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import pstats
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benches.adapters import MODULES, assert_identical, base_model, machine, save_adapters, timed
+from benches.adapters import (
+    MODULES,
+    assert_identical,
+    base_model,
+    machine,
+    profile_top,
+    progress,
+    pyplot,
+    save_adapters,
+    timed,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = ("set_adapter", "delete", "delete_active", "replace")
@@ -148,15 +157,12 @@ def run_size(count: int, layers: int, rounds: int, paths: list[Path], profile: b
         both("replace", round_, peft_replace, our_replace)
         loaded.remove(victim)
         loaded.append(name)
-        print(
-            f"\r{count} adapters: round {round_ + 1}/{rounds}: "
+        progress(
+            f"{count} adapters: round {round_ + 1}/{rounds}: "
             + ", ".join(
                 f"{op} {times[op]['peft'][-1] * 1e3:.0f}/{times[op]['fastkeys'][-1] * 1e3:.0f} ms"
                 for op in OPERATIONS
-            ),
-            end="",
-            file=sys.stderr,
-            flush=True,
+            )
         )
     print(file=sys.stderr)
     assert_identical(reference, ours)
@@ -175,12 +181,7 @@ def run_size(count: int, layers: int, rounds: int, paths: list[Path], profile: b
             profiler.enable()
             call()
             profiler.disable()
-            stats = pstats.Stats(profiler)
-            top = sorted(stats.stats.items(), key=lambda item: -item[1][3])  # type: ignore[attr-defined]
-            where[label] = [
-                {"function": f"{Path(key[0]).name}:{key[1]}({key[2]})", "cumulative_s": round(row[3], 5)}
-                for key, row in top[:15]
-            ]
+            where[label] = profile_top(profiler, 15)
     medians = {
         op: {label: statistics.median(values) for label, values in by_label.items()}
         for op, by_label in times.items()
@@ -193,6 +194,29 @@ def run_size(count: int, layers: int, rounds: int, paths: list[Path], profile: b
         "fastkeys_paths": paths_taken,
         "profile": where,
     }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    titles = {
+        "set_adapter": "switch (set_adapter)",
+        "delete": "evict an inactive adapter",
+        "delete_active": "evict the active adapter",
+        "replace": "replace: evict one, load one",
+    }
+    figure, axes = plt.subplots(1, len(OPERATIONS), figsize=(16, 4.5))
+    sizes = [size["adapters"] for size in report["sizes"]]
+    for ax, op in zip(axes, OPERATIONS, strict=True):
+        for label, name in (("peft", "PEFT"), ("fastkeys", "fastkeys.peft")):
+            ax.plot(sizes, [size["median_s"][op][label] * 1e3 for size in report["sizes"]], "o-", label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("adapters held")
+        ax.set_ylabel("median (ms, log)")
+        ax.set_title(f"{titles[op]}: {report['sizes'][-1]['ratio'][op]:.0f}x at {sizes[-1]}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastkeys paths taken: {[size['fastkeys_paths'] for size in reports]}")
     if not args.quick:
         (ROOT / "benches" / "lifecycle.json").write_text(json.dumps(report, indent=1) + "\n")
+        plot(report, ROOT / "docs" / "lifecycle.png")
     return 0
 
 

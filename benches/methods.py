@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benches.adapters import MODULES, assert_identical, base_model, machine, save_adapters, timed
+from benches.adapters import MODULES, assert_identical, base_model, machine, progress, save_adapters, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,12 +83,9 @@ def run_method(method: str, adapters: int, layers: int, scratch: Path) -> dict[s
         loaders[results[name].loader] = loaders.get(results[name].loader, 0) + 1
         if results[name].reason:
             reasons.add(results[name].reason)
-        print(
-            f"\r{method}: {index}/{adapters} loaded: PEFT {per_adapter['peft'][-1] * 1e3:8.1f} ms, "
+        progress(
+            f"{method}: {index}/{adapters} loaded: PEFT {per_adapter['peft'][-1] * 1e3:8.1f} ms, "
             f"fastkeys {seconds * 1e3:6.1f} ms",
-            end="",
-            file=sys.stderr,
-            flush=True,
         )
     print(file=sys.stderr)
     assert_identical(reference, ours)

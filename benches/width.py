@@ -10,7 +10,11 @@ bf16 base, LoRA r=16 on q, k, v, o, gate, up, down. Measured in one run, medians
   again with `fastkeys.peft.delete_adapters`, outside the timing);
 - PEFT's `load_adapter` of the same, likewise.
 
-Writes benches/width.json and prints the ratios to the floor (target: fastkeys <= 2x).
+Then the memory: 24 more adapters loaded by each loader into its model, the resident memory they
+take against their tensors' bytes (target: within 1.3x), and what `delete_adapters` gives back.
+
+Writes benches/width.json and docs/width.png and prints the ratios to the floor (target: fastkeys
+<= 2x).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benches.adapters import MODULES, machine
+from benches.adapters import MODULES, machine, pyplot
+from benches.scale import resident_bytes, tensor_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,6 +109,7 @@ def run(layers: int, rounds: int, scratch: Path) -> dict[str, Any]:
             if label != "floor":
                 fastkeys.peft.delete_adapters(models[label], ["second"])
     medians = {label: statistics.median(times) for label, times in seconds.items()}
+    held = {label: memory(label, model, paths[1], adapters=24) for label, model in models.items()}
     return {
         "machine": machine(),
         "shape": {"layers": layers, "hidden": 4096, "intermediate": 14336, "rank": 16, "modules": MODULES},
@@ -112,7 +118,61 @@ def run(layers: int, rounds: int, scratch: Path) -> dict[str, Any]:
         "median_s": medians,
         "fastkeys_over_floor": medians["fastkeys"] / medians["floor"],
         "peft_over_floor": medians["peft"] / medians["floor"],
+        "memory": held,
     }
+
+
+def memory(loader: str, model: Any, path: Path, adapters: int) -> dict[str, Any] | None:
+    """The resident memory `adapters` more adapters take in `model` when `loader` loads them, against
+    their tensors' bytes, and what `delete_adapters` gives back."""
+    import fastkeys.peft
+
+    names = [f"held-{index}" for index in range(adapters)]
+    before = resident_bytes()
+    for name in names:
+        if loader == "peft":
+            model.load_adapter(path, name)
+        else:
+            fastkeys.peft.load_adapter(model, path, name)
+    loaded = resident_bytes()
+    tensors = tensor_bytes(p for n, p in model.named_parameters() if any(f".{name}." in n for name in names))
+    fastkeys.peft.delete_adapters(model, names)
+    deleted = resident_bytes()
+    if before is None or loaded is None or deleted is None:
+        return None
+    return {
+        "adapters": adapters,
+        "tensor_bytes": tensors,
+        "held_over_tensors": (loaded - before) / tensors,
+        "given_back": (loaded - deleted) / (loaded - before),
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    labels = {
+        "floor": "read + cast (floor)",
+        "fastkeys": "fastkeys.peft.load_adapter",
+        "peft": "PEFT load_adapter",
+    }
+    medians = report["median_s"]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    bars = axes.barh(
+        [labels[k] for k in labels], [medians[k] * 1e3 for k in labels], color=["grey", "C1", "C0"]
+    )
+    axes.bar_label(
+        bars, [f"{medians[k] * 1e3:.1f} ms ({medians[k] / medians['floor']:.1f}x)" for k in labels]
+    )
+    axes.invert_yaxis()
+    axes.set_xlabel("one adapter, median (ms)")
+    shape = report["shape"]
+    axes.set_title(
+        f"LoRA r={shape['rank']}, hidden {shape['hidden']}, {shape['layers']} layers "
+        f"({report['adapter_bytes'] / 2**20:.1f} MiB)"
+    )
+    axes.set_xlim(right=max(medians.values()) * 1e3 * 1.35)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         f"({report['fastkeys_over_floor']:.1f}x the floor), PEFT {medians['peft'] * 1e3:.1f} ms "
         f"({report['peft_over_floor']:.1f}x)"
     )
+    for loader, held in report["memory"].items():
+        if held:
+            print(
+                f"{loader}: {held['adapters']} adapters hold {held['held_over_tensors']:.2f}x their tensors' "
+                f"bytes; delete_adapters gives back {held['given_back']:.0%}"
+            )
     (ROOT / "benches" / "width.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, ROOT / "docs" / "width.png")
     return 0
 
 

@@ -12,8 +12,10 @@ PEFT's does. Then: what goes to PEFT, errors, and interruptions at points spread
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -494,6 +496,33 @@ def test_peft_errors_leave_the_model_as_it_was(llama_dirs: dict[str, Path]) -> N
     with pytest.raises(ValueError, match="while they are merged"):
         fastkeys.peft.delete_adapters(model, ["first", "a"])
     assert_same_state(before, end_state(model))
+
+
+@pytest.mark.parametrize(
+    ("build", "path"),
+    [
+        (lambda dirs: peft_loaded(dirs, ["a", "b"]), "fastkeys"),
+        (lambda dirs: peft_loaded(dirs, ["a", "b"], first="saved"), "peft"),  # auxiliary wrappers
+    ],
+    ids=["fastkeys", "peft"],
+)
+def test_deleted_adapters_give_their_memory_back(
+    llama_dirs: dict[str, Path], build: Callable[[dict[str, Path]], Any], path: str
+) -> None:
+    """Nothing fastkeys keeps (the transaction, the result, the warnings) holds a deleted adapter's
+    modules or tensors: once collected, they are gone, the active one's included."""
+    model = build(llama_dirs)
+    gone = [model.active_adapter, "a"]
+    held = [weakref.ref(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in gone]
+    held += [weakref.ref(p) for n, p in model.named_parameters() if set(n.split(".")) & set(gone)]
+    assert len(held) > 10
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fastkeys.peft.delete_adapters(model, gone)
+    assert result.path == path and any(DELETED in str(warning.message) for warning in caught)
+    gc.collect()
+    assert [ref() for ref in held if ref() is not None] == []
+    assert set(model.peft_config) == {"b"}
 
 
 # ---------------------------------------------------------------------------------------------
