@@ -17,6 +17,7 @@ interruption cannot leave a half-restored model; the original exception propagat
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import threading
 from collections.abc import Iterable, Iterator
@@ -84,8 +85,17 @@ class Transaction:
             self._undo.append((_ONE, value, key, value.get(key, _ABSENT)))
 
     def record_all(self, objects: Iterable[Any]) -> None:
-        for obj in objects:
-            self.record(obj)
+        """`record` of every object, with the cyclic garbage collector paused: the records are
+        hundreds of thousands of new containers, which set off full collections of a heap that the
+        model's adapters make large (on 12 adapters of a 16-layer model: 90 ms instead of 490)."""
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            for obj in objects:
+                self.record(obj)
+        finally:
+            if paused:
+                gc.enable()
 
     def record_attributes(self, obj: Any, names: Iterable[str]) -> None:
         """Only these attributes of `obj` (by identity; the caller replaces, never mutates them)."""
