@@ -14,7 +14,8 @@ the other with fastkeys' (interleaved, the order alternating, so a busy machine 
 - `delete`: evict one inactive adapter (the oldest), reloaded untimed into both afterwards;
 - `delete_active`: evict the active adapter (each layer then picks its new one, PEFT's warning);
 - `replace`: evict the oldest inactive adapter and load a new one (PEFT's `delete_adapter` +
-  `load_adapter` against `delete_adapters` + `fastkeys.peft.load_adapter`).
+  `load_adapter` against `delete_adapters` + `fastkeys.peft.load_adapter`);
+- `add_weighted`: a new adapter combining two (`add_weighted_adapter`, "cat"), deleted again untimed.
 
 At the end of each size the two models must be identical (state_dict bitwise, requires_grad,
 training flags, active adapters of the model, the tuner and every layer, adapter names), or the run
@@ -49,7 +50,7 @@ from benches.adapters import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-OPERATIONS = ("set_adapter", "delete", "delete_active", "replace")
+OPERATIONS = ("set_adapter", "delete", "delete_active", "replace", "add_weighted")
 
 
 def assert_same_bookkeeping(expected: Any, actual: Any) -> None:
@@ -157,6 +158,15 @@ def run_size(count: int, layers: int, rounds: int, paths: list[Path], profile: b
         both("replace", round_, peft_replace, our_replace)
         loaded.remove(victim)
         loaded.append(name)
+        pair = [loaded[0], loaded[-1]]
+        both(
+            "add_weighted",
+            round_,
+            lambda pair=pair: reference.add_weighted_adapter(pair, [0.5, 0.5], "mixed", "cat"),  # type: ignore[misc]
+            lambda pair=pair: fastkeys.peft.add_weighted_adapter(ours, pair, [0.5, 0.5], "mixed", "cat"),  # type: ignore[misc]
+        )
+        for model in (reference, ours):
+            fastkeys.peft.delete_adapters(model, ["mixed"])
         progress(
             f"{count} adapters: round {round_ + 1}/{rounds}: "
             + ", ".join(
@@ -203,8 +213,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         "delete": "evict an inactive adapter",
         "delete_active": "evict the active adapter",
         "replace": "replace: evict one, load one",
+        "add_weighted": "add_weighted_adapter (cat of two)",
     }
-    figure, axes = plt.subplots(1, len(OPERATIONS), figsize=(16, 4.5))
+    figure, axes = plt.subplots(1, len(OPERATIONS), figsize=(20, 4.5))
     sizes = [size["adapters"] for size in report["sizes"]]
     for ax, op in zip(axes, OPERATIONS, strict=True):
         for label, name in (("peft", "PEFT"), ("fastkeys", "fastkeys.peft")):

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AdapterLoadResult",
+    "add_weighted_adapter",
     "delete_adapters",
     "filter_load_result",
     "from_pretrained",
@@ -209,3 +210,30 @@ def delete_adapters(peft_model: Any, adapter_names: str | list[str]) -> AdapterC
     checked first (`ValueError: Adapter {name} does not exist`, as PEFT's, or a name given twice),
     and a failure or KeyboardInterrupt leaves every adapter in place."""
     return _lifecycle().delete_adapters(peft_model, adapter_names)  # type: ignore[no-any-return]
+
+
+def add_weighted_adapter(
+    peft_model: Any,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    **options: Any,
+) -> AdapterChangeResult:
+    """A new LoRA adapter combining `adapters` with `weights`, ending in exactly the state of
+    `peft_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **options)`
+    (options: svd_rank, svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method).
+
+    For the deterministic combinations (cat, linear, svd, ties, ties_svd, magnitude_prune,
+    magnitude_prune_svd) on a LoRA model of float32 `nn.Linear` targets, with the same allow-list as
+    the loads, the new adapter's matrices are built in the layers it targets only, from PEFT's own
+    per-layer combination; anywhere else PEFT's function runs. Returns `AdapterChangeResult(path,
+    reason)`. All or nothing: where PEFT would raise half-way (a target holding none of the
+    adapters, say), the model is left as it was. An existing `adapter_name` changes nothing, as in
+    PEFT, with a UserWarning saying so."""
+    _loader_api()
+    from fastkeys.integrations.loader import weighted
+
+    return weighted.add_weighted_adapter(  # type: ignore[no-any-return]
+        peft_model, adapters, weights, adapter_name, combination_type, **options
+    )
