@@ -66,6 +66,7 @@ _SYMBOLS = {
     "OFTLayer": ("peft.tuners.oft.layer", "OFTLayer"),
     "OFTModel": ("peft.tuners.oft.model", "OFTModel"),
     "AuxiliaryTrainingWrapper": ("peft.utils.other", "AuxiliaryTrainingWrapper"),
+    "ModulesToSaveWrapper": ("peft.utils.other", "ModulesToSaveWrapper"),
     "get_pattern_key": ("peft.utils.other", "get_pattern_key"),
     "BufferDict": ("peft.tuners._buffer_dict", "BufferDict"),
     "get_checkpoint_conversion_mapping": (
@@ -102,6 +103,7 @@ HRAModel: Any = _found["HRAModel"]
 OFTLayer: Any = _found["OFTLayer"]
 OFTModel: Any = _found["OFTModel"]
 AuxiliaryTrainingWrapper: Any = _found["AuxiliaryTrainingWrapper"]
+ModulesToSaveWrapper: Any = _found["ModulesToSaveWrapper"]
 get_pattern_key: Any = _found["get_pattern_key"]
 BufferDict: Any = _found["BufferDict"]
 get_checkpoint_conversion_mapping: Any = _found["get_checkpoint_conversion_mapping"]

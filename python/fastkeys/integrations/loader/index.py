@@ -22,15 +22,18 @@ class ModelIndex:
     wrappers, in its order, with their modules; `layers`: the tuner layers among them;
     `segments`: every dotted segment of the model's parameter and buffer names outside those
     internals; `auxiliary`: whether PEFT's auxiliary wrappers (modules_to_save, trainable tokens)
-    are in the model; `load_hook`: the name of the first module (the root is "", a tuner layer's
-    base layer is named by its layer) that has a `load_state_dict` hook or its own
-    `_load_from_state_dict`, or None. PEFT's `load_state_dict` runs those on every key, adapters'
-    included; the fast path does not."""
+    are in the model, and `wrappers` those wrappers by name; `shared`: whether a module is reached
+    twice (PEFT's `_set_trainable` visits it under each name); `load_hook`: the name of the first
+    module (the root is "", a tuner layer's base layer is named by its layer) that has a
+    `load_state_dict` hook or its own `_load_from_state_dict`, or None. PEFT's `load_state_dict`
+    runs those on every key, adapters' included; the fast path does not."""
 
     def __init__(self, model: nn.Module) -> None:
         self.modules: dict[str, Any] = {}
         self.layers: dict[str, Any] = {}
         self.auxiliary = False
+        self.wrappers: dict[str, Any] = {}
+        self.shared = False
         self.load_hook: str | None = None
         custom: dict[type, bool] = {}  # type -> overrides _load_from_state_dict
         segments: set[str] = {"weight", "bias", "base_layer"}
@@ -43,6 +46,7 @@ class ModelIndex:
         while stack:
             name, module = stack.pop()
             if id(module) in memo:
+                self.shared = True
                 continue
             memo.add(id(module))
             if name:
@@ -72,6 +76,7 @@ class ModelIndex:
                 continue
             if kind == 2:
                 self.auxiliary = True
+                self.wrappers[name] = module
                 continue
             prefix = name + "." if name else ""
             children = [(prefix + key, child) for key, child in module._modules.items() if child is not None]

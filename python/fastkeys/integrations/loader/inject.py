@@ -32,7 +32,15 @@ from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.leaves import Leaves
 from fastkeys.integrations.loader.methods import Layout, Method, method_of
 from fastkeys.integrations.loader.peft_re import linear_time_matching
-from fastkeys.integrations.loader.plan import MODEL_PREFIX, Options, Refused, check_checkpoint, make_plan
+from fastkeys.integrations.loader.plan import (
+    MODEL_PREFIX,
+    Options,
+    Refused,
+    check_checkpoint,
+    make_plan,
+    selected,
+)
+from fastkeys.integrations.loader.saved import add_saved, plan_saved
 from fastkeys.integrations.loader.transaction import Transaction
 
 
@@ -53,8 +61,20 @@ def load_fast(
         raise Refused(f"the config's method {config.peft_type} is not covered")
     peft_model._check_new_adapter_config(config, is_trainable=is_trainable)
     config.inference_mode = not is_trainable
+    targets = selected(tuner, config, index)
+    saved = plan_saved(tuner, config, adapter_name, index, targets)
+    if low_cpu_mem_usage and saved.updated:
+        raise Refused("low_cpu_mem_usage=True assigns the checkpoint's tensors to the modules to save")
     plan = make_plan(
-        tuner, config, index, checkpoint, adapter_name, method, low_cpu_mem_usage=low_cpu_mem_usage
+        tuner,
+        config,
+        index,
+        checkpoint,
+        adapter_name,
+        method,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+        saved=saved.expected,
+        targets=targets,
     )
     active = list(tuner.active_adapters)
     tx.record(tuner, adapter_name)
@@ -138,9 +158,19 @@ def load_fast(
         if is_trainable:
             for layer in touched.values():
                 layer.set_requires_grad(adapter_name, True)
+        copies = add_saved(
+            index, saved, adapter_name, tx, {key: tensors[plan.by_model_key[key]] for key in saved.expected}
+        )
+        if is_trainable:
+            for copy in copies:
+                boundary.set_layer_requires_grad(copy, True)
         _extend_unique(tuner.targeted_module_names, plan.targets)
         if not is_trainable:
-            eval_like_peft(peft_model, index, touched.values(), adapter_name, tx)
+            if any(m.training for wrapper in index.wrappers.values() for m in wrapper.modules()):
+                tx.record_training(peft_model.modules())
+                peft_model.eval()
+            else:
+                eval_like_peft(peft_model, index, touched.values(), adapter_name, tx)
 
 
 def _record_layer(tx: Transaction, layer: Any, adapter_name: str) -> None:

@@ -117,6 +117,11 @@ LORA_ALLOWED: dict[str, Rule] = {
     "use_dora": _BOOL,
     "lora_bias": _BOOL,
     "runtime_config": (lambda v: not getattr(v, "ephemeral_gpu_offload", True), "no ephemeral GPU offload"),
+    # modules already wrapped by PEFT's ModulesToSaveWrapper (`saved.py`; anything else is refused there)
+    "modules_to_save": (
+        lambda v: v is None or (isinstance(v, list) and _strings(v) and all(v)),
+        "None or names",
+    ),
     # features the fast path leaves to PEFT: accepted only unset
     **dict.fromkeys(
         (

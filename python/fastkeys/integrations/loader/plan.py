@@ -63,8 +63,13 @@ def make_plan(
     method: Method,
     *,
     low_cpu_mem_usage: bool,
+    saved: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+    targets: list[str] | None = None,
 ) -> Plan:
-    targets = selected(tuner, config, index)
+    """`saved`: the modules_to_save copies' tensors (`saved.py`), model key -> (checkpoint name,
+    shape), whose names PEFT maps itself, before its renaming; `targets`: `selected`'s, if known."""
+    if targets is None:
+        targets = selected(tuner, config, index)
     if not targets:
         raise Refused("the config matches no module (PEFT raises its own error)")
     if low_cpu_mem_usage and not method.low_cpu_mem_usage:
@@ -113,8 +118,16 @@ def make_plan(
             prefix = f"{MODEL_PREFIX}{name}."
             expected[f"{prefix}lora_A.{adapter_name}.weight"] = (r, layer.in_features)
             expected[f"{prefix}lora_B.{adapter_name}.weight"] = (layer.out_features, r)
-    names = list(checkpoint)
+    saved = saved or {}
+    stored = {name for name, _shape in saved.values()}
+    names = [name for name in checkpoint if name not in stored]
     by_model_key = dict(zip(insert_adapter_name(names, adapter_name, config.peft_type), names, strict=True))
+    for key, (name, shape) in saved.items():
+        if key in by_model_key:
+            raise Refused(f"the checkpoint holds {key} both as it is and as a module to save")
+        if name in checkpoint:  # else check_checkpoint reports it missing
+            by_model_key[key] = name
+        expected[key] = shape
     return Plan(targets, quick, direct, expected, by_model_key)
 
 

@@ -18,12 +18,14 @@ from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.methods import (
     COVERED,
+    LORA,
     LORA_ALLOWED,
     PEFT_CONDENSES_TARGETS,
     Method,
     Rule,
     method_of,
 )
+from fastkeys.integrations.loader.saved import wrappers_refusal
 
 __all__ = [
     "ALLOWED",
@@ -109,7 +111,7 @@ def model_refusal(peft_model: Any, adapter_name: str, index: ModelIndex, config:
     active = tuner.active_adapters
     if any(getattr(peft_model.peft_config.get(name), "bias", "none") != "none" for name in active):
         return "an active adapter trains biases, which PEFT re-marks across the whole model"
-    return _state_refusal(peft_model, index, method)
+    return _state_refusal(peft_model, index, method, saved=method is LORA)
 
 
 def swap_refusal(peft_model: Any, adapter_name: str, index: ModelIndex) -> str | None:
@@ -122,12 +124,15 @@ def swap_refusal(peft_model: Any, adapter_name: str, index: ModelIndex) -> str |
     return _state_refusal(peft_model, index, method)
 
 
-def _state_refusal(peft_model: Any, index: ModelIndex, method: Method) -> str | None:
+def _state_refusal(peft_model: Any, index: ModelIndex, method: Method, *, saved: bool = False) -> str | None:
+    """`saved`: modules_to_save wrappers are reproduced (`saved.py`: a new LoRA adapter)."""
     tuner = peft_model.base_model
     if type(tuner) is not method.tuner:
         return f"the model's tuner is {type(tuner).__name__}, not {method.tuner.__name__}"
-    if index.auxiliary:
+    if index.auxiliary and not saved:
         return _AUXILIARY
+    if saved and (refusal := wrappers_refusal(peft_model, index)) is not None:
+        return refusal
     if index.load_hook is not None:
         return (
             f"the model's module {index.load_hook or '(root)'!r} has a load_state_dict hook or its own "
