@@ -90,11 +90,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def timed(function: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
-    """Wall time of one call, from a collected heap, with the garbage collector running as it does
-    for users: collections a call sets off are part of its cost (the benchmarks before 2026-11-30,
-    benches/adapters.json among them, paused it)."""
-    gc.collect()
+def timed(function: Any, *args: Any, collect: bool = True, **kwargs: Any) -> tuple[float, Any]:
+    """Wall time of one call, with the garbage collector running as it does for users: collections
+    a call sets off are part of its cost (the benchmarks before 2026-11-30, benches/adapters.json
+    among them, paused it). `collect`: start from a collected heap (a full collection costs more
+    as the model grows: at hundreds of adapters, more than the call measured)."""
+    if collect:
+        gc.collect()
     started = time.perf_counter()
     result = function(*args, **kwargs)
     return time.perf_counter() - started, result

@@ -115,7 +115,9 @@ def run(adapters: int, layers: int, peft_path_at: int, scratch: Path, children: 
 
     def fast_load(name: str, index: int, profile: cProfile.Profile | None = None) -> float:
         call = functools.partial(fastkeys.peft.load_adapters, model, {name: path(index)}, progress=False)
-        seconds, results = timed(call if profile is None else functools.partial(profile.runcall, call))
+        seconds, results = timed(
+            call if profile is None else functools.partial(profile.runcall, call), collect=False
+        )
         if results[name].loader != "fastkeys":
             raise SystemExit(f"{name} went to PEFT's loader: {results[name].reason}")
         return seconds
@@ -144,7 +146,7 @@ def run(adapters: int, layers: int, peft_path_at: int, scratch: Path, children: 
         seconds["fastkeys"].append(fast_load(name, index, profile if index == adapters - 1 else None))
         plain_times = []
         for skip_init in (True, False):
-            elapsed, _ = timed(plain.build, files[index % len(files)], name, skip_init)
+            elapsed, _ = timed(plain.build, files[index % len(files)], name, skip_init, collect=False)
             plain_times.append(elapsed)
             plain.clear()
         seconds["plain_torch"].append(min(plain_times))
