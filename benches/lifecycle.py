@@ -213,7 +213,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         "delete": "evict an inactive adapter",
         "delete_active": "evict the active adapter",
         "replace": "replace: evict one, load one",
-        "add_weighted": "add_weighted_adapter (cat of two)",
+        "add_weighted": "add_weighted_adapter (cat)",
     }
     figure, axes = plt.subplots(1, len(OPERATIONS), figsize=(20, 4.5))
     sizes = [size["adapters"] for size in report["sizes"]]

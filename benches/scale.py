@@ -294,8 +294,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
             label="the fast load after a PEFT-path load",
         )
     times.set_xlabel("adapters already in the model")
-    times.set_ylabel("time to load one more adapter (ms)")
-    times.set_ylim(bottom=0)
+    times.set_ylabel("time to load one more adapter (ms, log)")
+    times.set_yscale("log")
     times.set_title(
         f"{report['adapters']} adapters: fastkeys / plain torch = {report['over_plain_torch']:.2f}x"
     )
