@@ -217,12 +217,14 @@ def add_weighted_adapter(
     adapters: list[str],
     weights: list[float],
     adapter_name: str,
-    combination_type: str = "svd",
+    combination_type: str | None = None,
     **options: Any,
 ) -> AdapterChangeResult:
     """A new LoRA adapter combining `adapters` with `weights`, ending in exactly the state of
     `peft_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **options)`
-    (options: svd_rank, svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method).
+    (options: svd_rank, svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method;
+    `combination_type=None` is PEFT's default, "svd" for LoRA; other tuners, such as IA3's, get
+    their own function with the arguments given).
 
     For the deterministic combinations (cat, linear, svd, ties, ties_svd, magnitude_prune,
     magnitude_prune_svd) on a LoRA model of float32 `nn.Linear` targets, with the same allow-list as

@@ -279,6 +279,19 @@ def test_bad_arguments_go_to_peft_s_own_errors(llama_dirs: dict[str, Path]) -> N
         fastkeys.peft.add_weighted_adapter(model.base_model.model, ["ad"], [1.0], "mix")
 
 
+def test_another_tuner_gets_its_own_function(tmp_path: Path) -> None:
+    """IA3 has an add_weighted_adapter of its own (no combination_type): it runs, as PEFT's."""
+    config = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    dirs = {
+        name: save_seeded_adapter(config, tmp_path / name, seed=i) for i, name in enumerate(["first", "x"])
+    }
+    expected = loaded(dirs, ["x"])
+    actual = copy.deepcopy(expected)
+    result = both(expected, actual, ["first", "x"], [0.5, 1.5], "mix")
+    assert result.path == "peft" and "IA3Model" in (result.reason or "")
+    assert torch.equal(outputs(actual, "mix"), outputs(expected, "mix"))
+
+
 def test_an_interrupted_call_leaves_the_model_as_it_was_or_as_done(llama_dirs: dict[str, Path]) -> None:
     model = loaded(llama_dirs, ["ad", "bk"])
     before = end_state(model)

@@ -54,18 +54,23 @@ def add_weighted_adapter(
     adapters: Any,
     weights: Any,
     adapter_name: Any,
-    combination_type: Any = "svd",
+    combination_type: Any = None,
     **options: Any,
 ) -> AdapterChangeResult:
     """`peft_model.add_weighted_adapter(adapters, weights, adapter_name, combination_type, ...)`:
     `options` are PEFT's (svd_rank, svd_clamp, svd_full_matrices, svd_driver, density,
-    majority_sign_method), passed on as they are."""
+    majority_sign_method), passed on as they are; `combination_type=None` is the tuner's default
+    (LoRA's: "svd")."""
     lifecycle._check_model(peft_model)
     tuner = peft_model.base_model
 
     def peft_call() -> None:
-        tuner.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **options)
+        given = {} if combination_type is None else {"combination_type": combination_type}
+        tuner.add_weighted_adapter(adapters, weights, adapter_name, **given, **options)
 
+    reason = lifecycle.tuner_refusal(tuner)  # before the index: another tuner may have no .model
+    if reason is not None:
+        return lifecycle._with_peft(peft_model, reason, peft_call)
     if isinstance(adapter_name, str) and adapter_name in peft_model.peft_config:
         # PEFT's function returns without a word; the model is left as it is
         warnings.warn(
@@ -75,13 +80,14 @@ def add_weighted_adapter(
         )
         return AdapterChangeResult(FAST, None)
     index = ModelIndex(tuner.model)
-    decided = _refusal(peft_model, index, adapters, weights, adapter_name, combination_type, options)
+    combination = "svd" if combination_type is None else combination_type  # LoraModel's default
+    decided = _refusal(peft_model, index, adapters, weights, adapter_name, combination, options)
     if isinstance(decided, str):
         return lifecycle._with_peft(peft_model, decided, peft_call)
     config, rank, targets = decided
     # every combination first, by PEFT's per-layer code: if one raises, nothing has changed
     combined = {
-        name: _combine(tuner, index.modules[name], adapters, weights, combination_type, rank, options)
+        name: _combine(tuner, index.modules[name], adapters, weights, combination, rank, options)
         for name in targets
     }
     tx = Transaction()
@@ -106,9 +112,6 @@ def _refusal(
     """Why PEFT's own function runs (its errors included), or the new adapter's config, rank and
     target layers."""
     tuner = peft_model.base_model
-    reason = lifecycle.tuner_refusal(tuner)
-    if reason is not None:
-        return reason
     configs = peft_model.peft_config
     if (
         not isinstance(adapters, list)
