@@ -38,6 +38,7 @@ LLAMA: dict[str, dict[str, Any]] = {
     "tr": {"target_modules": ["v_proj", "up_proj"]},  # loaded with is_trainable=True, active
     "dora": {"target_modules": QV, "use_dora": True},
     "o0": {"target_modules": ["o_proj"], "layers_to_transform": [0]},
+    "rp": {"target_modules": QV, "rank_pattern": {"v_proj": 8}},  # q_proj r=4, v_proj r=8
     "xtr": {"target_modules": QV},  # loaded with is_trainable=True, active
 }
 TRAINABLE = ("tr", "xtr")
@@ -100,7 +101,7 @@ def both(expected: Any, actual: Any, *args: Any, **options: Any) -> Any:
 
 CASES: dict[str, tuple[list[str], tuple[Any, ...], dict[str, Any]]] = {
     # name: (adapters loaded after `first`, (adapters, weights, new name, combination), options)
-    "cat": (["ad", "bk"], (["ad", "bk"], [0.7, -0.3], "mix", "cat"), {}),
+    "cat": (["ad"], (["ad", "first"], [0.7, -0.3], "mix", "cat"), {}),
     "cat_ranks": (["ad", "c8"], (["ad", "c8"], [1.0, 0.5], "mix", "cat"), {}),
     "linear": (["ad"], (["ad", "first"], [0.5, 0.5], "mix", "linear"), {}),
     "single": (["ad"], (["ad"], [2.0], "mix", "svd"), {}),  # one adapter: PEFT's linear
@@ -126,15 +127,15 @@ CASES: dict[str, tuple[list[str], tuple[Any, ...], dict[str, Any]]] = {
     ),
     "rslora_layers": (
         ["rs", "ad"],
-        (["rs", "ad"], [1.0, 1.0], "mix", "cat"),
+        (["rs", "ad"], [1.0, 1.0], "mix", "linear"),
         {},
     ),  # rs's config: layer 1 only
     "dropout": (["drop", "ad"], (["drop", "ad"], [0.5, 0.5], "mix", "linear"), {}),
-    "expressions": (["rx", "ry"], (["rx", "ry"], [1.0, 1.0], "mix", "cat"), {}),
-    "trainable_active": (["ad", "tr"], (["ad", "tr"], [1.0, 1.0], "mix", "cat"), {}),
+    "expressions": (["rx", "ry"], (["rx", "ry"], [1.0, 1.0], "mix", "svd"), {}),
+    "trainable_active": (["ad", "tr"], (["ad", "tr"], [1.0, 1.0], "mix", "linear"), {}),
     # deleting the only active adapter leaves layers with different active adapters (the least name
     # each holds); PEFT's injection then writes the tuner's list into every layer
-    "layers_disagree": (["ad", "bk", "-first"], (["ad", "bk"], [1.0, 1.0], "mix", "cat"), {}),
+    "layers_disagree": (["ad", "bk", "-first"], (["ad", "bk"], [1.0, 1.0], "mix", "svd"), {}),
     "dora_involved": (["dora", "ad"], (["ad", "dora"], [1.0, 1.0], "mix", "cat"), {}),
 }
 
@@ -166,7 +167,7 @@ def test_bert(tmp_path: Path) -> None:
     }
     expected = loaded(dirs, ["x"], tiny_bert)
     actual = copy.deepcopy(expected)
-    assert both(expected, actual, ["first", "x"], [0.5, 1.5], "mix", "cat").path == "fastkeys"
+    assert both(expected, actual, ["first", "x"], [0.5, 1.5], "mix", "svd").path == "fastkeys"
     assert torch.equal(outputs(actual, "mix"), outputs(expected, "mix"))
 
 
@@ -200,6 +201,14 @@ def test_the_fast_path_runs_none_of_peft_s_passes(
 # What goes to PEFT: its own function, the same end state, the reason.
 
 
+def _float64(dirs: dict[str, Path], _root: Path) -> Any:
+    model = loaded(dirs, ["ad"])
+    for name, parameter in model.named_parameters():
+        if ".ad." in name:
+            parameter.data = parameter.data.double()  # PEFT's combination keeps this dtype
+    return model
+
+
 def _saved(dirs: dict[str, Path], root: Path) -> Any:
     config = peft.LoraConfig(r=4, target_modules=QV, modules_to_save=["lm_head"])
     model = peft.PeftModel.from_pretrained(tiny_llama(), save_seeded_adapter(config, root / "s", seed=9), "s")
@@ -223,6 +232,20 @@ PEFT_CASES: dict[str, tuple[Callable[[dict[str, Path], Path], Any], tuple[Any, .
     "dora_first": (lambda d, _r: loaded(d, ["dora"]), (["dora", "first"], [1.0, 1.0], "mix", "cat"), "DoRA"),
     "auxiliary": (_saved, (["s", "ad"], [1.0, 1.0], "mix", "cat"), "auxiliary"),
     "weights_short": (lambda d, _r: loaded(d, ["ad"]), (["ad", "first"], [1.0], "mix", "cat"), "weights"),
+    # rows cat leaves empty: PEFT's hold the signs of its random numbers (-0.0)
+    "cat_partial": (
+        lambda d, _r: loaded(d, ["ad", "bk"]),
+        (["ad", "bk"], [1.0, 1.0], "mix", "cat"),
+        "signed zeros",
+    ),
+    # PEFT's matrices are 8 wide where rp's q_proj is 4: PEFT keeps the width, the data narrower
+    "rank_pattern": (lambda d, _r: loaded(d, ["rp"]), (["rp"], [1.0], "mix", "linear"), "rank_pattern"),
+    "svd_rank_wide": (
+        lambda d, _r: loaded(d, ["ad"]),
+        (["ad", "first"], [1.0, 1.0], "mix", "svd", {"svd_rank": 40}),
+        "exceeds",
+    ),
+    "float64_adapter": (_float64, (["ad", "first"], [1.0, 1.0], "mix", "linear"), "float32"),
 }
 
 
@@ -296,7 +319,7 @@ def test_an_interrupted_call_leaves_the_model_as_it_was_or_as_done(llama_dirs: d
     model = loaded(llama_dirs, ["ad", "bk"])
     before = end_state(model)
     done = copy.deepcopy(model)
-    call = ("ad", "bk"), [0.5, 1.5], "mix", "cat"
+    call = ("ad", "first"), [0.5, 1.5], "mix", "cat"
     total, _fired = traced_lines(lambda: fastkeys.peft.add_weighted_adapter(done, list(call[0]), *call[1:]))
     after = end_state(done)
     interrupted = 0

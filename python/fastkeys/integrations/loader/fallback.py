@@ -33,7 +33,7 @@ from torch import nn
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.files import CONFIG_FILE, SINGLE_FILE
 from fastkeys.integrations.loader.peft_re import linear_time_matching
-from fastkeys.integrations.loader.transaction import Transaction
+from fastkeys.integrations.loader.transaction import Transaction, settled_heap
 
 
 class BaseWeights:
@@ -164,6 +164,7 @@ def peft_load(
             boundary.fed_tensors(str(placeholder), tensors),
             linear_time_matching(),
             _guarded_writes(base_model, base, adapter_name, config, tx),
+            settled_heap(),
         ):
             returned = call(str(directory))
     raw = boundary.last_result(records, "loader")

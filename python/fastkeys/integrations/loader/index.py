@@ -77,6 +77,10 @@ class ModelIndex:
             if kind == 2:
                 self.auxiliary = True
                 self.wrappers[name] = module
+                # the wrapper's own names (original_module, modules_to_save, its copies' names and
+                # parameters): an adapter named like one changes what PEFT's loop restores
+                for local, _parameter in module.named_parameters():
+                    segments.update(local.split("."))
                 continue
             prefix = name + "." if name else ""
             children = [(prefix + key, child) for key, child in module._modules.items() if child is not None]

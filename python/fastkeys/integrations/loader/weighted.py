@@ -90,6 +90,11 @@ def add_weighted_adapter(
         name: _combine(tuner, index.modules[name], adapters, weights, combination, rank, options)
         for name in targets
     }
+    for name, (weight_a, weight_b) in combined.items():
+        layer = index.modules[name]
+        if weight_a.shape != (rank, layer.in_features) or weight_b.shape != (layer.out_features, rank):
+            # PEFT's modules would keep the new rank as their size around these
+            return lifecycle._with_peft(peft_model, f"{name}: the combination is not {rank} wide", peft_call)
     tx = Transaction()
     try:
         with torch.no_grad():
@@ -198,8 +203,28 @@ def _refusal(
         base = layer.get_base_layer()
         if type(base) is not torch.nn.Linear or base.weight.dtype != torch.float32:
             return f"{name} does not wrap a float32 nn.Linear"
-        if not any(adapter in layer.lora_A for adapter in adapters):
+        held = [adapter for adapter in adapters if adapter in layer.lora_A]
+        if not held:
             return f"{name} holds none of the adapters (PEFT raises its own error)"
+        for adapter in held:
+            for weight in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
+                if weight.dtype != torch.float32 or weight.device != base.weight.device:
+                    # PEFT's combinations keep the adapters' dtype; the new matrices here take the base's
+                    return f"{name}: adapter {adapter!r} is not float32 on the base layer's device"
+        if rank > min(layer.in_features, layer.out_features) and combination != "cat":
+            # PEFT's matrices keep the new rank as their size; a combination narrower than that does not
+            return f"{name}: the new rank {rank} exceeds the layer's sides"
+        if combination == "cat" and sum(layer.r[adapter] for adapter in held) != rank:
+            # PEFT zeroes its random initialisation (`* 0.0`): the rows cat leaves keep the signs of
+            # random numbers (-0.0)
+            return f"{name} holds only some of the adapters, whose padding PEFT leaves as signed zeros"
+        if combination in _SAME_RANK and any(layer.r[adapter] != rank for adapter in held):
+            return f"{name}: an adapter's rank there is not {rank} (rank_pattern)"
+    model_config = getattr(tuner.model, "config", None)
+    if getattr(model_config, "tie_word_embeddings", False) and any(
+        name.rpartition(".")[2] in boundary.EMBEDDING_LAYER_NAMES for name in targets
+    ):
+        return "the model ties its embeddings and the new adapter targets one (PEFT warns, and may tie)"
     return config, rank, targets
 
 
