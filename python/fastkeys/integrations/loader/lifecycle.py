@@ -39,7 +39,7 @@ from torch import nn
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.result import FAST, PEFT
-from fastkeys.integrations.loader.transaction import Transaction, deferred_interrupts
+from fastkeys.integrations.loader.transaction import Transaction, deferred_interrupts, settled_heap
 
 __all__ = ["AdapterChangeResult", "delete_adapters", "set_adapter"]
 
@@ -444,7 +444,8 @@ def _with_peft(peft_model: Any, reason: str, call: Callable[[], Any]) -> Adapter
             for parameter in module.get_base_layer().parameters():
                 tx.protect(parameter)
     try:
-        call()
+        with settled_heap():  # PEFT's walks set off full collections; the records need not be in them
+            call()
     except BaseException:
         tx.roll_back()
         raise
