@@ -236,6 +236,6 @@ def add_weighted_adapter(
     _loader_api()
     from fastkeys.integrations.loader import weighted
 
-    return weighted.add_weighted_adapter(  # type: ignore[no-any-return]
+    return weighted.add_weighted_adapter(
         peft_model, adapters, weights, adapter_name, combination_type, **options
     )

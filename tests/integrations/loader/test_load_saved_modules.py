@@ -301,6 +301,11 @@ def test_missing_saved_tensor_fails_like_peft(tmp_path: Path) -> None:
 # All or nothing.
 
 
+def shared_weight(model: Any) -> Any:
+    """The embedding weight the wrapped embed_tokens and lm_head share."""
+    return model.get_submodule("base_model.model.model.embed_tokens.original_module").weight
+
+
 def test_exception_inside_the_second_wrapper_rolls_back(tmp_path: Path, monkeypatch: Any) -> None:
     """Tied embeddings, both saved: the first wrapper's update freezes the shared weight, the second
     fails; the model ends as it was (flags of the shared weight included), and the next load is
@@ -309,14 +314,14 @@ def test_exception_inside_the_second_wrapper_rolls_back(tmp_path: Path, monkeypa
     first = save(lora(["lm_head", "embed_tokens"]), tmp_path / "first", factory, seed=1)
     directory = save(lora(["embed_tokens", "lm_head"]), tmp_path / "x", factory, seed=2)
     model = peft.PeftModel.from_pretrained(factory(), first, "first")
-    model.base_model.model.model.embed_tokens.original_module.weight.requires_grad_(True)
+    shared_weight(model).requires_grad_(True)
     before, wrapped = end_state(model), wrappers(model)
     original = peft.utils.other.ModulesToSaveWrapper.update
     calls = []
 
     def failing(self: Any, adapter_name: str, **kwargs: Any) -> None:
         calls.append(adapter_name)
-        original(self, adapter_name, **kwargs)
+        original(self, adapter_name, **kwargs)  # type: ignore[no-untyped-call]
         if len(calls) == 2:
             raise RuntimeError("boom")
 
@@ -328,7 +333,7 @@ def test_exception_inside_the_second_wrapper_rolls_back(tmp_path: Path, monkeypa
     assert wrappers(model) == wrapped
     monkeypatch.undo()
     expected = peft.PeftModel.from_pretrained(factory(), first, "first")
-    expected.base_model.model.model.embed_tokens.original_module.weight.requires_grad_(True)
+    shared_weight(expected).requires_grad_(True)
     expected.load_adapter(merged_copy(directory, tmp_path / "merged"), "x")
     assert fastkeys.peft.load_adapter(model, directory, "x").loader == "fastkeys"
     assert_same(expected, model)

@@ -5,6 +5,7 @@ Python code can defer.)"""
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 from collections.abc import Callable
@@ -44,7 +45,8 @@ def interrupted_at(call: Callable[[], Any], line: int, functions: set[str]) -> b
 
 
 class _Thing:
-    pass
+    kept: dict[str, int]
+    added: int
 
 
 def test_a_ctrl_c_anywhere_in_a_roll_back_restores_everything_and_is_raised() -> None:
@@ -73,7 +75,7 @@ def test_a_ctrl_c_while_recording_leaves_the_garbage_collector_on() -> None:
     fired = 0
     for line in range(1, 100):
         objects = [nn.Linear(2, 2), _Thing()]
-        done = not interrupted_at(lambda objects=objects: Transaction().record_all(objects), line, {"record"})
+        done = not interrupted_at(functools.partial(Transaction().record_all, objects), line, {"record"})
         assert gc.isenabled(), line
         if done:
             break

@@ -9,6 +9,7 @@ runs none of PEFT's whole-model passes.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,7 +81,8 @@ def outputs(model: Any, name: str) -> torch.Tensor:
     model.set_adapter(name)
     torch.manual_seed(0)
     with torch.no_grad():
-        return model(INPUTS)[0]
+        logits: torch.Tensor = model(INPUTS)[0]
+    return logits
 
 
 def both(expected: Any, actual: Any, *args: Any, **options: Any) -> Any:
@@ -327,8 +329,8 @@ def test_an_interrupted_call_leaves_the_model_as_it_was_or_as_done(llama_dirs: d
         trial = copy.deepcopy(model)
         try:
             traced_lines(
-                lambda trial=trial: fastkeys.peft.add_weighted_adapter(trial, list(call[0]), *call[1:]), point
-            )  # type: ignore[misc]
+                functools.partial(fastkeys.peft.add_weighted_adapter, trial, list(call[0]), *call[1:]), point
+            )
         except KeyboardInterrupt:
             interrupted += 1
         assert_same_state(after if "mix" in trial.peft_config else before, end_state(trial))
