@@ -67,6 +67,10 @@ _SYMBOLS = {
     "OFTModel": ("peft.tuners.oft.model", "OFTModel"),
     "AuxiliaryTrainingWrapper": ("peft.utils.other", "AuxiliaryTrainingWrapper"),
     "ModulesToSaveWrapper": ("peft.utils.other", "ModulesToSaveWrapper"),
+    "TrainableTokensWrapper": ("peft.utils.other", "TrainableTokensWrapper"),
+    "TrainableTokensLayer": ("peft.tuners.trainable_tokens.layer", "TrainableTokensLayer"),
+    "get_module_names_tied_with_embedding": ("peft.utils.other", "_get_module_names_tied_with_embedding"),
+    "BaseTuner": ("peft.tuners.tuners_utils", "BaseTuner"),
     "get_pattern_key": ("peft.utils.other", "get_pattern_key"),
     "BufferDict": ("peft.tuners._buffer_dict", "BufferDict"),
     "get_checkpoint_conversion_mapping": (
@@ -104,6 +108,10 @@ OFTLayer: Any = _found["OFTLayer"]
 OFTModel: Any = _found["OFTModel"]
 AuxiliaryTrainingWrapper: Any = _found["AuxiliaryTrainingWrapper"]
 ModulesToSaveWrapper: Any = _found["ModulesToSaveWrapper"]
+TrainableTokensWrapper: Any = _found["TrainableTokensWrapper"]
+TrainableTokensLayer: Any = _found["TrainableTokensLayer"]
+get_module_names_tied_with_embedding: Any = _found["get_module_names_tied_with_embedding"]
+BaseTuner: Any = _found["BaseTuner"]
 get_pattern_key: Any = _found["get_pattern_key"]
 BufferDict: Any = _found["BufferDict"]
 get_checkpoint_conversion_mapping: Any = _found["get_checkpoint_conversion_mapping"]

@@ -40,7 +40,8 @@ from fastkeys.integrations.loader.plan import (
     make_plan,
     selected,
 )
-from fastkeys.integrations.loader.saved import add_saved, plan_saved
+from fastkeys.integrations.loader.saved import NOTHING, add_saved, plan_saved
+from fastkeys.integrations.loader.tokens import NO_TOKENS, add_tokens, is_tokens_wrapper, plan_tokens
 from fastkeys.integrations.loader.transaction import Transaction
 
 
@@ -62,8 +63,14 @@ def load_fast(
     peft_model._check_new_adapter_config(config, is_trainable=is_trainable)
     config.inference_mode = not is_trainable
     targets = selected(tuner, config, index)
-    saved = plan_saved(tuner, config, adapter_name, index, targets)
-    if low_cpu_mem_usage and saved.updated:
+    saved, tokens = NOTHING, NO_TOKENS
+    if getattr(config, "trainable_token_indices", None) is not None or any(
+        map(is_tokens_wrapper, index.wrappers.values())
+    ):
+        tokens = plan_tokens(tuner, config, adapter_name, index, targets)
+    else:
+        saved = plan_saved(tuner, config, adapter_name, index, targets)
+    if low_cpu_mem_usage and (saved.updated or tokens.updated):
         raise Refused("low_cpu_mem_usage=True assigns the checkpoint's tensors to the modules to save")
     plan = make_plan(
         tuner,
@@ -73,7 +80,7 @@ def load_fast(
         adapter_name,
         method,
         low_cpu_mem_usage=low_cpu_mem_usage,
-        saved=saved.expected,
+        saved={**saved.expected, **tokens.expected},
         targets=targets,
     )
     active = list(tuner.active_adapters)
@@ -161,9 +168,19 @@ def load_fast(
         copies = add_saved(
             index, saved, adapter_name, tx, {key: tensors[plan.by_model_key[key]] for key in saved.expected}
         )
+        deltas = add_tokens(
+            index,
+            tokens,
+            adapter_name,
+            tx,
+            {key: tensors[plan.by_model_key[key]] for key in tokens.expected},
+            _mover,
+        )
         if is_trainable:
             for copy in copies:
                 boundary.set_layer_requires_grad(copy, True)
+            for delta in deltas:
+                delta.requires_grad_(True)
         _extend_unique(tuner.targeted_module_names, plan.targets)
         if not is_trainable:
             if any(m.training for wrapper in index.wrappers.values() for m in wrapper.modules()):

@@ -65,6 +65,14 @@ def _any_targets(value: Any) -> bool:
     return _strings(value) and len(value) > 0
 
 
+def _token_indices(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(item) for item in value)
+
+
+def _token_entry(name: Any, indices: Any) -> bool:
+    return isinstance(name, str) and bool(name) and _token_indices(indices)
+
+
 def _one_of(*choices: Any) -> Callable[[Any], bool]:
     # `is` first: True == 1 and False == 0, which a config must not pass off as each other
     return lambda value: any(value is c or (type(value) is type(c) and value == c) for c in choices)
@@ -122,11 +130,20 @@ LORA_ALLOWED: dict[str, Rule] = {
         lambda v: v is None or (isinstance(v, list) and _strings(v) and all(v)),
         "None or names",
     ),
+    # token deltas in layers already wrapped by PEFT's TrainableTokensWrapper (`tokens.py`; anything
+    # else is refused there)
+    "trainable_token_indices": (
+        lambda v: (
+            v is None
+            or _token_indices(v)
+            or (isinstance(v, dict) and bool(v) and all(_token_entry(k, i) for k, i in v.items()))
+        ),
+        "None, token indices, or a dict of names to token indices",
+    ),
     # features the fast path leaves to PEFT: accepted only unset
     **dict.fromkeys(
         (
             "megatron_config",
-            "trainable_token_indices",
             "loftq_config",
             "eva_config",
             "corda_config",

@@ -12,9 +12,9 @@ checkpoint's `<wrapper>.<key>` into `<wrapper>.modules_to_save.<adapter>.<key>` 
 
 Here the same happens for the wrappers alone: PEFT's own `update` and `check_set_adapter` on each,
 the requires_grad restoration for the parameters `update` touched, the copy, the flags. Anything
-this was not verified for (a module not wrapped yet, trainable tokens, a subclassed wrapper, a
-wrapped module that is not exactly an `nn.Linear` or `nn.Embedding`, accelerate hooks, load hooks,
-a name PEFT would match inside a tuner layer or a wrapper) is refused, for PEFT's loader.
+this was not verified for (a module not wrapped yet, a subclassed wrapper, a wrapped module that is
+not exactly an `nn.Linear` or `nn.Embedding`, accelerate hooks, load hooks, a name PEFT would match
+inside a tuner layer or a wrapper) is refused, for PEFT's loader. Trainable tokens: `tokens.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.index import ModelIndex, _load_hook
 from fastkeys.integrations.loader.peft_re import linear_time_matching
 from fastkeys.integrations.loader.plan import MODEL_PREFIX, Refused
+from fastkeys.integrations.loader.tokens import is_tokens_wrapper, tokens_refusal
 from fastkeys.integrations.loader.transaction import Transaction
 from fastkeys.rules.matching import insert_adapter_name
 
@@ -47,13 +48,17 @@ NOTHING = Saved({}, [], {})
 
 
 def wrappers_refusal(peft_model: Any, index: ModelIndex) -> str | None:
-    """Why the model's auxiliary wrappers keep a load off the fast path, or None."""
+    """Why the model's auxiliary wrappers keep a load off the fast path, or None. Trainable-token
+    wrappers are judged by `tokens.py`."""
+    if any(is_tokens_wrapper(wrapper) for wrapper in index.wrappers.values()):
+        refusal = tokens_refusal(index)
+        if refusal is not None:
+            return refusal
     for name, wrapper in index.wrappers.items():
+        if is_tokens_wrapper(wrapper):
+            continue
         if type(wrapper) is not boundary.ModulesToSaveWrapper:
-            return (
-                f"{name} is a {type(wrapper).__name__}: trainable tokens and other auxiliary wrappers "
-                "are handled by PEFT's loader"
-            )
+            return f"{name} is a {type(wrapper).__name__}: other wrappers are handled by PEFT's loader"
         if type(wrapper.original_module) not in _WRAPPED:
             return (
                 f"{name} saves a {type(wrapper.original_module).__name__}, not an nn.Linear or nn.Embedding"
