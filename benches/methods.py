@@ -1,6 +1,6 @@
 """Loading many adapters of each family the fast path covers besides plain LoRA (LoRA with
-`modules_to_save=["lm_head"]`, LoHa, LoKr, IA3, HRA, OFT), PEFT's `load_adapter` loop against
-`fastkeys.peft.load_adapters`, in one run.
+`modules_to_save=["lm_head"]`, LoRA with trainable tokens, LoHa, LoKr, IA3, HRA, OFT), PEFT's
+`load_adapter` loop against `fastkeys.peft.load_adapters`, in one run.
 
     python -m benches.methods [--adapters 16] [--layers 16] [--methods loha,lokr,ia3,hra,oft] [--quick]
 
@@ -42,6 +42,10 @@ def configs() -> dict[str, Callable[[], Any]]:
     return {
         # the seed scenario's adapters: LoRA with lm_head saved whole (modules_to_save)
         "lora_lm_head": lambda: peft.LoraConfig(r=4, target_modules=MODULES, modules_to_save=["lm_head"]),
+        # ... and with new-token deltas (trainable_token_indices on the input embeddings)
+        "lora_tokens": lambda: peft.LoraConfig(
+            r=4, target_modules=MODULES, trainable_token_indices=[1, 2, 3]
+        ),
         "loha": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=MODULES),
         "lokr": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=MODULES),
         "ia3": lambda: peft.IA3Config(target_modules=MODULES, feedforward_modules=["down_proj"]),
@@ -161,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"load average at the end: {report['machine']['load_average_at_end']}")
     if not args.quick:
-        (ROOT / "benches" / "methods.json").write_text(json.dumps(report, indent=1) + "\n")
+        path = ROOT / "benches" / "methods.json"
+        if path.exists():  # a run of some families keeps the others' results
+            kept = json.loads(path.read_text())
+            if kept.get("adapters_after_the_first") == adapters:
+                report["methods"] = {**kept["methods"], **report["methods"]}
+        path.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 
