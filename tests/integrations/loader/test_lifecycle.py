@@ -16,7 +16,7 @@ import gc
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,14 @@ import torch
 import fastkeys.peft
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.lifecycle import AdapterChangeResult
-from fixtures.loading import QV, assert_same_state, end_state, spread, traced_lines
+from fixtures.loading import (
+    QV,
+    assert_same_state,
+    end_state,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+    spread,
+    traced_lines,
+)
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
 # Runs once, under the default implementation: set/delete never reach the engine, and the loads
@@ -70,15 +77,6 @@ def _save(root: Path, adapters: dict[str, dict[str, Any]], factory: Callable[[],
             config = peft.LoraConfig(r=4, lora_alpha=8, **options)
         saved[name] = save_seeded_adapter(config, root / name, factory, seed=seed)
     return saved
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared machine: one thread each, or they wait for the other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,14 @@ import pytest
 import torch
 
 import fastkeys.peft
-from fixtures.loading import QV, assert_same_state, end_state, spread, traced_lines
+from fixtures.loading import (
+    QV,
+    assert_same_state,
+    end_state,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+    spread,
+    traced_lines,
+)
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
 pytestmark = pytest.mark.engine  # PEFT's matcher over the new config runs on the engine: both
@@ -43,14 +50,6 @@ LLAMA: dict[str, dict[str, Any]] = {
     "xtr": {"target_modules": QV},  # loaded with is_trainable=True, active
 }
 TRAINABLE = ("tr", "xtr")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
