@@ -1,6 +1,8 @@
 """Loading many adapters of each family the fast path covers besides plain LoRA (LoRA with
 `modules_to_save=["lm_head"]`, LoRA with trainable tokens, LoHa, LoKr, IA3, HRA, OFT), PEFT's
-`load_adapter` loop against `fastkeys.peft.load_adapters`, in one run.
+`load_adapter` loop against `fastkeys.peft.load_adapters`, in one run; and, for the families named
+`transformers_*` (LoRA, LoHa), transformers' own loop (`model.load_adapter(path, adapter_name=...)`
+on the LlamaForCausalLM itself) against `fastkeys.transformers.load_adapters`.
 
     python -m benches.methods [--adapters 16] [--layers 16] [--methods loha,lokr,ia3,hra,oft] [--quick]
 
@@ -51,7 +53,37 @@ def configs() -> dict[str, Callable[[], Any]]:
         "ia3": lambda: peft.IA3Config(target_modules=MODULES, feedforward_modules=["down_proj"]),
         "hra": lambda: peft.HRAConfig(r=4, target_modules=MODULES),
         "oft": lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=MODULES),
+        "transformers_lora": lambda: peft.LoraConfig(r=4, target_modules=MODULES),
+        "transformers_loha": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=MODULES),
     }
+
+
+class _Loop:
+    """One library's loop and fastkeys' for a family: the first load and each later one."""
+
+    def __init__(self, method: str) -> None:
+        import peft
+        import transformers
+
+        import fastkeys.peft
+        import fastkeys.transformers
+
+        self.first: Callable[[Any, Path], Any]
+        self.reference: Callable[[Any, Path, str], Any]
+        self.ours: Callable[..., dict[str, Any]]
+        self.library = "transformers" if method.startswith("transformers_") else "peft"
+        if self.library == "transformers":
+            # the LOAD REPORT transformers logs on every load (other adapters' tensors as MISSING)
+            # is not printed, nor its progress bar: its loop is timed without them
+            transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+            transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+            self.first = lambda model, path: (model.load_adapter(str(path), adapter_name="a0"), model)[1]
+            self.reference = lambda model, path, name: model.load_adapter(str(path), adapter_name=name)
+            self.ours = fastkeys.transformers.load_adapters
+        else:
+            self.first = lambda model, path: peft.PeftModel.from_pretrained(model, path, "a0")
+            self.reference = lambda model, path, name: model.load_adapter(path, name)
+            self.ours = fastkeys.peft.load_adapters
 
 
 def _profiled(profile: cProfile.Profile, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,32 +98,29 @@ def _profiled(profile: cProfile.Profile, function: Callable[..., Any]) -> Callab
 
 
 def run_method(method: str, adapters: int, layers: int, scratch: Path) -> dict[str, Any]:
-    import peft
-
-    import fastkeys.peft
-
+    loop = _Loop(method)
     paths = save_adapters(scratch / method, layers, min(adapters + 1, 8), configs()[method]())
 
     def path(index: int) -> Path:
         return paths[index % len(paths)]
 
-    reference = peft.PeftModel.from_pretrained(base_model(layers), path(0), "a0")
-    ours = peft.PeftModel.from_pretrained(base_model(layers), path(0), "a0")
-    per_adapter: dict[str, list[float]] = {"peft": [], "fastkeys": []}
+    reference = loop.first(base_model(layers), path(0))
+    ours = loop.first(base_model(layers), path(0))
+    per_adapter: dict[str, list[float]] = {"peft": [], "fastkeys": []}  # "peft": the library's loop
     loaders: dict[str, int] = {}
     reasons: set[str] = set()
     profile = cProfile.Profile()
     for index in range(1, adapters + 1):
         name = f"a{index}"
-        seconds, _result = timed(reference.load_adapter, path(index), name)
+        seconds, _result = timed(loop.reference, reference, path(index), name)
         per_adapter["peft"].append(seconds)
-        seconds, results = timed(fastkeys.peft.load_adapters, ours, {name: path(index)}, progress=False)
+        seconds, results = timed(loop.ours, ours, {name: path(index)}, progress=False)
         per_adapter["fastkeys"].append(seconds)
         loaders[results[name].loader] = loaders.get(results[name].loader, 0) + 1
         if results[name].reason:
             reasons.add(results[name].reason)
         progress(
-            f"{method}: {index}/{adapters} loaded: PEFT {per_adapter['peft'][-1] * 1e3:8.1f} ms, "
+            f"{method}: {index}/{adapters} loaded: {loop.library} {per_adapter['peft'][-1] * 1e3:8.1f} ms, "
             f"fastkeys {seconds * 1e3:6.1f} ms",
         )
     print(file=sys.stderr)
@@ -99,7 +128,7 @@ def run_method(method: str, adapters: int, layers: int, scratch: Path) -> dict[s
     if loaders != {"fastkeys": adapters}:
         raise SystemExit(f"{method}: not every load took the fast path: {loaders} {sorted(reasons)}")
     # one more load, profiled, after the comparison (its time is not in the totals)
-    _profiled(profile, fastkeys.peft.load_adapters)(ours, {"profiled": path(adapters + 1)}, progress=False)
+    _profiled(profile, loop.ours)(ours, {"profiled": path(adapters + 1)}, progress=False)
     stats = pstats.Stats(profile)
     top = sorted(stats.stats.items(), key=lambda item: -item[1][3])  # type: ignore[attr-defined]
     where = [
@@ -109,6 +138,7 @@ def run_method(method: str, adapters: int, layers: int, scratch: Path) -> dict[s
     peft_total, ours_total = sum(per_adapter["peft"]), sum(per_adapter["fastkeys"])
     tensors = sum(1 for key in ours.state_dict() if key.endswith(".a0") or ".a0." in key)
     return {
+        "loop": loop.library,
         "tensors_per_adapter": tensors,
         "per_adapter_s": per_adapter,
         "loaders": loaders,
@@ -157,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         totals = result["total_s"]
         print(
             f"{method}: {adapters} adapters after the first, {layers} layers, "
-            f"{result['tensors_per_adapter']} tensors each: PEFT {totals['peft']:.2f} s, "
+            f"{result['tensors_per_adapter']} tensors each: {result['loop']} {totals['peft']:.2f} s, "
             f"fastkeys {totals['fastkeys']:.2f} s ({result['speedup_total']:.1f}x less; "
             f"{result['speedup_first_16']:.1f}x over the first 16); "
-            f"median load PEFT {result['median_s']['peft'] * 1e3:.0f} ms, "
+            f"median load {result['loop']} {result['median_s']['peft'] * 1e3:.0f} ms, "
             f"fastkeys {result['median_s']['fastkeys'] * 1e3:.0f} ms"
         )
     print(f"load average at the end: {report['machine']['load_average_at_end']}")

@@ -17,12 +17,17 @@ thread, is untouched. Importing this module imports none of torch, peft, transfo
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from fastkeys.integrations import recorder
 from fastkeys.rules import validate as _validate
 
-__all__ = ["load_adapter"]
+if TYPE_CHECKING:
+    from fastkeys.integrations.loader.result import AdapterLoadResult
+
+__all__ = ["load_adapter", "load_adapters"]
 
 
 def _prepare() -> None:
@@ -84,3 +89,45 @@ def load_adapter(model: Any, peft_model_id: Any = None, adapter_name: str = "def
         adapter_name, missing, peft_model_id if peft_model_id is not None else "state_dict", 2
     )
     return info
+
+
+def load_adapters(
+    model: Any,
+    adapters: Mapping[str, str | os.PathLike[str]],
+    *,
+    is_trainable: bool = False,
+    progress: bool | Callable[[int, int, str], None] | None = None,
+) -> dict[str, AdapterLoadResult]:
+    """Loads many adapters (name -> local checkpoint directory, in order) into a transformers
+    model, ending in the state of `for name, path in adapters.items(): model.load_adapter(path,
+    adapter_name=name, is_trainable=is_trainable)`: the same `peft_config`, active adapter, module
+    tree, values, `requires_grad` and training flags.
+
+    After the first adapter (which transformers' own load prepares the model with), each adapter
+    is built in the layers it targets only, where that was verified exact (the transformers
+    releases, methods, config fields and model states of the PEFT loader's allow-list); anywhere
+    else transformers' `load_adapter` runs, fed the config and tensors fastkeys read through its
+    checks (containment, regular files, size caps), and the result's `loader`/`reason` say so.
+    Returns `{name: fastkeys.peft.AdapterLoadResult}` with fastkeys' verdict on missing keys.
+
+    A failing adapter raises after leaving no trace of itself (a KeyboardInterrupt included);
+    those loaded before it stay. A name already in the model is transformers' ValueError (or its
+    hotswap, after `enable_peft_hotswap`). `progress` as in `fastkeys.peft.load_adapters`."""
+    if not callable(getattr(model, "load_adapter", None)) or not callable(
+        getattr(model, "named_modules", None)
+    ):
+        raise TypeError(
+            "model must be a transformers model with PEFT support (a PreTrainedModel), "
+            f"not {type(model).__name__}"
+        )
+    _prepare()
+    import peft
+
+    if isinstance(model, peft.PeftModel):
+        raise TypeError("model is a peft.PeftModel: load its adapters with fastkeys.peft.load_adapters")
+    from fastkeys.integrations.loader import api, boundary, hf
+
+    boundary.install()
+    return api.load_in_order(
+        lambda name, path: hf.load_one(model, name, path, is_trainable=is_trainable), adapters, progress
+    )

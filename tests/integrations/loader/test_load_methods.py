@@ -32,6 +32,7 @@ from fixtures.loading import (
     both_loops,
     edit_config,
     end_state,
+    layer_state,
     rewrite,
     spread,
     traced_lines,
@@ -52,33 +53,6 @@ ARCHITECTURES: dict[str, tuple[Callable[[], Any], list[str], str]] = {
     "bert": (tiny_bert, BERT_MODULES, "layer"),
 }
 INPUTS = torch.tensor([[1, 5, 9, 2, 7]])
-
-
-# ---------------------------------------------------------------------------------------------
-# What is compared besides fixtures.loading.end_state: each tuner layer's plain attributes.
-
-
-# torch's own dicts (children, parameters, hooks) are compared through end_state
-PRIVATE_STATE = ("_active_adapter", "_disable_adapters")
-
-
-def layer_state(model: Any) -> list[tuple[str, dict[str, Any]]]:
-    """Every tuner layer's attributes that are not modules or tensors (the per-adapter dicts `r`,
-    `alpha`, `scaling`, `rank_dropout`, `module_dropout`, `rank_dropout_scale`; IA3's
-    `is_feedforward` and `fan_in_fan_out`; `merged_adapters`, `in_features`, ...)."""
-    plain = (dict, list, tuple, set, bool, int, float, str, type(None))
-    return [
-        (
-            name,
-            {
-                key: value
-                for key, value in vars(module).items()
-                if isinstance(value, plain) and (key[0] != "_" or key in PRIVATE_STATE)
-            },
-        )
-        for name, module in model.named_modules()
-        if isinstance(module, boundary.BaseTunerLayer)
-    ]
 
 
 def assert_same(expected: Any, actual: Any) -> None:

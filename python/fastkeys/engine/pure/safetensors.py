@@ -3,11 +3,12 @@ exactly as the native reader (and the `safetensors` package) does, from regular 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 __all__ = ["DTYPE_BITS", "MAX_HEADER_LEN", "open_regular", "parse_header", "path_text", "read_headers"]
@@ -156,24 +157,32 @@ def parse_header(
     return tensors, metadata
 
 
-def open_regular(path: str) -> BinaryIO:
-    """`path` opened for reading, if it is a regular file. A FIFO opens at once with O_NONBLOCK
-    and is then refused by its type, so a hostile path never blocks; reads from a regular file
-    ignore the flag. A directory is IsADirectoryError; a FIFO, socket or device ValueError."""
+@contextlib.contextmanager
+def open_regular(path: str, *, named: bool = False) -> Iterator[BinaryIO]:
+    """`with open_regular(path) as file:` reads `path`, if it is a regular file. A FIFO opens at
+    once with O_NONBLOCK and is then refused by its type, so a hostile path never blocks; reads from
+    a regular file ignore the flag. A directory is IsADirectoryError; a FIFO, socket or device
+    ValueError (its message starting with the path when `named`). A context manager, so that
+    nothing is open until the `with` holds it: an interruption anywhere leaves no file open."""
     flags = (
         os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     )
     fd = os.open(path, flags)
+    file: BinaryIO | None = None
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         if not stat.S_ISREG(mode):
-            raise _Invalid("not a regular file (a FIFO, socket or device); only regular files are read")
-        return os.fdopen(fd, "rb", buffering=0)
-    except BaseException:
-        os.close(fd)
-        raise
+            message = "not a regular file (a FIFO, socket or device); only regular files are read"
+            raise ValueError(f"{path}: {message}") if named else _Invalid(message)
+        file = os.fdopen(fd, "rb", buffering=0)
+        yield file
+    finally:
+        if file is None:
+            os.close(fd)
+        else:
+            file.close()
 
 
 def _read_exactly(file: BinaryIO, size: int) -> bytes:

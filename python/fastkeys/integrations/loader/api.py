@@ -31,7 +31,7 @@ from fastkeys.rules.matching import filter_missing
 _PROGRESS_AFTER = 4  # adapters: fewer load too fast for a bar to help
 
 
-class _Source:
+class Source:
     """An adapter checkpoint read as far as deciding needs: its checked config, its headers (or,
     for a `.bin`, its tensors) and PEFT's config object."""
 
@@ -65,7 +65,7 @@ class _Source:
         return self._tensors
 
 
-def _directory(adapter_name: str, path: object) -> Path:
+def checkpoint_directory(adapter_name: str, path: object) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(
             f"adapter {adapter_name!r}: the checkpoint must be a directory path, not {type(path).__name__}"
@@ -76,7 +76,7 @@ def _directory(adapter_name: str, path: object) -> Path:
     return directory
 
 
-def _check_name(adapter_name: object) -> None:
+def check_name(adapter_name: object) -> None:
     if not isinstance(adapter_name, str) or not adapter_name:
         raise TypeError(f"adapter names must be non-empty str, not {adapter_name!r}")
 
@@ -100,8 +100,8 @@ def load_one(
     """Loads one adapter from a local directory: by the fast path where it is verified exact, else by
     PEFT's loader; either way all or nothing."""
     _check_model(peft_model)
-    _check_name(adapter_name)
-    source = _Source(_directory(adapter_name, path))
+    check_name(adapter_name)
+    source = Source(checkpoint_directory(adapter_name, path))
     index = ModelIndex(peft_model.base_model.model)
     reason = (
         force_peft
@@ -114,28 +114,19 @@ def load_one(
     fast = Options(is_trainable, autocast_adapter_dtype, low_cpu_mem_usage)
     if reason is None:
         assert source.checkpoint is not None
-        tx = Transaction()
-        try:
+        checkpoint = source.checkpoint
+
+        def fast_load(tx: Transaction) -> None:
             if adapter_name in peft_model.peft_config:  # PEFT's hot swap: the adapter's values only
-                swap_fast(peft_model, adapter_name, source.checkpoint, source.directory, index, tx, fast)
+                swap_fast(peft_model, adapter_name, checkpoint, source.directory, index, tx, fast)
             else:
                 load_fast(
-                    peft_model,
-                    adapter_name,
-                    source.config,
-                    source.checkpoint,
-                    source.directory,
-                    index,
-                    tx,
-                    fast,
+                    peft_model, adapter_name, source.config, checkpoint, source.directory, index, tx, fast
                 )
+
+        reason = attempt_fast(fast_load)
+        if reason is None:
             return AdapterLoadResult([], [], FAST, None, [])
-        except Refused as refused:
-            tx.roll_back()
-            reason = str(refused)
-        except BaseException:
-            tx.roll_back()
-            raise
     options = {**fast._asdict(), "torch_device": torch_device}
     tensors = source.tensors()
     tx = Transaction()
@@ -157,6 +148,22 @@ def load_one(
     return AdapterLoadResult(list(verdict.missing_keys), list(verdict.unexpected_keys), PEFT, reason, written)
 
 
+def attempt_fast(load: Callable[[Transaction], None]) -> str | None:
+    """Runs a fast path, `load(tx)`, under a new transaction: None when it loaded; when it was
+    Refused, the model rolled back and the reason (for the library's loader). Any other exception
+    (KeyboardInterrupt included) rolls back and propagates."""
+    tx = Transaction()
+    try:
+        load(tx)
+    except Refused as refused:
+        tx.roll_back()
+        return str(refused)
+    except BaseException:
+        tx.roll_back()
+        raise
+    return None
+
+
 def load_many(
     peft_model: Any,
     adapters: Mapping[str, str | os.PathLike[str]],
@@ -166,18 +173,28 @@ def load_many(
 ) -> dict[str, AdapterLoadResult]:
     """Loads each adapter in order; a failure keeps the ones loaded before it and raises."""
     _check_model(peft_model)
+    return load_in_order(lambda name, path: load_one(peft_model, name, path, **options), adapters, progress)
+
+
+def load_in_order(
+    load: Callable[[str, Any], AdapterLoadResult],
+    adapters: Mapping[str, str | os.PathLike[str]],
+    progress: bool | Callable[[int, int, str], None] | None,
+) -> dict[str, AdapterLoadResult]:
+    """`load(name, path)` for each adapter in order, every name checked first, with the progress
+    bar; a failure keeps the ones loaded before it and raises."""
     if not isinstance(adapters, Mapping):
         raise TypeError(
             f"adapters must map adapter names to checkpoint directories, not {type(adapters).__name__}"
         )
     names = list(adapters)
     for name in names:
-        _check_name(name)
-    report = _progress_reporter(progress, len(names))
+        check_name(name)
+    report = progress_reporter(progress, len(names))
     results: dict[str, AdapterLoadResult] = {}
     try:
         for done, name in enumerate(names, 1):
-            results[name] = load_one(peft_model, name, adapters[name], **options)
+            results[name] = load(name, adapters[name])
             report(done, len(names), name)
     finally:
         report(-1, len(names), "")
@@ -187,8 +204,8 @@ def load_many(
 def from_pretrained(model: Any, model_id: Any, adapter_name: str, **kwargs: Any) -> tuple[Any, Any]:
     """`PeftModel.from_pretrained` for a local directory, read through the same checks as
     `load_one` and all or nothing; (the PeftModel, torch's raw load result)."""
-    _check_name(adapter_name)
-    source = _Source(_directory(adapter_name, model_id))
+    check_name(adapter_name)
+    source = Source(checkpoint_directory(adapter_name, model_id))
     tensors = source.tensors()
     tx = Transaction()
     tx.record_all(model.modules())
@@ -208,7 +225,7 @@ def from_pretrained(model: Any, model_id: Any, adapter_name: str, **kwargs: Any)
     return loaded, raw
 
 
-def _progress_reporter(
+def progress_reporter(
     progress: bool | Callable[[int, int, str], None] | None, total: int
 ) -> Callable[[int, int, str], None]:
     """A callback (done, total, name); done == -1 ends the bar. None: a bar on stderr when it is a

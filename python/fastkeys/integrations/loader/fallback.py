@@ -86,7 +86,7 @@ def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         stack.extend(reversed(children))
 
 
-def _saved_by_peft(module_path: str, attribute: str, config: dict[str, object]) -> bool:
+def saved_by_peft(module_path: str, attribute: str, config: dict[str, object]) -> bool:
     """Whether PEFT's own saving writes this base weight into an adapter checkpoint: an embedding
     (`save_embedding_layers`, a resized vocabulary), or a bias when the adapter trains biases."""
     if attribute == "bias" and config.get("bias") not in (None, "none"):
@@ -117,7 +117,7 @@ def _guarded_writes(
             if tensor is None or id(tensor) not in existing:
                 continue  # created by this load
             if id(tensor) in base.ids:
-                if not _saved_by_peft(path, attribute, config):
+                if not saved_by_peft(path, attribute, config):
                     raise ValueError(
                         f"the checkpoint of adapter {adapter_name!r} holds {key!r}, which would overwrite "
                         "a weight of the base model that every adapter shares; fastkeys loads only the base "

@@ -38,11 +38,7 @@ _TORCH_DTYPES = {
 def read_checked(path: str, directory: Path) -> bytearray:
     """The whole of `path`, a regular file that resolves inside `directory` (as `scan` allows:
     a Hugging Face cache snapshot's links into its `blobs/` included), read once into one buffer."""
-    try:
-        file = open_regular(path)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
-    with file:
+    with open_regular(path, named=True) as file:
         descriptor_path = f"/proc/self/fd/{file.fileno()}"
         real = os.readlink(descriptor_path) if os.path.exists(descriptor_path) else os.path.realpath(path)
         if not _inside(directory, real):

@@ -90,9 +90,12 @@ def options_refusal(*, torch_device: Any) -> str | None:
     return None
 
 
-def model_refusal(peft_model: Any, adapter_name: str, index: ModelIndex, config: Any) -> str | None:
+def model_refusal(
+    peft_model: Any, adapter_name: str, index: ModelIndex, config: Any, *, wrappers: bool = True
+) -> str | None:
     """Why the model's state keeps this load of `config` (a config `config_refusal` accepted) from
-    the fast path, or None."""
+    the fast path, or None. `wrappers`: whether the caller reproduces PEFT's auxiliary wrappers
+    (PEFT's loader does; transformers' renames their keys)."""
     method: Method | None = method_of(config)
     if method is None:
         return config_refusal(config) or "the config's method is not covered"
@@ -111,7 +114,7 @@ def model_refusal(peft_model: Any, adapter_name: str, index: ModelIndex, config:
     active = tuner.active_adapters
     if any(getattr(peft_model.peft_config.get(name), "bias", "none") != "none" for name in active):
         return "an active adapter trains biases, which PEFT re-marks across the whole model"
-    return _state_refusal(peft_model, index, method, saved=method is LORA)
+    return _state_refusal(peft_model, index, method, saved=wrappers and method is LORA)
 
 
 def swap_refusal(peft_model: Any, adapter_name: str, index: ModelIndex) -> str | None:

@@ -102,6 +102,10 @@ class Transaction:
         current = vars(obj)
         self._undo.append((_ATTRIBUTES, obj, {name: current.get(name, _ABSENT) for name in names}, False))
 
+    def record_grads(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Only the `requires_grad` flags of these parameters."""
+        self._undo.append((_GRADS, [(parameter, parameter.requires_grad) for parameter in parameters]))
+
     def record_training(self, modules: Iterable[nn.Module]) -> None:
         """Only the `training` flags (what `eval()` changes)."""
         self._undo.append((_FLAGS, [(module, module.training) for module in modules]))

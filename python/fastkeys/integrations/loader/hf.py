@@ -1,0 +1,218 @@
+"""transformers' `model.load_adapter` loop for many adapters (`fastkeys.transformers.load_adapters`).
+
+transformers loads an adapter into a `PreTrainedModel` through PEFT's `inject_adapter_in_model`: a
+fresh tuner over the whole model, which matches every module, builds the adapter, makes it the
+active adapter of every tuner layer and restores the `requires_grad` of everything else; then its
+own `_load_pretrained_model` copies the tensors in and, unless `is_trainable`, `model.eval()` and
+`requires_grad_(False)` on every tuner layer. Each call walks the whole model, so a loop over many
+adapters costs O(model x adapters).
+
+The fast path is the PEFT loader's (`inject.load_fast`), run on a view of the model (`_Host`) whose
+tuner is the fresh one `inject_adapter_in_model` creates, without its whole-model injection; then
+transformers' own ending: every tuner layer frozen unless `is_trainable`. It runs where the
+differential tests verified it (tests/integrations/loader/test_transformers_loop.py): the versions
+of `VERIFIED_TRANSFORMERS`, a model that already holds adapters, a new name, no auxiliary
+wrappers, no device map or tensor parallelism, and the allow-list of `policy`. Everything else goes
+through transformers' own `load_adapter`, fed the config and the tensors fastkeys read and checked
+(transformers opens no file), under a transaction, and the result's `reason` says why.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from fastkeys.integrations import recorder
+from fastkeys.integrations.loader import boundary, policy
+from fastkeys.integrations.loader.api import Source, attempt_fast, check_name, checkpoint_directory
+from fastkeys.integrations.loader.fallback import BaseWeights, saved_by_peft
+from fastkeys.integrations.loader.index import ModelIndex
+from fastkeys.integrations.loader.inject import adapter_parameters, load_fast
+from fastkeys.integrations.loader.methods import method_of
+from fastkeys.integrations.loader.peft_re import linear_time_matching
+from fastkeys.integrations.loader.plan import Options
+from fastkeys.integrations.loader.result import FAST, TRANSFORMERS, AdapterLoadResult
+from fastkeys.integrations.loader.transaction import Transaction, settled_heap
+
+# The transformers releases whose `load_adapter` the fast path was verified against.
+VERIFIED_TRANSFORMERS = ("5.24",)
+
+
+class _Host:
+    """What `load_fast` reads and calls of a PeftModel, for a transformers model: the fresh tuner
+    transformers' load creates, the model's own `peft_config`, and none of PeftModel's checks of a
+    new config (transformers makes none)."""
+
+    def __init__(self, model: nn.Module, tuner: Any) -> None:
+        self._model = model
+        self.base_model = tuner
+        self.peft_config: dict[str, Any] = model.peft_config  # type: ignore[assignment]
+        self.hf_device_map = getattr(model, "hf_device_map", None)
+
+    @property
+    def training(self) -> bool:
+        return self._model.training
+
+    def modules(self) -> Any:
+        return self._model.modules()
+
+    def eval(self) -> None:
+        self._model.eval()
+
+    def _check_new_adapter_config(self, config: Any, is_trainable: bool) -> None:
+        return None
+
+
+def _fresh_tuner(model: nn.Module, tuner_class: type, adapter_name: str) -> Any:
+    """The tuner `inject_adapter_in_model` creates (`BaseTuner.__init__`'s attributes), before its
+    injection: its active adapter is the new one, its `peft_config` the model's."""
+    tuner: Any = object.__new__(tuner_class)
+    nn.Module.__init__(tuner)
+    tuner.model = model
+    tuner.targeted_module_names = []
+    tuner.targeted_parameter_names = []
+    tuner.active_adapter = adapter_name
+    return tuner
+
+
+def _version_refusal() -> str | None:
+    import transformers
+
+    found = recorder.version(transformers)
+    if ".".join(found.split(".")[:2]) not in VERIFIED_TRANSFORMERS:
+        return (
+            f"transformers {found} is not a version the fast path was verified on "
+            f"({', '.join(VERIFIED_TRANSFORMERS)})"
+        )
+    return boundary.version_refusal()
+
+
+def _model_refusal(model: Any, adapter_name: str, config: Any, index: ModelIndex) -> str | None:
+    """Why transformers' load of this adapter into `model` is not the fast path's, or None."""
+    configs = getattr(model, "peft_config", None)
+    if not getattr(model, "_hf_peft_config_loaded", False) or not isinstance(configs, dict) or not configs:
+        return "the model holds no adapter yet (transformers' first load prepares it)"
+    if adapter_name in configs:
+        return f"the model holds an adapter named {adapter_name!r} already (transformers raises or hotswaps)"
+    if getattr(model, "_tp_size", None) not in (None, 1):
+        return "the model is tensor-parallel"
+    if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
+        return "modules_to_save and trainable tokens: transformers' loader renames their tensors"
+    if getattr(config, "use_dora", False):
+        # transformers 5.24 renames the checkpoint's `lora_magnitude_vector` to
+        # `lora_magnitude_vector.<name>`, not `.<name>.weight`: the magnitudes stay as initialised
+        return (
+            "DoRA: transformers' loader leaves the magnitude vectors as initialised (it reports them "
+            "missing and the checkpoint's as unexpected)"
+        )
+    method = method_of(config)
+    if method is None:
+        return policy.config_refusal(config) or "the config's method is not covered"
+    host = _Host(model, _fresh_tuner(model, method.tuner, adapter_name))
+    return policy.model_refusal(host, adapter_name, index, config, wrappers=False)
+
+
+def load_one(
+    model: Any, adapter_name: str, path: str | os.PathLike[str], *, is_trainable: bool = False
+) -> AdapterLoadResult:
+    """Loads one adapter from a local directory into a transformers model, ending in the state of
+    `model.load_adapter(path, adapter_name=adapter_name, is_trainable=is_trainable)`: by the fast
+    path where it was verified, else by transformers; either way all or nothing."""
+    check_name(adapter_name)
+    source = Source(checkpoint_directory(adapter_name, path))
+    index = ModelIndex(model)
+    reason = (
+        _version_refusal()
+        or (None if source.checkpoint is not None else "a .bin checkpoint")
+        or policy.config_refusal(source.config)
+        or _model_refusal(model, adapter_name, source.config, index)
+    )
+    if reason is None:
+        assert source.checkpoint is not None
+        checkpoint = source.checkpoint
+        method = method_of(source.config)
+        assert method is not None
+        tuner_class = method.tuner
+
+        def fast_load(tx: Transaction) -> None:
+            host = _Host(model, _fresh_tuner(model, tuner_class, adapter_name))
+            tx.record_entries(host.peft_config, adapter_name)  # a PeftModel's is its tuner's, recorded there
+            options = Options(is_trainable, True, False)
+            load_fast(host, adapter_name, source.config, checkpoint, source.directory, index, tx, options)
+            if not is_trainable:
+                _freeze_tuner_layers(index, tx)
+
+        reason = attempt_fast(fast_load)
+        if reason is None:
+            return AdapterLoadResult([], [], FAST, None, [])
+    return _transformers_load(model, adapter_name, source, index, is_trainable, reason)
+
+
+def _freeze_tuner_layers(index: ModelIndex, tx: Transaction) -> None:
+    """transformers' `requires_grad_(False)` on every tuner layer, where a flag is set."""
+    unfrozen = [
+        parameter
+        for layer in index.layers.values()
+        for parameter in layer.parameters()
+        if parameter.requires_grad
+    ]
+    if unfrozen:
+        tx.record_grads(unfrozen)
+        for parameter in unfrozen:
+            parameter.requires_grad_(False)
+
+
+def _transformers_load(
+    model: Any, adapter_name: str, source: Source, index: ModelIndex, is_trainable: bool, reason: str
+) -> AdapterLoadResult:
+    """transformers' own `load_adapter`, fed the checked config and tensors, under a transaction:
+    every module recorded, the values of an adapter it replaces (a hotswap) protected, and a load
+    that changes a base weight PEFT does not save refused (ValueError) and rolled back."""
+    tensors = source.tensors()
+    tx = Transaction()
+    tx.record_all(model.modules())
+    if adapter_name in (getattr(model, "peft_config", None) or {}):
+        for name, layer in index.layers.items():
+            for parameter in adapter_parameters(layer, adapter_name, name).values():
+                tx.protect(parameter)
+    base = BaseWeights(model)
+    try:
+        with (
+            recorder.loading(adapter_name) as load,
+            linear_time_matching(),
+            settled_heap(),
+        ):
+            info = model.load_adapter(
+                adapter_name=adapter_name,
+                peft_config=source.config,
+                adapter_state_dict=dict(tensors),
+                is_trainable=is_trainable,
+            )
+        load.raise_error()
+        written = base.changed()
+        foreign = [
+            name for name in written if not saved_by_peft(*name.rpartition(".")[::2], source.config_dict)
+        ]
+        if foreign:
+            raise ValueError(
+                f"the checkpoint of adapter {adapter_name!r} at {source.directory} would overwrite "
+                f"{foreign[0]!r}, a weight of the base model that every adapter shares; fastkeys loads only "
+                "the base weights PEFT itself saves (embeddings with save_embedding_layers, biases when "
+                "the config trains them)"
+            )
+        judged = load.result_for(model)
+    except BaseException:
+        tx.roll_back()
+        raise
+    if judged is None:
+        import transformers
+
+        raise recorder.missing_internal(
+            transformers,
+            "load_adapter loading through PreTrainedModel._load_pretrained_model",
+            recorder.INSTEAD,
+        )
+    unexpected = sorted(getattr(info, "unexpected_keys", ()) or ())
+    return AdapterLoadResult(list(judged.verdict), unexpected, TRANSFORMERS, reason, written)
