@@ -151,13 +151,15 @@ def load_one(
 
 
 def _freeze_tuner_layers(index: ModelIndex, tx: Transaction) -> None:
-    """transformers' `requires_grad_(False)` on every tuner layer, where a flag is set."""
-    unfrozen = [
-        parameter
-        for layer in index.layers.values()
-        for parameter in layer.parameters()
-        if parameter.requires_grad
-    ]
+    """transformers' `requires_grad_(False)` on every tuner layer, where a flag is set. The layers
+    hold every adapter's modules, so this walk grows with the adapters: it reads torch's own dicts
+    (`parameters()` builds a name for each and deduplicates, several times slower)."""
+    unfrozen = []
+    stack: list[nn.Module] = list(index.layers.values())
+    while stack:
+        module = stack.pop()
+        unfrozen.extend(p for p in module._parameters.values() if p is not None and p.requires_grad)
+        stack.extend(child for child in module._modules.values() if child is not None)
     if unfrozen:
         tx.record_grads(unfrozen)
         for parameter in unfrozen:
