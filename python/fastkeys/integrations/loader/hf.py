@@ -154,7 +154,7 @@ def _freeze_tuner_layers(index: ModelIndex, tx: Transaction) -> None:
     """transformers' `requires_grad_(False)` on every tuner layer, where a flag is set. The layers
     hold every adapter's modules, so this walk grows with the adapters: it reads torch's own dicts
     (`parameters()` builds a name for each and deduplicates, several times slower)."""
-    unfrozen = []
+    unfrozen: list[nn.Parameter] = []
     stack: list[nn.Module] = list(index.layers.values())
     while stack:
         module = stack.pop()
