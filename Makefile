@@ -109,7 +109,7 @@ bench-width: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## One LoRA 
 bench-scale: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## 1,000 LoRA adapters against building them with plain torch; memory; the load after a PEFT-path load (benches/scale.json, docs/scale.png; ~10 min)
 	$(PY) -m benches.scale
 
-bench-methods: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## LoHa, LoKr, IA3, HRA, OFT: PEFT's load_adapter loop vs load_adapters (benches/methods.json)
+bench-methods: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## LoRA with lm_head saved or trainable tokens, LoHa, LoKr, IA3, HRA, OFT: PEFT's load_adapter loop vs load_adapters; LoRA and LoHa through transformers' loop vs fastkeys.transformers.load_adapters (benches/methods.json)
 	$(PY) -m benches.methods
 
 bench-lifecycle: build $(VENV)/.peft-installed $(VENV)/.bench-installed ## Switching and evicting at 30/100/300 LoRA adapters: PEFT's set_adapter/delete_adapter vs fastkeys.peft's (benches/lifecycle.json, docs/lifecycle.png)

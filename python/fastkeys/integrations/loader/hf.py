@@ -152,8 +152,8 @@ def load_one(
 
 def _freeze_tuner_layers(index: ModelIndex, tx: Transaction) -> None:
     """transformers' `requires_grad_(False)` on every tuner layer, where a flag is set. The layers
-    hold every adapter's modules, so this walk grows with the adapters: it reads torch's own dicts
-    (`parameters()` builds a name for each and deduplicates, several times slower)."""
+    hold every adapter's modules, so this walk grows with the adapters (docs/loading.md: about
+    1.5 us per leaf module, LoRA's two Linears and dropout per adapter and layer)."""
     unfrozen: list[nn.Parameter] = []
     stack: list[nn.Module] = list(index.layers.values())
     while stack:
