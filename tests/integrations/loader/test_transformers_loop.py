@@ -46,9 +46,11 @@ INPUTS = torch.tensor([[1, 5, 9, 2, 7]])
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def transformers_loop(first: Path, adapters: dict[str, Path], scratch: Path, **options: Any) -> Any:
-    """A tiny Llama after transformers' `load_adapter` of `first`, then of each adapter."""
-    model = tiny_llama()
+def transformers_loop(
+    first: Path, adapters: dict[str, Path], scratch: Path, dtype: torch.dtype = torch.float32, **options: Any
+) -> Any:
+    """A tiny Llama (in `dtype`) after transformers' `load_adapter` of `first`, then of each adapter."""
+    model = tiny_llama().to(dtype)
     model.load_adapter(str(first), adapter_name="first")
     for name, directory in adapters.items():
         model.load_adapter(
@@ -57,8 +59,8 @@ def transformers_loop(first: Path, adapters: dict[str, Path], scratch: Path, **o
     return model
 
 
-def with_first(first: Path) -> Any:
-    model = tiny_llama()
+def with_first(first: Path, dtype: torch.dtype = torch.float32) -> Any:
+    model = tiny_llama().to(dtype)
     model.load_adapter(str(first), adapter_name="first")
     return model
 
@@ -107,6 +109,35 @@ def test_lora_adapters_end_like_transformers_loop(tmp_path: Path, is_trainable: 
         name: ("fastkeys", None) for name in adapters
     }
     assert all(r.missing_keys == [] for r in results.values())
+    assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_keeps_its_dtype_as_transformers_does(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """transformers' injection casts no adapter to float32 (PEFT's loader does)."""
+    first = adapter(tmp_path, "first", seed=1)
+    adapters = {
+        "b": adapter(tmp_path, "b", seed=2, dtype=torch.bfloat16),
+        "c": adapter(tmp_path, "c", seed=3),
+    }
+    expected = transformers_loop(first, adapters, tmp_path, dtype)
+    actual = with_first(first, dtype)
+    results = fastkeys.transformers.load_adapters(actual, adapters)
+    assert [r.loader for r in results.values()] == ["fastkeys", "fastkeys"]
+    assert_same_state(adapted_state(expected), adapted_state(actual))
+
+
+def test_a_frozen_load_after_a_trainable_one_puts_every_adapter_in_eval_mode(tmp_path: Path) -> None:
+    first = adapter(tmp_path, "first", seed=1)
+    b, c = adapter(tmp_path, "b", seed=2, lora_dropout=0.1), adapter(tmp_path, "c", seed=3)
+    expected = with_first(first)
+    expected.load_adapter(str(b), adapter_name="b", is_trainable=True)
+    expected.load_adapter(str(c), adapter_name="c")
+    actual = with_first(first)
+    fastkeys.transformers.load_adapters(actual, {"b": b}, is_trainable=True)
+    assert fastkeys.transformers.load_adapters(actual, {"c": c})["c"].loader == "fastkeys"
     assert_same(expected, actual)
 
 

@@ -139,7 +139,7 @@ def load_one(
         def fast_load(tx: Transaction) -> None:
             host = _Host(model, _fresh_tuner(model, tuner_class, adapter_name))
             tx.record_entries(host.peft_config, adapter_name)  # a PeftModel's is its tuner's, recorded there
-            options = Options(is_trainable, True, False)
+            options = Options(is_trainable, False, False)  # inject_adapter_in_model casts no dtype
             load_fast(host, adapter_name, source.config, checkpoint, source.directory, index, tx, options)
             if not is_trainable:
                 _freeze_tuner_layers(index, tx)
@@ -151,19 +151,27 @@ def load_one(
 
 
 def _freeze_tuner_layers(index: ModelIndex, tx: Transaction) -> None:
-    """transformers' `requires_grad_(False)` on every tuner layer, where a flag is set. The layers
-    hold every adapter's modules, so this walk grows with the adapters (docs/loading.md: about
-    1.5 us per leaf module, LoRA's two Linears and dropout per adapter and layer)."""
+    """transformers' `requires_grad_(False)` on every tuner layer, and its `model.eval()` inside
+    them (`eval_like_peft` covers the rest of the model), where a flag is set. The layers hold every
+    adapter's modules, so this walk grows with the adapters (docs/loading.md: about 2.8 us per
+    leaf module, LoRA's two Linears and dropout per adapter and layer)."""
     unfrozen: list[nn.Parameter] = []
+    training: list[nn.Module] = []
     stack: list[nn.Module] = list(index.layers.values())
     while stack:
         module = stack.pop()
+        if module.training:
+            training.append(module)
         unfrozen.extend(p for p in module._parameters.values() if p is not None and p.requires_grad)
         stack.extend(child for child in module._modules.values() if child is not None)
     if unfrozen:
         tx.record_grads(unfrozen)
         for parameter in unfrozen:
             parameter.requires_grad_(False)
+    if training:
+        tx.record_training(training)
+        for module in training:
+            module.training = False
 
 
 def _transformers_load(
