@@ -34,6 +34,7 @@ from fixtures.loading import (
     one_thread,  # noqa: F401  (autouse: one torch thread)
     spread,
     traced_lines,
+    warm_line_count,
 )
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
@@ -541,7 +542,7 @@ def test_an_interrupted_call_leaves_the_model_as_it_was_or_as_done(
     model = build(llama_dirs)
     before = end_state(model)
     done = copy.deepcopy(model)
-    total, _fired = traced_lines(lambda: by_fastkeys(done, step))
+    total = warm_line_count(lambda: by_fastkeys(done, step), lambda: by_fastkeys(copy.deepcopy(model), step))
     after = end_state(done)
     interrupted = 0
     for point in spread(total, 16):

@@ -27,6 +27,7 @@ from fixtures.loading import (
     one_thread,  # noqa: F401  (autouse: one torch thread)
     spread,
     traced_lines,
+    warm_line_count,
 )
 from fixtures.peft_models import save_seeded_adapter, tiny_bert, tiny_llama
 
@@ -321,7 +322,10 @@ def test_an_interrupted_call_leaves_the_model_as_it_was_or_as_done(llama_dirs: d
     before = end_state(model)
     done = copy.deepcopy(model)
     call = ("ad", "first"), [0.5, 1.5], "mix", "cat"
-    total, _fired = traced_lines(lambda: fastkeys.peft.add_weighted_adapter(done, list(call[0]), *call[1:]))
+    total = warm_line_count(
+        lambda: fastkeys.peft.add_weighted_adapter(done, list(call[0]), *call[1:]),
+        lambda: fastkeys.peft.add_weighted_adapter(copy.deepcopy(model), list(call[0]), *call[1:]),
+    )
     after = end_state(done)
     interrupted = 0
     for point in spread(total, 16):
