@@ -186,6 +186,33 @@ def test_a_module_peft_wraps_is_no_base_weight_written(tmp_path: Path, first: Pa
     assert result.loader == "peft" and result.base_weights_written == []
 
 
+def test_a_special_initialisation_s_base_weight_writes_are_reported_and_rolled_back(
+    tmp_path: Path, first: Path
+) -> None:
+    """OLoRA rewrites its targets' base weights through `.data =` (no new tensor, no new version):
+    PEFT's loop does it too, so the load ends as PEFT's and names them; a load that then fails
+    leaves them as they were."""
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="olora")
+    directory = save_seeded_adapter(config, tmp_path / "olora", seed=3)
+    expected = with_first(first)
+    expected.load_adapter(directory, "x")
+    actual = with_first(first)
+    result = fastkeys.peft.load_adapter(actual, directory, "x")
+    assert result.loader == "peft" and result.base_weights_written == [
+        f"model.layers.{i}.self_attn.{m}.base_layer.weight" for i in (0, 1) for m in ("q_proj", "v_proj")
+    ]
+    assert_same_state(end_state(expected), end_state(actual))
+    rewrite(
+        directory,
+        lambda t: t.update({"base_model.model.model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32)}),
+    )
+    model = with_first(first)
+    before = end_state(model)
+    with pytest.raises(ValueError, match="every adapter shares"):
+        fastkeys.peft.load_adapter(model, directory, "x")
+    assert_untouched(model, before, "x")
+
+
 def test_no_random_numbers_are_drawn_before_a_load_is_routed(tmp_path: Path, first: Path) -> None:
     """A checkpoint that lacks a tensor goes to PEFT after the fast path began; under the same seed
     the lost tensor is initialised as PEFT's loop initialises it."""

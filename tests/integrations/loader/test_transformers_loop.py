@@ -77,9 +77,15 @@ def outputs(model: Any, name: str) -> torch.Tensor:
         return model(INPUTS).logits  # type: ignore[no-any-return]
 
 
+def initialised(model: Any) -> list[str]:
+    """The parameters transformers marked as loaded (`initialize_weights()` leaves them alone)."""
+    return [name for name, p in model.named_parameters() if getattr(p, "_is_hf_initialized", False)]
+
+
 def assert_same(expected: Any, actual: Any) -> None:
     assert_same_state(adapted_state(expected), adapted_state(actual))
     assert layer_state(actual) == layer_state(expected)
+    assert initialised(actual) == initialised(expected)
     for name in expected.peft_config:
         assert torch.equal(outputs(expected, name), outputs(actual, name)), name
 
@@ -210,7 +216,17 @@ ROUTED: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda d: save_seeded_adapter(peft.LoraConfig(r=4, target_modules=QV, bias="lora_only"), d, seed=9),
         "bias='lora_only'",
     ),
+    "olora": (  # rewrites the base weights of its targets through `.data =`
+        lambda d: _olora(d, "x"),
+        "init_lora_weights='olora' may change the base weights",
+    ),
 }
+
+
+def _olora(directory: Path, name: str) -> Path:
+    return save_seeded_adapter(
+        peft.LoraConfig(r=2, target_modules=QV, init_lora_weights="olora"), directory.parent / name, seed=9
+    )
 
 
 @pytest.mark.parametrize("case", sorted(ROUTED))
@@ -237,6 +253,10 @@ def test_refused_loads_go_to_transformers_and_end_equal(tmp_path: Path, case: st
             "lora_magnitude_vector.x.weight" in k for k in result.missing_keys
         )
         assert sorted(result.unexpected_keys) == sorted(k[: -len(".weight")] for k in result.missing_keys)
+    written = [
+        f"model.layers.{i}.self_attn.{m}.base_layer.weight" for i in (0, 1) for m in ("q_proj", "v_proj")
+    ]
+    assert result.base_weights_written == (written if case == "olora" else [])
     assert_same(expected, actual)
 
 
@@ -263,15 +283,43 @@ def test_an_existing_name_is_transformers_error_and_changes_nothing(tmp_path: Pa
     assert_same_state(before, adapted_state(model))
 
 
-def test_a_checkpoint_writing_a_base_weight_is_refused_and_rolled_back(tmp_path: Path) -> None:
+# each: (the checkpoint, the key added to it, what the refusal names)
+HOSTILE: dict[str, tuple[Callable[[Path], Path], str, str]] = {
+    "base weight": (
+        lambda tmp: adapter(tmp, "hostile", seed=2),
+        "base_model.model.model.layers.0.mlp.gate_proj.weight",
+        r"model\.layers\.0\.mlp\.gate_proj\.weight.*every adapter shares",
+    ),
+    "base weight, after OLoRA rewrote its targets'": (
+        lambda tmp: _olora(tmp / "x", "hostile"),
+        "base_model.model.model.layers.0.mlp.gate_proj.weight",
+        r"model\.layers\.0\.mlp\.gate_proj\.weight.*every adapter shares",
+    ),
+    "another adapter's weight": (  # IA3 keys are renamed by their prefix, this one is kept as it is
+        lambda tmp: save_seeded_adapter(
+            peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            tmp / "hostile",
+            seed=2,
+        ),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.first.weight",
+        r"'model\.layers\.0\.self_attn\.q_proj\.lora_A\.first\.weight', a weight of another adapter",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_checkpoint_writing_what_is_not_its_own_is_refused_and_rolled_back(
+    tmp_path: Path, case: str
+) -> None:
+    """transformers' loop writes these; fastkeys refuses them (as on PEFT's path), and the model is
+    rolled back whole, the base weights a special initialisation rewrote included."""
+    make, key, words = HOSTILE[case]
     first = adapter(tmp_path, "first", seed=1)
-    directory = rewrite(
-        adapter(tmp_path, "hostile", seed=2),
-        lambda t: t.update({"base_model.model.model.layers.0.mlp.gate_proj.weight": torch.zeros(64, 32)}),
-    )
     model = with_first(first)
+    shape = model.get_parameter(key.removeprefix("base_model.model.")).shape
+    directory = rewrite(make(tmp_path), lambda t: t.update({key: torch.zeros(shape)}))
     before = adapted_state(model)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*every adapter shares"):
+    with pytest.raises(ValueError, match=words):
         fastkeys.transformers.load_adapters(model, {"hostile": directory})
     assert_same_state(before, adapted_state(model))
     assert "hostile" not in model.peft_config

@@ -10,7 +10,8 @@
   is written) unless PEFT's own saving puts such weights in a checkpoint: an embedding
   (`save_embedding_layers`: `embed_tokens`, `lm_head`, a resized vocabulary) or a bias of an adapter
   whose config trains biases. One that would overwrite another adapter's weights is refused.
-  Every base weight the load changed, by that copy or in place (special initialisations), is
+  Every base weight the load changed, by that copy or in place (special initialisations, whose
+  targets are protected first and compared after: their `.data =` writes change no version), is
   reported.
 - **All or nothing**: a transaction records every module first and protects the values of every
   pre-existing tensor that is written; a failure or an interruption anywhere in PEFT's code rolls
@@ -50,12 +51,18 @@ class BaseWeights:
                     self.entries.append((prefix + name, module, name, tensor, tensor._version))
         self.ids = {id(entry[3]) for entry in self.entries}
 
-    def changed(self) -> list[str]:
-        """Base tensors written in place, or replaced in their module, since this was made."""
+    def changed(self, differs: Callable[[torch.Tensor], bool] | None = None) -> list[str]:
+        """Base tensors written in place, or replaced in their module, since this was made; with
+        `differs` (a transaction's), also those whose values it sees changed (a `.data =` write
+        changes neither identity nor version)."""
         changed = []
         for name, owner, attribute, tensor, version in self.entries:
             current = owner._parameters.get(attribute, owner._buffers.get(attribute))
-            if current is not tensor or tensor._version != version:
+            if (
+                current is not tensor
+                or tensor._version != version
+                or (differs is not None and differs(tensor))
+            ):
                 changed.append(name)
         return changed
 
@@ -168,7 +175,7 @@ def peft_load(
         ):
             returned = call(str(directory))
     raw = boundary.last_result(records, "loader")
-    return returned, raw, base.changed()
+    return returned, raw, base.changed(tx.differs)
 
 
 def special_init_targets(config: Any, index_modules: dict[str, Any]) -> list[torch.Tensor]:

@@ -27,12 +27,12 @@ from torch import nn
 from fastkeys.integrations import recorder
 from fastkeys.integrations.loader import boundary, policy
 from fastkeys.integrations.loader.api import Source, attempt_fast, check_name, checkpoint_directory
-from fastkeys.integrations.loader.fallback import BaseWeights, saved_by_peft
+from fastkeys.integrations.loader.fallback import BaseWeights, saved_by_peft, special_init_targets
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.inject import adapter_parameters, load_fast
 from fastkeys.integrations.loader.methods import method_of
 from fastkeys.integrations.loader.peft_re import linear_time_matching
-from fastkeys.integrations.loader.plan import Options
+from fastkeys.integrations.loader.plan import MODEL_PREFIX, Options
 from fastkeys.integrations.loader.result import FAST, TRANSFORMERS, AdapterLoadResult
 from fastkeys.integrations.loader.transaction import Transaction, settled_heap
 
@@ -140,7 +140,13 @@ def load_one(
             host = _Host(model, _fresh_tuner(model, tuner_class, adapter_name))
             tx.record_entries(host.peft_config, adapter_name)  # a PeftModel's is its tuner's, recorded there
             options = Options(is_trainable, False, False)  # inject_adapter_in_model casts no dtype
-            load_fast(host, adapter_name, source.config, checkpoint, source.directory, index, tx, options)
+            layers = load_fast(
+                host, adapter_name, source.config, checkpoint, source.directory, index, tx, options
+            )
+            for layer in layers:  # what transformers marks on every tensor it loaded, so that a later
+                # `initialize_weights()` leaves them as loaded
+                for parameter in adapter_parameters(layer, adapter_name, "").values():
+                    parameter._is_hf_initialized = True
             if not is_trainable:
                 _freeze_tuner_layers(index, tx)
 
@@ -174,12 +180,24 @@ def _freeze_tuner_layers(index: ModelIndex, tx: Transaction) -> None:
             module.training = False
 
 
+def _adapter_tensors(index: ModelIndex, names: list[str]) -> dict[str, tuple[Any, int]]:
+    """The parameters of the adapters `names` in the tuner layers, by key, with their versions."""
+    found: dict[str, tuple[Any, int]] = {}
+    for layer_name, layer in index.layers.items():
+        for name in names:
+            for key, parameter in adapter_parameters(layer, name, layer_name).items():
+                found[key.removeprefix(MODEL_PREFIX)] = (parameter, parameter._version)
+    return found
+
+
 def _transformers_load(
     model: Any, adapter_name: str, source: Source, index: ModelIndex, is_trainable: bool, reason: str
 ) -> AdapterLoadResult:
     """transformers' own `load_adapter`, fed the checked config and tensors, under a transaction:
-    every module recorded, the values of an adapter it replaces (a hotswap) protected, and a load
-    that changes a base weight PEFT does not save refused (ValueError) and rolled back."""
+    every module recorded, the values of an adapter it replaces (a hotswap) and of the base weights
+    a special initialisation rewrites (PiSSA, OLoRA, ...) protected. A checkpoint that writes a base
+    weight PEFT does not save is refused (ValueError) and rolled back; the special initialisation's
+    own writes are what transformers' loop does too, and are reported."""
     tensors = source.tensors()
     tx = Transaction()
     tx.record_all(model.modules())
@@ -187,6 +205,10 @@ def _transformers_load(
         for name, layer in index.layers.items():
             for parameter in adapter_parameters(layer, adapter_name, name).values():
                 tx.protect(parameter)
+    for tensor in special_init_targets(source.config, index.modules):
+        tx.protect(tensor)
+    others = [name for name in getattr(model, "peft_config", None) or {} if name != adapter_name]
+    held = _adapter_tensors(index, others)
     base = BaseWeights(model)
     try:
         with (
@@ -201,9 +223,10 @@ def _transformers_load(
                 is_trainable=is_trainable,
             )
         load.raise_error()
-        written = base.changed()
         foreign = [
-            name for name in written if not saved_by_peft(*name.rpartition(".")[::2], source.config_dict)
+            name
+            for name in base.changed()  # copied from the checkpoint: a new tensor or a new version
+            if not saved_by_peft(*name.rpartition(".")[::2], source.config_dict)
         ]
         if foreign:
             raise ValueError(
@@ -212,6 +235,19 @@ def _transformers_load(
                 "the base weights PEFT itself saves (embeddings with save_embedding_layers, biases when "
                 "the config trains them)"
             )
+        now = _adapter_tensors(index, others)
+        overwritten = [
+            key
+            for key, (tensor, version) in held.items()
+            if key not in now or now[key][0] is not tensor or tensor._version != version
+        ]
+        if overwritten:
+            raise ValueError(
+                f"the checkpoint of adapter {adapter_name!r} at {source.directory} would overwrite "
+                f"{overwritten[0]!r}, a weight of another adapter; an adapter's checkpoint holds only "
+                "its own tensors"
+            )
+        written = base.changed(tx.differs)
         judged = load.result_for(model)
     except BaseException:
         tx.roll_back()

@@ -54,7 +54,8 @@ def load_fast(
     index: ModelIndex,
     tx: Transaction,
     options: Options,
-) -> None:
+) -> list[Any]:
+    """Adds the adapter; returns the tuner layers that now hold it."""
     is_trainable, autocast_adapter_dtype, low_cpu_mem_usage = options
     tuner = peft_model.base_model
     method = method_of(config)
@@ -188,6 +189,7 @@ def load_fast(
                 peft_model.eval()
             else:
                 eval_like_peft(peft_model, index, touched.values(), adapter_name, tx)
+    return list(touched.values())
 
 
 def _record_layer(tx: Transaction, layer: Any, adapter_name: str) -> None:

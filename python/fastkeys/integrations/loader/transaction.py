@@ -115,6 +115,19 @@ class Transaction:
         if id(tensor) not in self._values:
             self._values[id(tensor)] = (tensor, tensor.detach().clone())
 
+    def differs(self, tensor: torch.Tensor) -> bool:
+        """Whether a protected tensor's values are no longer, bit for bit, those it was protected
+        with: a write through `.data =` (PEFT's special initialisations) changes neither the
+        tensor's identity nor its version. False for a tensor not protected."""
+        kept = self._values.get(id(tensor))
+        if kept is None or kept[0] is not tensor:
+            return False
+        saved = kept[1]
+        if tensor.shape != saved.shape or tensor.dtype != saved.dtype or tensor.device != saved.device:
+            return True
+        bits = tensor.detach().reshape(-1).view(torch.uint8)
+        return not torch.equal(bits, saved.reshape(-1).view(torch.uint8))
+
     def roll_back(self) -> None:
         """Restores everything recorded, with Ctrl-C deferred until it is done. A Ctrl-C that
         arrives before the deferral is in place restarts the restore (every step sets a recorded
