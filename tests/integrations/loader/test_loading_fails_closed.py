@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -422,6 +423,76 @@ def test_save_embedding_layers_checkpoints_load_and_say_so(tmp_path: Path) -> No
     assert result.loader == "peft"
     assert "model.embed_tokens.weight" in result.base_weights_written
     assert_same_state(end_state(expected), end_state(actual))
+
+
+# What PEFT's own load changes in the other adapters' modules inside tuner layers: flags only, the
+# premise of `fallback.record_for_load`, which records no more of them. Each case is a load that
+# goes to PEFT's path.
+PREMISE: dict[str, tuple[Callable[[Path], Path], str, dict[str, Any]]] = {
+    # case: (the checkpoint, its name, PEFT's options)
+    "lora": (lambda tmp: adapter(tmp, "x", seed=3), "x", {}),
+    "new targets and biases": (
+        lambda tmp: adapter(tmp, "x", seed=3, target_modules=["q_proj", "k_proj"], bias="lora_only"),
+        "x",
+        {},
+    ),
+    "dora": (lambda tmp: adapter(tmp, "x", seed=3, use_dora=True), "x", {}),
+    "low_cpu_mem_usage": (lambda tmp: adapter(tmp, "x", seed=3), "x", {"low_cpu_mem_usage": True}),
+    "trainable": (lambda tmp: adapter(tmp, "x", seed=3, lora_dropout=0.1), "x", {"is_trainable": True}),
+    "a tensor missing": (
+        lambda tmp: rewrite(adapter(tmp, "x", seed=3), lambda t: t.pop(sorted(t)[0])),
+        "x",
+        {},
+    ),
+    "over an existing name": (lambda tmp: adapter(tmp, "x", seed=3), "second", {}),
+    "a module to save": (lambda tmp: adapter(tmp, "x", seed=3, modules_to_save=["lm_head"]), "x", {}),
+}
+
+
+def _other_adapters_modules(model: Any, name: str) -> dict[str, Any]:
+    """Every module of an adapter other than `name` inside a tuner layer's ModuleDict: its identity,
+    and each attribute (dicts as their entries' identities, tensors' versions and data pointers),
+    but the `training` flag."""
+
+    def value(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            return (id(item), item._version, item.data_ptr())
+        return item if isinstance(item, (int, float, str, bool, tuple, type(None))) else id(item)
+
+    found: dict[str, Any] = {}
+    for layer_name, layer in model.named_modules():
+        if not isinstance(layer, boundary.BaseTunerLayer):
+            continue
+        for attribute, child in layer._modules.items():
+            if type(child) is not torch.nn.ModuleDict:
+                continue
+            for key, entry in child._modules.items():
+                if key == name:
+                    continue
+                for inner, module in entry.named_modules():
+                    found[f"{layer_name}.{attribute}.{key}.{inner}"] = (
+                        id(module),
+                        {
+                            a: {k: value(x) for k, x in v.items()} if isinstance(v, dict) else value(v)
+                            for a, v in vars(module).items()
+                            if a != "training"
+                        },
+                    )
+    return found
+
+
+@pytest.mark.parametrize("case", list(PREMISE))
+def test_peft_s_load_changes_only_flags_of_the_other_adapters_modules(
+    tmp_path: Path, first: Path, case: str
+) -> None:
+    make, name, options = PREMISE[case]
+    model = with_first(first)
+    model.load_adapter(adapter(tmp_path, "second", seed=2, lora_dropout=0.1), "second", is_trainable=True)
+    model.train()
+    before = _other_adapters_modules(model, name)
+    assert len(before) == 12 * len({"first", "second"} - {name})  # A, B and dropout in 4 layers each
+    model.load_adapter(make(tmp_path), name, **options)
+    assert _other_adapters_modules(model, name) == before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 
 from fastkeys.checkpoints.scan import Checkpoint, scan
 from fastkeys.integrations.loader import boundary, policy
-from fastkeys.integrations.loader.fallback import peft_load, special_init_targets
+from fastkeys.integrations.loader.fallback import peft_load, record_for_load, special_init_targets
 from fastkeys.integrations.loader.files import BIN_FILE, CONFIG_FILE, has_safetensors, read_bin, read_tensors
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.inject import load_fast
@@ -130,7 +130,7 @@ def load_one(
     options = {**fast._asdict(), "torch_device": torch_device}
     tensors = source.tensors()
     tx = Transaction()
-    tx.record_all(peft_model.modules())
+    record_for_load(tx, peft_model, adapter_name)
     try:
         _returned, raw, written = peft_load(
             lambda directory: peft_model.load_adapter(directory, adapter_name, **options),

@@ -34,7 +34,7 @@ from torch import nn
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.files import CONFIG_FILE, SINGLE_FILE
 from fastkeys.integrations.loader.peft_re import linear_time_matching
-from fastkeys.integrations.loader.transaction import Transaction, settled_heap
+from fastkeys.integrations.loader.transaction import Transaction, collector_paused, settled_heap
 
 
 class BaseWeights:
@@ -91,6 +91,50 @@ def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             if child is not None and (allowed is None or key in allowed)
         ]
         stack.extend(reversed(children))
+
+
+def record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> None:
+    """What PEFT's `load_adapter` of `adapter_name` into `model` may change, recorded for the
+    rollback: every module in full, but the modules of the other adapters inside tuner layers (each
+    LoRA adapter's Linear and dropout leaves: nearly all the modules of a model holding many
+    adapters). Of those PEFT's load changes only flags (`set_adapter`'s `requires_grad`, `eval()`'s
+    `training`), which are recorded; a write to their tensors is refused before torch copies
+    (`_guarded_writes`). tests/integrations/loader/test_loading_fails_closed.py checks this against
+    PEFT's own loads."""
+    with collector_paused():
+        _record_for_load(tx, model, adapter_name)
+
+
+def _record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> None:
+    full: list[nn.Module] = []
+    flagged: list[nn.Module] = []
+    seen: set[int] = set()
+    stack: list[nn.Module] = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        full.append(module)
+        tuner_layer = isinstance(module, boundary.BaseTunerLayer)
+        for child in module._modules.values():
+            if child is None:
+                continue
+            if tuner_layer and type(child) is nn.ModuleDict and id(child) not in seen:
+                seen.add(id(child))
+                full.append(child)
+                for key, entry in child._modules.items():
+                    if entry is None:
+                        continue
+                    if key == adapter_name:
+                        stack.append(entry)
+                    else:
+                        flagged.extend(entry.modules())
+            else:
+                stack.append(child)
+    tx.record_all(full)
+    tx.record_training(flagged)
+    tx.record_grads(p for module in flagged for p in module._parameters.values() if p is not None)
 
 
 def saved_by_peft(module_path: str, attribute: str, config: dict[str, object]) -> bool:

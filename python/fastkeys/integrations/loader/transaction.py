@@ -40,6 +40,20 @@ _STRUCTURE = ("_modules", "_parameters", "_buffers")
 _ATTRIBUTES, _ALL, _ONE, _COLLECTION, _GRADS, _FLAGS = range(6)
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while open: a record of a whole model is hundreds of
+    thousands of new containers, which set off full collections of a heap that the model's adapters
+    make large (on 12 adapters of a 16-layer model: 90 ms instead of 490)."""
+    paused = gc.isenabled()
+    try:  # disabled inside: an interrupt between the two lines would leave it off for good
+        gc.disable()
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
 class Transaction:
     """What a load may change. Record before changing; `roll_back()` restores everything recorded."""
 
@@ -85,17 +99,10 @@ class Transaction:
             self._undo.append((_ONE, value, key, value.get(key, _ABSENT)))
 
     def record_all(self, objects: Iterable[Any]) -> None:
-        """`record` of every object, with the cyclic garbage collector paused: the records are
-        hundreds of thousands of new containers, which set off full collections of a heap that the
-        model's adapters make large (on 12 adapters of a 16-layer model: 90 ms instead of 490)."""
-        paused = gc.isenabled()
-        try:  # disabled inside: an interrupt between the two lines would leave it off for good
-            gc.disable()
+        """`record` of every object, with the cyclic garbage collector paused (`collector_paused`)."""
+        with collector_paused():
             for obj in objects:
                 self.record(obj)
-        finally:
-            if paused:
-                gc.enable()
 
     def record_attributes(self, obj: Any, names: Iterable[str]) -> None:
         """Only these attributes of `obj` (by identity; the caller replaces, never mutates them)."""
