@@ -283,6 +283,31 @@ def test_trainable_tokens_in_the_model_go_to_peft(tmp_path: Path) -> None:
     assert_same(expected, actual)
 
 
+def test_a_load_hook_inside_a_wrapper_sends_the_load_to_peft(tmp_path: Path) -> None:
+    """PEFT's loader runs a copy's load_state_dict hooks; the fast path would not. (A config that
+    matches a module inside a wrapper is refused as well, but PEFT 0.21's matcher excludes those
+    modules by itself: no case reaches it.)"""
+    factory = resized_llama(False)
+    first = save(lora(["lm_head"]), tmp_path / "first", factory, seed=1)
+    directory = save(lora(["lm_head"]), tmp_path / "x", factory, seed=2)
+    calls: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = peft.PeftModel.from_pretrained(factory(), first, "first")
+        actual = peft.PeftModel.from_pretrained(factory(), first, "first")
+        models: dict[str, Any] = {"peft": expected, "fastkeys": actual}
+        for name, model in models.items():
+            copy_ = model.base_model.model.lm_head.modules_to_save["first"]
+            copy_.register_load_state_dict_pre_hook(lambda *_args, name=name: calls.append(name))
+        expected.load_adapter(directory, "x")
+        result = fastkeys.peft.load_adapter(actual, directory, "x")
+    assert result.loader == "peft", result
+    assert "lm_head.modules_to_save.first has a load_state_dict hook" in (result.reason or "")
+    assert calls == ["peft", "fastkeys"]  # PEFT's load ran it, in both
+    assert wrappers(actual) == wrappers(expected)
+    assert_same_outputs(expected, actual, INPUTS)
+
+
 def test_missing_saved_tensor_fails_like_peft(tmp_path: Path) -> None:
     """PEFT's loader raises KeyError for a wrapper's tensor the checkpoint lacks; so does the load,
     through PEFT's loader, leaving the model as it was."""

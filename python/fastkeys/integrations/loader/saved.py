@@ -25,11 +25,11 @@ import peft
 from torch import nn
 
 from fastkeys.integrations.loader import boundary
-from fastkeys.integrations.loader.index import ModelIndex, _load_hook
-from fastkeys.integrations.loader.peft_re import linear_time_matching
+from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.plan import MODEL_PREFIX, Refused
 from fastkeys.integrations.loader.tokens import is_tokens_wrapper, tokens_refusal
 from fastkeys.integrations.loader.transaction import Transaction
+from fastkeys.integrations.loader.wrappers import scan_wrappers
 from fastkeys.rules.matching import insert_adapter_name
 
 _WRAPPED = (nn.Linear, nn.Embedding)
@@ -77,29 +77,17 @@ def plan_saved(tuner: Any, config: Any, adapter_name: str, index: ModelIndex, ta
     for name in targets:
         if name in index.wrappers:
             raise Refused(f"the config targets {name}, a modules_to_save wrapper")
-    active = list(tuner.active_adapters)
-    new_active: dict[str, Any] = {}
     internal: set[str] = {"base_layer", "original_module", "modules_to_save", adapter_name}
     internal.update(tuner.peft_config)
-    with linear_time_matching():
-        for name, wrapper in index.wrappers.items():
-            try:  # what _set_adapter(model, active) picks; PEFT raises its own errors
-                chosen = wrapper.check_set_adapter(active)
-            except ValueError as error:
-                raise Refused(f"{name}: {error}") from None
-            new_active[name] = chosen if chosen in wrapper._adapters else []
-            if adapter_name in wrapper._adapters or adapter_name in wrapper.modules_to_save:
-                raise Refused(f"{name} holds a copy named {adapter_name!r} already")
-            for local, module in wrapper.named_modules():
-                if _load_hook(module, {}):
-                    raise Refused(f"{name}.{local} has a load_state_dict hook, which PEFT runs")
-                if hasattr(module, "_hf_hook"):
-                    raise Refused(f"{name}.{local} has an accelerate hook")
-                if local:
-                    internal.update(module._modules)
-                    found = tuner._check_target_module_exists(config, f"{name}.{local}")
-                    if found and not isinstance(found, boundary.ExcludedModule):
-                        raise Refused(f"the config matches {name}.{local}, inside a modules_to_save wrapper")
+    new_active = scan_wrappers(
+        tuner,
+        config,
+        adapter_name,
+        index,
+        "modules_to_save",
+        ("a copy", lambda w: adapter_name in w._adapters or adapter_name in w.modules_to_save),
+        internal,
+    )
     for layer in index.layers.values():
         internal.update(layer._modules)
         if layer.get_base_layer()._modules:

@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from fastkeys.integrations.loader import boundary
-from fastkeys.integrations.loader.index import ModelIndex, _load_hook
-from fastkeys.integrations.loader.peft_re import linear_time_matching
+from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.plan import MODEL_PREFIX, Refused
 from fastkeys.integrations.loader.transaction import Transaction
+from fastkeys.integrations.loader.wrappers import scan_wrappers
 
 _BASES = (nn.Embedding, nn.Linear)
 _DELTA = "token_adapter.trainable_tokens_delta"
@@ -95,35 +95,25 @@ def plan_tokens(tuner: Any, config: Any, adapter_name: str, index: ModelIndex, t
     for name in targets:
         if name in index.wrappers:
             raise Refused(f"the config targets {name}, a trainable tokens wrapper")
-    active = list(tuner.active_adapters)
-    new_active: dict[str, Any] = {}
     internal: set[str] = {"base_layer", "original_module", "token_adapter", adapter_name}
     internal.update(tuner.peft_config)
+    for name, wrapper in index.wrappers.items():
+        if not is_tokens_wrapper(wrapper):
+            raise Refused(f"{name} is a {type(wrapper).__name__}, not a trainable tokens wrapper")
     inside: set[str] = set()  # segments of the names of the wrappers' modules and parameters
-    with linear_time_matching():
-        for name, wrapper in index.wrappers.items():
-            if not is_tokens_wrapper(wrapper):
-                raise Refused(f"{name} is a {type(wrapper).__name__}, not a trainable tokens wrapper")
-            try:  # what _set_adapter(model, active) picks; PEFT raises its own errors
-                chosen = wrapper.check_set_adapter(active)
-            except ValueError as error:
-                raise Refused(f"{name}: {error}") from None
-            new_active[name] = chosen if chosen in wrapper._adapters else []
-            if adapter_name in wrapper._adapters or adapter_name in wrapper.token_adapter.token_indices:
-                raise Refused(f"{name} holds trainable tokens named {adapter_name!r} already")
-            for local, module in wrapper.named_modules():
-                if _load_hook(module, {}):
-                    raise Refused(f"{name}.{local} has a load_state_dict hook, which PEFT runs")
-                if hasattr(module, "_hf_hook"):
-                    raise Refused(f"{name}.{local} has an accelerate hook")
-                inside.update(local.split("."))
-                inside.update(module._parameters)
-                inside.update(module._buffers)
-                if local:
-                    internal.update(module._modules)
-                    found = tuner._check_target_module_exists(config, f"{name}.{local}")
-                    if found and not isinstance(found, boundary.ExcludedModule):
-                        raise Refused(f"the config matches {name}.{local}, inside a trainable tokens wrapper")
+    new_active = scan_wrappers(
+        tuner,
+        config,
+        adapter_name,
+        index,
+        "trainable tokens",
+        (
+            "trainable tokens",
+            lambda w: adapter_name in w._adapters or adapter_name in w.token_adapter.token_indices,
+        ),
+        internal,
+        inside,
+    )
     if adapter_name in inside:
         raise Refused(
             f"the adapter name {adapter_name!r} is a segment of names inside the trainable tokens wrappers"
