@@ -37,7 +37,7 @@ from fixtures.loading import (
     traced_lines,
     warm_line_count,
 )
-from fixtures.peft_models import save_seeded_adapter, tiny_llama
+from fixtures.peft_models import METHOD_CONFIGS, save_seeded_adapter, tiny_llama
 
 pytestmark = pytest.mark.engine  # checkpoint scans, key renaming and expressions run on the engine: both
 
@@ -323,6 +323,52 @@ def test_a_checkpoint_writing_what_is_not_its_own_is_refused_and_rolled_back(
         fastkeys.transformers.load_adapters(model, {"hostile": directory})
     assert_same_state(before, adapted_state(model))
     assert "hostile" not in model.peft_config
+
+
+def test_another_adapter_s_saved_copy_is_refused_and_rolled_back(tmp_path: Path) -> None:
+    first = adapter(tmp_path, "first", seed=1, modules_to_save=["model.norm"])
+    model = with_first(first)
+    key = "base_model.model.model.norm.modules_to_save.first.weight"
+    directory = rewrite(
+        adapter(tmp_path, "hostile", seed=2), lambda t: t.update({key: torch.full((32,), 9.0)})
+    )
+    before = adapted_state(model)
+    with pytest.raises(
+        ValueError, match=r"'model\.norm\.modules_to_save\.first\.weight', a weight of another"
+    ):
+        fastkeys.transformers.load_adapters(model, {"hostile": directory})
+    assert_same_state(before, adapted_state(model))
+
+
+def test_a_second_boft_adapter_ends_like_transformers_loop(tmp_path: Path) -> None:
+    """BOFT's layers hold a buffer of their own (`boft_P`, registered again by each adapter): an
+    adapter's, not a base weight."""
+    first, second = (
+        save_seeded_adapter(METHOD_CONFIGS["boft"](), tmp_path / n, seed=i) for i, n in enumerate("fx")
+    )
+    expected = transformers_loop(first, {"x": second}, tmp_path)
+    actual = with_first(first)
+    result = fastkeys.transformers.load_adapters(actual, {"x": second})["x"]
+    assert result.loader == "transformers" and result.base_weights_written == [], result
+    assert_same(expected, actual)
+
+
+def test_a_load_that_unmerges_says_so(tmp_path: Path) -> None:
+    """transformers' load unmerges merged layers in place (PEFT's set_adapter): reported."""
+    first = adapter(tmp_path, "first", seed=1)
+    directory = adapter(tmp_path, "x", seed=2)
+    expected, actual = with_first(first), with_first(first)
+    for model in (expected, actual):
+        for module in model.modules():
+            if isinstance(module, boundary.BaseTunerLayer):
+                module.merge()
+    expected.load_adapter(str(directory), adapter_name="x")
+    result = fastkeys.transformers.load_adapters(actual, {"x": directory})["x"]
+    assert (result.loader, result.reason) == ("transformers", "the model has merged adapter layers")
+    assert result.base_weights_written == [
+        f"model.layers.{i}.self_attn.{m}.base_layer.weight" for i in (0, 1) for m in ("q_proj", "v_proj")
+    ]
+    assert_same(expected, actual)
 
 
 def test_a_failure_midway_leaves_no_trace_and_keeps_earlier_adapters(

@@ -17,7 +17,12 @@ import torch
 
 from fastkeys.checkpoints.scan import Checkpoint, scan
 from fastkeys.integrations.loader import boundary, policy
-from fastkeys.integrations.loader.fallback import peft_load, record_for_load, special_init_targets
+from fastkeys.integrations.loader.fallback import (
+    merged_base_tensors,
+    peft_load,
+    record_for_load,
+    special_init_targets,
+)
 from fastkeys.integrations.loader.files import BIN_FILE, CONFIG_FILE, has_safetensors, read_bin, read_tensors
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.inject import load_fast
@@ -130,16 +135,18 @@ def load_one(
     options = {**fast._asdict(), "torch_device": torch_device}
     tensors = source.tensors()
     tx = Transaction()
-    record_for_load(tx, peft_model, adapter_name)
+    others = record_for_load(tx, peft_model, adapter_name)
     try:
         _returned, raw, written = peft_load(
             lambda directory: peft_model.load_adapter(directory, adapter_name, **options),
+            peft_model,
             peft_model.base_model.model,
             adapter_name,
             source.config_dict,
             tensors,
             tx,
-            special_init_targets(source.config, index.modules),
+            special_init_targets(source.config, index.modules) + merged_base_tensors(peft_model),
+            others,
         )
     except BaseException:
         tx.roll_back()
@@ -213,11 +220,13 @@ def from_pretrained(model: Any, model_id: Any, adapter_name: str, **kwargs: Any)
         loaded, raw, _written = peft_load(
             lambda directory: peft.PeftModel.from_pretrained(model, directory, adapter_name, **kwargs),
             model,
+            model,
             adapter_name,
             source.config_dict,
             tensors,
             tx,
             special_init_targets(source.config, ModelIndex(model).modules),
+            set(),
         )
     except BaseException:
         tx.roll_back()

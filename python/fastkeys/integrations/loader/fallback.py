@@ -45,6 +45,8 @@ class BaseWeights:
     def __init__(self, model: nn.Module) -> None:
         self.entries: list[tuple[str, nn.Module, str, torch.Tensor, int]] = []
         for module_name, module in _base_modules(model):
+            if isinstance(module, (boundary.BaseTunerLayer, boundary.AuxiliaryTrainingWrapper)):
+                continue  # their own tensors are the adapters' (BOFT's boft_P), not the base model's
             prefix = module_name + "." if module_name else ""
             for name, tensor in (*module._parameters.items(), *module._buffers.items()):
                 if tensor is not None:
@@ -93,21 +95,43 @@ def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         stack.extend(reversed(children))
 
 
-def record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> None:
+def record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> set[int]:
     """What PEFT's `load_adapter` of `adapter_name` into `model` may change, recorded for the
     rollback: every module in full, but the modules of the other adapters inside tuner layers (each
     LoRA adapter's Linear and dropout leaves: nearly all the modules of a model holding many
     adapters). Of those PEFT's load changes only flags (`set_adapter`'s `requires_grad`, `eval()`'s
-    `training`), which are recorded; a write to their tensors is refused before torch copies
-    (`_guarded_writes`). tests/integrations/loader/test_loading_fails_closed.py checks this against
-    PEFT's own loads."""
+    `training`), which are recorded; a write to their tensors, or to any other adapter's, is refused
+    before torch copies (`_guarded_writes`, given the ids this returns).
+    tests/integrations/loader/test_loading_fails_closed.py checks this against PEFT's own loads."""
     with collector_paused():
-        _record_for_load(tx, model, adapter_name)
+        full, flagged, others = split_adapters(model, adapter_name)
+        tx.record_all(full)
+        tx.record_training(flagged)
+        tx.record_grads(p for module in flagged for p in module._parameters.values() if p is not None)
+    return {id(tensor) for _owner, _attribute, tensor, _version in others}
 
 
-def _record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> None:
+_CONTAINERS = (nn.ModuleDict, nn.ParameterDict, boundary.BufferDict)
+_HOLDERS = (boundary.BaseTunerLayer, boundary.AuxiliaryTrainingWrapper, boundary.BaseTuner)
+
+
+def split_adapters(
+    model: nn.Module, adapter_name: str
+) -> tuple[list[nn.Module], list[nn.Module], list[tuple[nn.Module, str, torch.Tensor, int]]]:
+    """The modules of `model`, for a load of `adapter_name`: (those to record in full; the other
+    adapters' modules in tuner layers' ModuleDicts, of which PEFT's load changes only flags; every
+    tensor of another adapter, in the per-adapter containers of tuner layers, auxiliary wrappers and
+    the tuner, as (owner, attribute, tensor, version))."""
     full: list[nn.Module] = []
     flagged: list[nn.Module] = []
+    others: list[tuple[nn.Module, str, torch.Tensor, int]] = []
+
+    def owned(modules: Any) -> None:
+        for module in modules:
+            for attribute, tensor in (*module._parameters.items(), *module._buffers.items()):
+                if tensor is not None:
+                    others.append((module, attribute, tensor, tensor._version))
+
     seen: set[int] = set()
     stack: list[nn.Module] = [model]
     while stack:
@@ -117,24 +141,58 @@ def _record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> No
         seen.add(id(module))
         full.append(module)
         tuner_layer = isinstance(module, boundary.BaseTunerLayer)
+        holder = isinstance(module, _HOLDERS)
         for child in module._modules.values():
             if child is None:
                 continue
-            if tuner_layer and type(child) is nn.ModuleDict and id(child) not in seen:
-                seen.add(id(child))
-                full.append(child)
-                for key, entry in child._modules.items():
-                    if entry is None:
-                        continue
-                    if key == adapter_name:
-                        stack.append(entry)
-                    else:
-                        flagged.extend(entry.modules())
-            else:
+            if not holder or not isinstance(child, _CONTAINERS) or id(child) in seen:
                 stack.append(child)
-    tx.record_all(full)
-    tx.record_training(flagged)
-    tx.record_grads(p for module in flagged for p in module._parameters.values() if p is not None)
+                continue
+            seen.add(id(child))
+            full.append(child)
+            for key, tensor in (*child._parameters.items(), *child._buffers.items()):
+                if key != adapter_name and tensor is not None:
+                    others.append((child, key, tensor, tensor._version))
+            only_flags = tuner_layer and type(child) is nn.ModuleDict
+            for key, entry in child._modules.items():
+                if entry is None:
+                    continue
+                if key == adapter_name:
+                    stack.append(entry)
+                    continue
+                inner = list(entry.modules())
+                owned(inner)
+                if only_flags:
+                    flagged.extend(inner)
+                else:
+                    stack.append(entry)
+    return full, flagged, others
+
+
+def _adapter_entry(top: nn.Module, local: str) -> str | None:
+    """The adapter whose entry the key `local` (under `top`) addresses: the segment after the first
+    per-adapter container of a tuner layer, auxiliary wrapper or tuner on its path; None if none."""
+    module: nn.Module | None = top
+    in_holder = False
+    for segment in local.split("."):
+        if module is None:
+            return None
+        if in_holder and isinstance(module, _CONTAINERS):
+            return segment
+        in_holder = isinstance(module, _HOLDERS)
+        module = module._modules.get(segment)
+    return None
+
+
+def merged_base_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The base weights of tuner layers with merged adapters: PEFT's `set_adapter`, which a load
+    runs, unmerges them in place (`.data -=`, no new version)."""
+    return [
+        tensor
+        for module in model.modules()
+        if isinstance(module, boundary.BaseTunerLayer) and module.merged_adapters
+        for tensor in module.get_base_layer().parameters()
+    ]
 
 
 def saved_by_peft(module_path: str, attribute: str, config: dict[str, object]) -> bool:
@@ -148,11 +206,18 @@ def saved_by_peft(module_path: str, attribute: str, config: dict[str, object]) -
 
 @contextmanager
 def _guarded_writes(
-    base_model: nn.Module, base: BaseWeights, adapter_name: str, config: dict[str, object], tx: Transaction
+    top: nn.Module,
+    base: BaseWeights,
+    adapter_name: str,
+    config: dict[str, object],
+    tx: Transaction,
+    others: set[int],
 ) -> Iterator[None]:
-    """While open, every `load_state_dict` that reaches `base_model` is checked before torch copies:
-    see the module docstring."""
-    existing = {id(t) for m in base_model.modules() for t in (*m._parameters.values(), *m._buffers.values())}
+    """While open, every `load_state_dict` that reaches `top` (the PeftModel: the tuner holds
+    tensors too, VB-LoRA's vector bank) is checked before torch copies: see the module docstring.
+    `others`: the ids of the other adapters' tensors (`record_for_load`), refused whatever the key
+    says (an adapter named `model` or `0` is a segment of every key)."""
+    existing = {id(t) for m in top.modules() for t in (*m._parameters.values(), *m._buffers.values())}
 
     def check(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
         for key in state_dict:
@@ -167,6 +232,13 @@ def _guarded_writes(
             tensor = owner._parameters.get(attribute, owner._buffers.get(attribute))
             if tensor is None or id(tensor) not in existing:
                 continue  # created by this load
+            if id(tensor) in others and _adapter_entry(module, local) != adapter_name:
+                # (a tensor the new adapter's entry shares with another adapter, VeRA's projections,
+                # is the new adapter's too: PEFT's loop writes it)
+                raise ValueError(
+                    f"the checkpoint of adapter {adapter_name!r} holds {key!r}, which would overwrite "
+                    "another adapter's weights"
+                )
             if id(tensor) in base.ids:
                 if not saved_by_peft(path, attribute, config):
                     raise ValueError(
@@ -182,7 +254,7 @@ def _guarded_writes(
                 )
             tx.protect(tensor)
 
-    handle = base_model.register_load_state_dict_pre_hook(check)  # type: ignore[no-untyped-call]
+    handle = top.register_load_state_dict_pre_hook(check)  # type: ignore[no-untyped-call]
     try:
         yield
     finally:
@@ -191,17 +263,20 @@ def _guarded_writes(
 
 def peft_load(
     call: Callable[[str], Any],
+    top: nn.Module,
     base_model: nn.Module,
     adapter_name: str,
     config: dict[str, object],
     tensors: dict[str, torch.Tensor],
     tx: Transaction,
     protect: list[torch.Tensor],
+    others: set[int],
 ) -> tuple[Any, Any, list[str]]:
     """Runs `call(directory)` (PEFT's `load_adapter` or `from_pretrained` on a scratch directory
-    holding `config`, fed `tensors`) under the rules above. The caller recorded the model in `tx`
-    and rolls it back if this raises. Returns (PEFT's return value, torch's raw load result, the
-    base weights the load changed)."""
+    holding `config`, fed `tensors`) under the rules above: `top` is the model PEFT loads the state
+    dict into, `base_model` the base model under it, `others` the ids of the other adapters'
+    tensors. The caller recorded the model in `tx` and rolls it back if this raises. Returns (PEFT's
+    return value, torch's raw load result, the base weights the load changed)."""
     base = BaseWeights(base_model)
     for tensor in protect:
         tx.protect(tensor)
@@ -214,7 +289,7 @@ def peft_load(
             boundary.recorded_results() as records,
             boundary.fed_tensors(str(placeholder), tensors),
             linear_time_matching(),
-            _guarded_writes(base_model, base, adapter_name, config, tx),
+            _guarded_writes(top, base, adapter_name, config, tx, others),
             settled_heap(),
         ):
             returned = call(str(directory))
@@ -223,11 +298,11 @@ def peft_load(
 
 
 def special_init_targets(config: Any, index_modules: dict[str, Any]) -> list[torch.Tensor]:
-    """The base weights a special initialisation (PiSSA, OLoRA, CorDA, ...) may rewrite in place:
+    """The base weights a special initialisation (PiSSA, OLoRA, CorDA, KaSA, ...) may rewrite in place:
     those of the modules the config targets, protected before PEFT runs."""
     init = getattr(config, "init_lora_weights", True)
-    if init is True or init is False or init == "gaussian":
-        return []
+    if (init is True or init is False or init == "gaussian") and getattr(config, "kasa_config", None) is None:
+        return []  # KaSA truncates the base weights at initialisation
     found: list[torch.Tensor] = []
     with linear_time_matching():
         for name, module in index_modules.items():

@@ -27,12 +27,18 @@ from torch import nn
 from fastkeys.integrations import recorder
 from fastkeys.integrations.loader import boundary, policy
 from fastkeys.integrations.loader.api import Source, attempt_fast, check_name, checkpoint_directory
-from fastkeys.integrations.loader.fallback import BaseWeights, saved_by_peft, special_init_targets
+from fastkeys.integrations.loader.fallback import (
+    BaseWeights,
+    merged_base_tensors,
+    saved_by_peft,
+    special_init_targets,
+    split_adapters,
+)
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.inject import adapter_parameters, load_fast
 from fastkeys.integrations.loader.methods import method_of
 from fastkeys.integrations.loader.peft_re import linear_time_matching
-from fastkeys.integrations.loader.plan import MODEL_PREFIX, Options
+from fastkeys.integrations.loader.plan import Options
 from fastkeys.integrations.loader.result import FAST, TRANSFORMERS, AdapterLoadResult
 from fastkeys.integrations.loader.transaction import Transaction, settled_heap
 
@@ -180,16 +186,6 @@ def _freeze_tuner_layers(index: ModelIndex, tx: Transaction) -> None:
             module.training = False
 
 
-def _adapter_tensors(index: ModelIndex, names: list[str]) -> dict[str, tuple[Any, int]]:
-    """The parameters of the adapters `names` in the tuner layers, by key, with their versions."""
-    found: dict[str, tuple[Any, int]] = {}
-    for layer_name, layer in index.layers.items():
-        for name in names:
-            for key, parameter in adapter_parameters(layer, name, layer_name).items():
-                found[key.removeprefix(MODEL_PREFIX)] = (parameter, parameter._version)
-    return found
-
-
 def _transformers_load(
     model: Any, adapter_name: str, source: Source, index: ModelIndex, is_trainable: bool, reason: str
 ) -> AdapterLoadResult:
@@ -205,10 +201,9 @@ def _transformers_load(
         for name, layer in index.layers.items():
             for parameter in adapter_parameters(layer, adapter_name, name).values():
                 tx.protect(parameter)
-    for tensor in special_init_targets(source.config, index.modules):
+    for tensor in special_init_targets(source.config, index.modules) + merged_base_tensors(model):
         tx.protect(tensor)
-    others = [name for name in getattr(model, "peft_config", None) or {} if name != adapter_name]
-    held = _adapter_tensors(index, others)
+    others = split_adapters(model, adapter_name)[2]
     base = BaseWeights(model)
     try:
         with (
@@ -235,17 +230,22 @@ def _transformers_load(
                 "the base weights PEFT itself saves (embeddings with save_embedding_layers, biases when "
                 "the config trains them)"
             )
-        now = _adapter_tensors(index, others)
-        overwritten = [
-            key
-            for key, (tensor, version) in held.items()
-            if key not in now or now[key][0] is not tensor or tensor._version != version
-        ]
-        if overwritten:
+        overwritten = next(
+            (
+                (owner, attribute)
+                for owner, attribute, tensor, version in others
+                if owner._parameters.get(attribute, owner._buffers.get(attribute)) is not tensor
+                or tensor._version != version
+            ),
+            None,
+        )
+        if overwritten is not None:
+            owner, attribute = overwritten
+            path = next(name for name, module in model.named_modules() if module is owner)
             raise ValueError(
                 f"the checkpoint of adapter {adapter_name!r} at {source.directory} would overwrite "
-                f"{overwritten[0]!r}, a weight of another adapter; an adapter's checkpoint holds only "
-                "its own tensors"
+                f"{path + '.' + attribute!r}, a weight of another adapter; an adapter's checkpoint "
+                "holds only its own tensors"
             )
         written = base.changed(tx.differs)
         judged = load.result_for(model)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from fastkeys.integrations.loader import boundary
+from fastkeys.integrations.loader.fallback import merged_base_tensors
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.result import FAST, PEFT
 from fastkeys.integrations.loader.transaction import Transaction, deferred_interrupts, settled_heap
@@ -438,11 +439,8 @@ class _State:
 def _with_peft(peft_model: Any, reason: str, call: Callable[[], Any]) -> AdapterChangeResult:
     tx = Transaction()
     tx.record_all(peft_model.modules())
-    for module in peft_model.modules():
-        # PEFT's set_adapter unmerges merged layers: base weights change in place
-        if isinstance(module, boundary.BaseTunerLayer) and module.merged_adapters:
-            for parameter in module.get_base_layer().parameters():
-                tx.protect(parameter)
+    for tensor in merged_base_tensors(peft_model):
+        tx.protect(tensor)
     try:
         with settled_heap():  # PEFT's walks set off full collections; the records need not be in them
             call()
