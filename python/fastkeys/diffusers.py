@@ -17,13 +17,18 @@ imports none of torch, peft, diffusers.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from fastkeys import transformers as _transformers
 from fastkeys.integrations import recorder
 from fastkeys.rules import validate as _validate
 
-__all__ = ["load_lora_adapter", "load_lora_weights"]
+if TYPE_CHECKING:
+    from fastkeys.integrations.loader.result import AdapterLoadResult
+
+__all__ = ["load_adapters", "load_lora_adapter", "load_lora_weights"]
 
 
 def _prepare() -> None:
@@ -165,3 +170,54 @@ def load_lora_weights(
 
 def _source(what: Any) -> str:
     return "state_dict" if isinstance(what, dict) else str(what)
+
+
+def load_adapters(
+    model: Any,
+    adapters: Mapping[str, str | os.PathLike[str]],
+    *,
+    prefix: str | None = "transformer",
+    weight_name: str = "pytorch_lora_weights.safetensors",
+    low_cpu_mem_usage: bool = False,
+    progress: bool | Callable[[int, int, str], None] | None = None,
+) -> dict[str, AdapterLoadResult]:
+    """Loads many LoRA adapters (name -> a local `.safetensors` file, or a directory holding
+    `weight_name`; in order) into a diffusers model (a UNet, a transformer), ending in the state of
+    `for name, path in adapters.items(): model.load_lora_adapter(path, adapter_name=name,
+    prefix=prefix, weight_name=weight_name, low_cpu_mem_usage=low_cpu_mem_usage)`: the same
+    `peft_config`, active adapter, module tree, values, `requires_grad` and training flags.
+
+    After the first adapter (which diffusers' own load prepares the model with), each adapter is
+    built in the layers it targets only, where that was verified exact (the diffusers releases,
+    LoRA files in PEFT's layout, the config fields and model states of the PEFT loader's
+    allow-list); anywhere else diffusers' `load_lora_adapter` runs, fed the tensors and metadata
+    fastkeys read through its checks (containment, regular files, size caps), and the result's
+    `loader`/`reason` say so. Returns `{name: fastkeys.peft.AdapterLoadResult}` with fastkeys'
+    verdict on missing keys.
+
+    Unlike diffusers, a file with no tensor under `prefix` raises ValueError (diffusers loads
+    nothing and logs it). A failing adapter raises after leaving no trace of itself (a
+    KeyboardInterrupt included); those loaded before it stay. `progress` as in
+    `fastkeys.peft.load_adapters`."""
+    if not callable(getattr(model, "load_lora_adapter", None)) or not callable(
+        getattr(model, "named_modules", None)
+    ):
+        raise TypeError(
+            "model must be a diffusers model with LoRA support (load_lora_adapter), "
+            f"not {type(model).__name__}"
+        )
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str or None, not {type(prefix).__name__}")
+    if not isinstance(weight_name, str):
+        raise TypeError(f"weight_name must be a str, not {type(weight_name).__name__}")
+    _prepare()
+    from fastkeys.integrations.loader import api, boundary, components
+
+    boundary.install()
+    return api.load_in_order(
+        lambda name, path: components.load_one(
+            model, name, path, prefix=prefix, weight_name=weight_name, low_cpu_mem_usage=low_cpu_mem_usage
+        ),
+        adapters,
+        progress,
+    )

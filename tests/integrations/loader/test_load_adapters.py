@@ -223,6 +223,33 @@ def test_methods_and_options_the_fast_path_leaves_to_peft(tmp_path: Path) -> Non
     assert results["later"].loader == "fastkeys", results["later"].reason
 
 
+def test_a_long_target_list_is_condensed_as_peft_condenses_it(tmp_path: Path) -> None:
+    """PEFT replaces a list of 20 or more target names by the shortest suffixes that tell them from
+    every other module name, and keeps that in the config; the fast path does the same. Two kinds
+    of modules in every layer condense, every module condenses to its kind; one layer's modules
+    cannot be told from the other layer's by a shorter suffix, and PEFT keeps that list whole."""
+    first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")
+    full = [f"model.layers.{i}.{kind}.{m}" for i in (0, 1) for kind, ms in
+            (("self_attn", LLAMA_MODULES[:4]), ("mlp", LLAMA_MODULES[4:])) for m in ms]  # fmt: skip
+    lists = {
+        "qv": [name for name in full if name.endswith(("q_proj", "v_proj"))]
+        + [f"gone_{i}" for i in range(17)],
+        "layer0": [name for name in full if ".0." in name] + [f"model.gone.{i}.up_proj" for i in range(13)],
+        "all": [*full, *(f"x{i}" for i in range(6))],
+    }
+    adapters = {
+        name: save_seeded_adapter(peft.LoraConfig(r=2, target_modules=names), tmp_path / name, seed=i)
+        for i, (name, names) in enumerate(lists.items())
+    }
+    expected, actual, results = both_loops(tiny_llama, first, adapters, tmp_path)
+    assert {name: (r.loader, r.reason) for name, r in results.items()} == {
+        name: ("fastkeys", None) for name in adapters
+    }
+    assert_same_state(end_state(expected), end_state(actual))
+    kept = {name: len(actual.peft_config[name].target_modules) for name in adapters}
+    assert kept == {"qv": 2 + 17, "layer0": len(lists["layer0"]), "all": len(LLAMA_MODULES) + 6}
+
+
 def test_other_methods_go_through_peft(tmp_path: Path) -> None:
     """LoHa, LoKr, IA3, HRA and OFT have their own fast path (test_load_methods.py); a method without
     one goes through PEFT's loader and says so."""

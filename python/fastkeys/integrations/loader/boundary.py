@@ -72,6 +72,8 @@ _SYMBOLS = {
     "get_module_names_tied_with_embedding": ("peft.utils.other", "_get_module_names_tied_with_embedding"),
     "BaseTuner": ("peft.tuners.tuners_utils", "BaseTuner"),
     "get_pattern_key": ("peft.utils.other", "get_pattern_key"),
+    "find_minimal_target_modules": ("peft.tuners.tuners_utils", "_find_minimal_target_modules"),
+    "MIN_TARGET_MODULES_FOR_OPTIMIZATION": ("peft.utils.constants", "MIN_TARGET_MODULES_FOR_OPTIMIZATION"),
     "BufferDict": ("peft.tuners._buffer_dict", "BufferDict"),
     "get_checkpoint_conversion_mapping": (
         "peft.utils.transformers_weight_conversion",
@@ -113,6 +115,8 @@ TrainableTokensLayer: Any = _found["TrainableTokensLayer"]
 get_module_names_tied_with_embedding: Any = _found["get_module_names_tied_with_embedding"]
 BaseTuner: Any = _found["BaseTuner"]
 get_pattern_key: Any = _found["get_pattern_key"]
+find_minimal_target_modules: Any = _found["find_minimal_target_modules"]
+MIN_TARGET_MODULES_FOR_OPTIMIZATION: int = _found["MIN_TARGET_MODULES_FOR_OPTIMIZATION"] or 20
 BufferDict: Any = _found["BufferDict"]
 get_checkpoint_conversion_mapping: Any = _found["get_checkpoint_conversion_mapping"]
 # PEFT's `save_embedding_layers` saves the base weights of modules with these names

@@ -7,7 +7,7 @@ own `_load_pretrained_model` copies the tensors in and, unless `is_trainable`, `
 `requires_grad_(False)` on every tuner layer. Each call walks the whole model, so a loop over many
 adapters costs O(model x adapters).
 
-The fast path is the PEFT loader's (`inject.load_fast`), run on a view of the model (`_Host`) whose
+The fast path is the PEFT loader's (`inject.load_fast`), run on a view of the model (`Host`) whose
 tuner is the fresh one `inject_adapter_in_model` creates, without its whole-model injection; then
 transformers' own ending: every tuner layer frozen unless `is_trainable`. It runs where the
 differential tests verified it (tests/integrations/loader/test_transformers_loop.py): the versions
@@ -20,6 +20,8 @@ through transformers' own `load_adapter`, fed the config and the tensors fastkey
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -46,7 +48,7 @@ from fastkeys.integrations.loader.transaction import Transaction, settled_heap
 VERIFIED_TRANSFORMERS = ("5.24",)
 
 
-class _Host:
+class Host:
     """What `load_fast` reads and calls of a PeftModel, for a transformers model: the fresh tuner
     transformers' load creates, the model's own `peft_config`, and none of PeftModel's checks of a
     new config (transformers makes none)."""
@@ -71,7 +73,7 @@ class _Host:
         return None
 
 
-def _fresh_tuner(model: nn.Module, tuner_class: type, adapter_name: str) -> Any:
+def fresh_tuner(model: nn.Module, tuner_class: type, adapter_name: str) -> Any:
     """The tuner `inject_adapter_in_model` creates (`BaseTuner.__init__`'s attributes), before its
     injection: its active adapter is the new one, its `peft_config` the model's."""
     tuner: Any = object.__new__(tuner_class)
@@ -83,25 +85,33 @@ def _fresh_tuner(model: nn.Module, tuner_class: type, adapter_name: str) -> Any:
     return tuner
 
 
-def _version_refusal() -> str | None:
-    import transformers
-
-    found = recorder.version(transformers)
-    if ".".join(found.split(".")[:2]) not in VERIFIED_TRANSFORMERS:
-        return (
-            f"transformers {found} is not a version the fast path was verified on "
-            f"({', '.join(VERIFIED_TRANSFORMERS)})"
-        )
+def version_refusal(library: Any, verified: tuple[str, ...]) -> str | None:
+    """Why the fast path does not run on this release of `library` (transformers, diffusers), or
+    None: its minor release is one the differential tests verified, and PEFT's (`boundary`)."""
+    found = recorder.version(library)
+    if ".".join(found.split(".")[:2]) not in verified:
+        versions = ", ".join(verified)
+        return f"{library.__name__} {found} is not a version the fast path was verified on ({versions})"
     return boundary.version_refusal()
+
+
+def holder_refusal(model: Any, adapter_name: str) -> str | None:
+    """Why a library's load into a model that is not a PeftModel is not the fast path's, whatever
+    the library: the model holds no adapter yet (the library's first load prepares it) or one of
+    this name (the library raises, or hotswaps)."""
+    configs = getattr(model, "peft_config", None)
+    if not getattr(model, "_hf_peft_config_loaded", False) or not isinstance(configs, dict) or not configs:
+        return "the model holds no adapter yet (the library's first load prepares it)"
+    if adapter_name in configs:
+        return f"the model holds an adapter named {adapter_name!r} already (the library raises or hotswaps)"
+    return None
 
 
 def _model_refusal(model: Any, adapter_name: str, config: Any, index: ModelIndex) -> str | None:
     """Why transformers' load of this adapter into `model` is not the fast path's, or None."""
-    configs = getattr(model, "peft_config", None)
-    if not getattr(model, "_hf_peft_config_loaded", False) or not isinstance(configs, dict) or not configs:
-        return "the model holds no adapter yet (transformers' first load prepares it)"
-    if adapter_name in configs:
-        return f"the model holds an adapter named {adapter_name!r} already (transformers raises or hotswaps)"
+    held = holder_refusal(model, adapter_name)
+    if held is not None:
+        return held
     if getattr(model, "_tp_size", None) not in (None, 1):
         return "the model is tensor-parallel"
     if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
@@ -116,7 +126,7 @@ def _model_refusal(model: Any, adapter_name: str, config: Any, index: ModelIndex
     method = method_of(config)
     if method is None:
         return policy.config_refusal(config) or "the config's method is not covered"
-    host = _Host(model, _fresh_tuner(model, method.tuner, adapter_name))
+    host = Host(model, fresh_tuner(model, method.tuner, adapter_name))
     return policy.model_refusal(host, adapter_name, index, config, wrappers=False)
 
 
@@ -129,8 +139,10 @@ def load_one(
     check_name(adapter_name)
     source = Source(checkpoint_directory(adapter_name, path))
     index = ModelIndex(model)
+    import transformers
+
     reason = (
-        _version_refusal()
+        version_refusal(transformers, VERIFIED_TRANSFORMERS)
         or (None if source.checkpoint is not None else "a .bin checkpoint")
         or policy.config_refusal(source.config)
         or _model_refusal(model, adapter_name, source.config, index)
@@ -143,7 +155,7 @@ def load_one(
         tuner_class = method.tuner
 
         def fast_load(tx: Transaction) -> None:
-            host = _Host(model, _fresh_tuner(model, tuner_class, adapter_name))
+            host = Host(model, fresh_tuner(model, tuner_class, adapter_name))
             tx.record_entries(host.peft_config, adapter_name)  # a PeftModel's is its tuner's, recorded there
             options = Options(is_trainable, False, False)  # inject_adapter_in_model casts no dtype
             layers = load_fast(
@@ -189,19 +201,60 @@ def _freeze_tuner_layers(index: ModelIndex, tx: Transaction) -> None:
 def _transformers_load(
     model: Any, adapter_name: str, source: Source, index: ModelIndex, is_trainable: bool, reason: str
 ) -> AdapterLoadResult:
-    """transformers' own `load_adapter`, fed the checked config and tensors, under a transaction:
-    every module recorded, the values of an adapter it replaces (a hotswap) and of the base weights
-    a special initialisation rewrites (PiSSA, OLoRA, ...) protected. A checkpoint that writes a base
-    weight PEFT does not save is refused (ValueError) and rolled back; the special initialisation's
-    own writes are what transformers' loop does too, and are reported."""
+    """transformers' own `load_adapter`, fed the checked config and tensors, under `guarded_load`."""
     tensors = source.tensors()
+    info, judged, written = guarded_load(
+        model,
+        adapter_name,
+        source.config,
+        source.config_dict,
+        index,
+        source.directory,
+        lambda: model.load_adapter(
+            adapter_name=adapter_name,
+            peft_config=source.config,
+            adapter_state_dict=dict(tensors),
+            is_trainable=is_trainable,
+        ),
+    )
+    if judged is None:
+        import transformers
+
+        raise recorder.missing_internal(
+            transformers,
+            "load_adapter loading through PreTrainedModel._load_pretrained_model",
+            recorder.INSTEAD,
+        )
+    unexpected = sorted(getattr(info, "unexpected_keys", ()) or ())
+    return AdapterLoadResult(list(judged.verdict), unexpected, TRANSFORMERS, reason, written)
+
+
+def guarded_load(
+    model: Any,
+    adapter_name: str,
+    config: Any,
+    config_dict: dict[str, Any] | None,
+    index: ModelIndex,
+    directory: Path,
+    call: Callable[[], Any],
+) -> tuple[Any, recorder.Judged | None, list[str]]:
+    """`call()`, a library's own load of one adapter into a model that is not a PeftModel
+    (transformers', diffusers'), fed the checked config and tensors, under a transaction: every
+    module recorded, the values of an adapter it replaces (a hotswap) and of the base weights a
+    special initialisation rewrites (PiSSA, OLoRA, ...) protected. A checkpoint that writes a base
+    weight PEFT does not save, or another adapter's tensor, is refused (ValueError) and rolled
+    back; the special initialisation's own writes are what the library's loop does too, and are
+    reported. `config` may be None and `config_dict` None where only the library knows the config
+    before the load (diffusers builds it from the file): then the config the load left in the
+    model's `peft_config` decides which base weights PEFT saves.
+    (what `call` returned, fastkeys' verdict on the raw load, the base weights written)."""
     tx = Transaction()
     tx.record_all(model.modules())
     if adapter_name in (getattr(model, "peft_config", None) or {}):
         for name, layer in index.layers.items():
             for parameter in adapter_parameters(layer, adapter_name, name).values():
                 tx.protect(parameter)
-    for tensor in special_init_targets(source.config, index.modules) + merged_base_tensors(model):
+    for tensor in special_init_targets(config, index.modules) + merged_base_tensors(model):
         tx.protect(tensor)
     others = split_adapters(model, adapter_name)[2]
     base = BaseWeights(model)
@@ -211,21 +264,19 @@ def _transformers_load(
             linear_time_matching(),
             settled_heap(),
         ):
-            info = model.load_adapter(
-                adapter_name=adapter_name,
-                peft_config=source.config,
-                adapter_state_dict=dict(tensors),
-                is_trainable=is_trainable,
-            )
+            info = call()
         load.raise_error()
+        if config_dict is None:
+            built = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+            config_dict = built.to_dict() if built is not None else {}
         foreign = [
             name
             for name in base.changed()  # copied from the checkpoint: a new tensor or a new version
-            if not saved_by_peft(*name.rpartition(".")[::2], source.config_dict)
+            if not saved_by_peft(*name.rpartition(".")[::2], config_dict)
         ]
         if foreign:
             raise ValueError(
-                f"the checkpoint of adapter {adapter_name!r} at {source.directory} would overwrite "
+                f"the checkpoint of adapter {adapter_name!r} at {directory} would overwrite "
                 f"{foreign[0]!r}, a weight of the base model that every adapter shares; fastkeys loads only "
                 "the base weights PEFT itself saves (embeddings with save_embedding_layers, biases when "
                 "the config trains them)"
@@ -243,7 +294,7 @@ def _transformers_load(
             owner, attribute = overwritten
             path = next(name for name, module in model.named_modules() if module is owner)
             raise ValueError(
-                f"the checkpoint of adapter {adapter_name!r} at {source.directory} would overwrite "
+                f"the checkpoint of adapter {adapter_name!r} at {directory} would overwrite "
                 f"{path + '.' + attribute!r}, a weight of another adapter; an adapter's checkpoint "
                 "holds only its own tensors"
             )
@@ -252,13 +303,4 @@ def _transformers_load(
     except BaseException:
         tx.roll_back()
         raise
-    if judged is None:
-        import transformers
-
-        raise recorder.missing_internal(
-            transformers,
-            "load_adapter loading through PreTrainedModel._load_pretrained_model",
-            recorder.INSTEAD,
-        )
-    unexpected = sorted(getattr(info, "unexpected_keys", ()) or ())
-    return AdapterLoadResult(list(judged.verdict), unexpected, TRANSFORMERS, reason, written)
+    return info, judged, written

@@ -37,6 +37,7 @@ from fastkeys.integrations.loader.plan import (
     Options,
     Refused,
     check_checkpoint,
+    condense_targets,
     make_plan,
     selected,
 )
@@ -54,8 +55,10 @@ def load_fast(
     index: ModelIndex,
     tx: Transaction,
     options: Options,
+    stored_under: str | None = None,
 ) -> list[Any]:
-    """Adds the adapter; returns the tuner layers that now hold it."""
+    """Adds the adapter; returns the tuner layers that now hold it. `stored_under`: as in
+    `plan.make_plan` (diffusers' checkpoints)."""
     is_trainable, autocast_adapter_dtype, low_cpu_mem_usage = options
     tuner = peft_model.base_model
     method = method_of(config)
@@ -63,6 +66,7 @@ def load_fast(
         raise Refused(f"the config's method {config.peft_type} is not covered")
     peft_model._check_new_adapter_config(config, is_trainable=is_trainable)
     config.inference_mode = not is_trainable
+    condense_targets(tuner, config)
     targets = selected(tuner, config, index)
     saved, tokens = NOTHING, NO_TOKENS
     if getattr(config, "trainable_token_indices", None) is not None or any(
@@ -83,6 +87,7 @@ def load_fast(
         low_cpu_mem_usage=low_cpu_mem_usage,
         saved={**saved.expected, **tokens.expected},
         targets=targets,
+        stored_under=stored_under,
     )
     active = list(tuner.active_adapters)
     tx.record(tuner, adapter_name)

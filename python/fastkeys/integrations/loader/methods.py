@@ -27,7 +27,6 @@ from fastkeys.integrations.loader.peft_re import linear_time_matching
 
 # PEFT condenses target lists this long against the whole model's names (inner modules included);
 # not for IA3 (`inject_adapter`: its feedforward_modules would go out of step).
-PEFT_CONDENSES_TARGETS = 20
 
 Rule = tuple[Callable[[Any], bool], str]  # (accepted?, what is accepted)
 
@@ -53,13 +52,7 @@ def _strings(value: Any) -> bool:
 
 
 def _targets(value: Any) -> bool:
-    if isinstance(value, str):
-        return value != "all-linear"
-    return _strings(value) and 0 < len(value) < PEFT_CONDENSES_TARGETS
-
-
-def _any_targets(value: Any) -> bool:
-    """target_modules where PEFT does not condense the list (IA3)."""
+    """An expression or names (a long list is condensed as PEFT does: `plan.condense_targets`)."""
     if isinstance(value, str):
         return value != "all-linear"
     return _strings(value) and len(value) > 0
@@ -98,7 +91,7 @@ def _common(peft_type: Any) -> dict[str, Rule]:
 
 # Target selection, the same fields and rules for every method that has them.
 _SELECTION: dict[str, Rule] = {
-    "target_modules": (_targets, f"an expression, or fewer than {PEFT_CONDENSES_TARGETS} names"),
+    "target_modules": (_targets, "an expression or names"),
     "exclude_modules": (lambda v: v is None or isinstance(v, str) or _strings(v), "None, a str or names"),
     "layers_to_transform": (lambda v: v is None or _is_int(v) or isinstance(v, list), "None, an int or ints"),
     "layers_pattern": (lambda v: v is None or isinstance(v, str) or _strings(v), "None, a str or strs"),
@@ -194,7 +187,7 @@ LOKR_ALLOWED: dict[str, Rule] = {
 
 IA3_ALLOWED: dict[str, Rule] = {
     **_common(boundary.IA3),
-    "target_modules": (_any_targets, "an expression or names"),
+    "target_modules": (_targets, "an expression or names"),
     "exclude_modules": _SELECTION["exclude_modules"],
     # None: PEFT fills it in from the model type, in the config
     "feedforward_modules": (lambda v: isinstance(v, str) or _strings(v), "an expression or names"),

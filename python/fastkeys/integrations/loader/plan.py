@@ -42,6 +42,33 @@ class Plan(NamedTuple):
     by_model_key: dict[str, str]  # model key -> checkpoint tensor name
 
 
+def condense_targets(tuner: Any, config: Any) -> None:
+    """What PEFT's `inject_adapter` does to a long `target_modules` list before matching: with
+    `MIN_TARGET_MODULES_FOR_OPTIMIZATION` names or more (diffusers' configs read off a file list
+    every module), it keeps the shortest suffixes that still tell the targets from every other
+    module name, by PEFT's own `_find_minimal_target_modules`, and stores them in the config. The
+    other names are every name `named_modules()` yields, tuner internals included (an adapter named
+    like a target's last segment changes the answer), so this walk grows with the adapters held;
+    it runs only for such lists. IA3 is left as it is, as PEFT leaves it."""
+    targets = config.target_modules
+    if (
+        not isinstance(targets, (list, set))
+        or len(targets) < boundary.MIN_TARGET_MODULES_FOR_OPTIMIZATION
+        or config.peft_type == boundary.IA3
+    ):
+        return
+    named = set(targets)
+    suffixes = tuple("." + suffix for suffix in targets)
+    others = [
+        name
+        for name, _module in tuner.model.named_modules()
+        if name not in named and not name.endswith(suffixes)
+    ]
+    condensed = boundary.find_minimal_target_modules(targets, others)
+    if len(condensed) < len(targets):
+        config.target_modules = condensed
+
+
 def selected(tuner: Any, config: Any, index: ModelIndex) -> list[str]:
     """The module names PEFT's matcher selects and does not exclude, in PEFT's order."""
     excluded = boundary.ExcludedModule
@@ -65,9 +92,13 @@ def make_plan(
     low_cpu_mem_usage: bool,
     saved: dict[str, tuple[str, tuple[int, ...]]] | None = None,
     targets: list[str] | None = None,
+    stored_under: str | None = None,
 ) -> Plan:
     """`saved`: the modules_to_save copies' tensors (`saved.py`), model key -> (checkpoint name,
-    shape), whose names PEFT maps itself, before its renaming; `targets`: `selected`'s, if known."""
+    shape), whose names PEFT maps itself, before its renaming; `targets`: `selected`'s, if known.
+    `stored_under`: the checkpoint holds the model's own module paths under this prefix
+    (diffusers' layout; its other tensors are ignored) and PEFT injects into the modules those
+    names (`inject_adapter_in_model(..., state_dict=)`): Refused unless they are the targets."""
     if targets is None:
         targets = selected(tuner, config, index)
     if not targets:
@@ -121,7 +152,18 @@ def make_plan(
     saved = saved or {}
     stored = {name for name, _shape in saved.values()}
     names = [name for name in checkpoint if name not in stored]
-    by_model_key = dict(zip(insert_adapter_name(names, adapter_name, config.peft_type), names, strict=True))
+    keys = names
+    if stored_under is not None:
+        names = [name for name in names if name.startswith(stored_under)]
+        paths = [name[len(stored_under) :] for name in names]
+        named = {path.rsplit(f".{tuner.prefix}", 1)[0] for path in paths}
+        if named != set(targets):
+            raise Refused(
+                "the state dict names other modules than the config targets (PEFT injects by the "
+                "state dict and warns)"
+            )
+        keys = [MODEL_PREFIX + path for path in paths]
+    by_model_key = dict(zip(insert_adapter_name(keys, adapter_name, config.peft_type), names, strict=True))
     for key, (name, shape) in saved.items():
         if key in by_model_key:
             raise Refused(f"the checkpoint holds {key} both as it is and as a module to save")

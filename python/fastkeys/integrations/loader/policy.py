@@ -20,7 +20,6 @@ from fastkeys.integrations.loader.methods import (
     COVERED,
     LORA,
     LORA_ALLOWED,
-    PEFT_CONDENSES_TARGETS,
     Method,
     Rule,
     method_of,
@@ -29,7 +28,6 @@ from fastkeys.integrations.loader.saved import wrappers_refusal
 
 __all__ = [
     "ALLOWED",
-    "PEFT_CONDENSES_TARGETS",
     "config_refusal",
     "model_refusal",
     "options_refusal",

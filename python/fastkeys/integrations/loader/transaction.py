@@ -166,6 +166,14 @@ class Transaction:
             torch.cuda.set_rng_state_all(self._cuda_rng)
 
 
+def _unchanged(value: dict[Any, Any], items: list[tuple[Any, Any]]) -> bool:
+    """Whether the dict holds these items, in this order, each value the same object."""
+    return len(value) == len(items) and all(
+        key == old_key and current is old
+        for (key, current), (old_key, old) in zip(value.items(), items, strict=True)
+    )
+
+
 def _apply(entry: tuple[Any, ...]) -> None:
     kind = entry[0]
     if kind == _ATTRIBUTES:
@@ -181,8 +189,10 @@ def _apply(entry: tuple[Any, ...]) -> None:
             else:
                 current[name] = value
     elif kind == _ALL:
-        entry[1].clear()
-        entry[1].update(entry[2])
+        if not _unchanged(entry[1], entry[2]):  # a dict that forbids updates (diffusers' FrozenDict
+            # config) was not changed by the load: left alone
+            entry[1].clear()
+            entry[1].update(entry[2])
     elif kind == _ONE:
         _, value, key, old = entry
         if old is _ABSENT:

@@ -1,0 +1,346 @@
+"""`fastkeys.diffusers.load_adapters` against diffusers' own `model.load_lora_adapter` loop on real
+tiny diffusers models (an SD3 transformer and a UNet, built from configs).
+
+Every end state is compared with the loop's (`fixtures.loading.adapted_state`: state_dict keys,
+values bitwise, dtypes, devices; module names and types; every module's attributes, diffusers'
+`_hf_peft_config_loaded` and `peft_config` included; requires_grad; training flags; configs; every
+tuner layer's active adapters and per-adapter numbers). Every load after the first must take the
+fast path where the allow-list admits it; the rest goes through diffusers, fed fastkeys' checked
+tensors, and must end equal too. Both engines run this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+import diffusers
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import fastkeys.diffusers
+from fastkeys.integrations.loader import components, inject
+from fixtures.loading import (
+    TRACED,
+    adapted_state,
+    assert_same_state,
+    layer_state,
+    one_thread,  # noqa: F401  (autouse)
+    spread,
+    traced_lines,
+    warm_line_count,
+)
+from fixtures.peft_models import DIFFUSERS_FILE, tiny_sd3_transformer, tiny_unet
+
+pytestmark = pytest.mark.engine  # checkpoint scans, key renaming and expressions run on the engine: both
+
+TRACED_HERE = (*TRACED, str(Path(diffusers.__file__).parent))
+MODELS: dict[str, Callable[[], Any]] = {"sd3": tiny_sd3_transformer, "unet": tiny_unet}
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.fixture(autouse=True)
+def quiet() -> Iterator[None]:
+    """diffusers logs its substring filter's verdict on every load; the tests compare states."""
+    logger = diffusers.utils.logging.get_logger("diffusers")
+    level = logger.level
+    logger.setLevel("CRITICAL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    logger.setLevel(level)
+
+
+def lora_file(
+    model: str,
+    directory: Path,
+    seed: int,
+    *,
+    metadata: bool = True,
+    prefix: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **config: Any,
+) -> Path:
+    """A LoRA trained off its init on a fresh `model`, saved by diffusers' `save_lora_adapter`
+    (with its `lora_adapter_metadata`), then optionally without the metadata, under a prefix, or
+    cast."""
+    fresh = MODELS[model]()
+    fresh.add_adapter(peft.LoraConfig(**{"r": 2, "lora_alpha": 2, "target_modules": ATTENTION, **config}))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in fresh.named_parameters():
+            if ".lora_" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    fresh.save_lora_adapter(directory, adapter_name="default", weight_name=DIFFUSERS_FILE)
+    file = directory / DIFFUSERS_FILE
+    if metadata and prefix is None and dtype == torch.float32:
+        return directory
+    with safe_open(str(file), "pt") as opened:
+        tensors = {key: opened.get_tensor(key).to(dtype) for key in opened.keys()}  # noqa: SIM118
+        header = opened.metadata() or {}
+    if prefix is not None:
+        tensors = {f"{prefix}.{key}": value for key, value in tensors.items()}
+        header = {
+            "lora_adapter_metadata": json.dumps(
+                {f"{prefix}.{k}": v for k, v in json.loads(header["lora_adapter_metadata"]).items()}
+            ),
+            "format": "pt",
+        }
+    save_file(tensors, str(file), metadata=header if metadata else {"format": "pt"})
+    return directory
+
+
+def diffusers_loop(model: str, adapters: dict[str, Path], **options: Any) -> Any:
+    built = MODELS[model]()
+    for name, directory in adapters.items():
+        built.load_lora_adapter(str(directory), adapter_name=name, weight_name=DIFFUSERS_FILE, **options)
+    return built
+
+
+def assert_same(expected: Any, actual: Any) -> None:
+    assert_same_state(adapted_state(expected), adapted_state(actual))
+    assert layer_state(actual) == layer_state(expected)
+
+
+def family(tmp_path: Path, model: str) -> dict[str, Path]:
+    """LoRA files that differ in what the fast path reproduces: targets, rank, alpha, rsLoRA,
+    dropout, dtype, a file without metadata (diffusers reads the config off the tensors)."""
+    return {
+        "b": lora_file(model, tmp_path / "b", 2, target_modules=["to_q", "to_k"], lora_alpha=8),
+        "c": lora_file(model, tmp_path / "c", 3, r=4, lora_dropout=0.1, use_rslora=True),
+        "d": lora_file(model, tmp_path / "d", 4, dtype=torch.bfloat16),
+        "e": lora_file(model, tmp_path / "e", 5, metadata=False, r=3),
+        "f": lora_file(model, tmp_path / "f", 6, target_modules=["to_v"], init_lora_weights=False),
+        "g": lora_file(model, tmp_path / "g", 7, target_modules=["to_k"], use_dora=True),
+    }
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_lora_files_end_like_diffusers_loop(tmp_path: Path, model: str) -> None:
+    first = lora_file(model, tmp_path / "first", 1)
+    adapters = family(tmp_path, model)
+    expected = diffusers_loop(model, {"first": first, **adapters}, prefix=None)
+    actual = diffusers_loop(model, {"first": first}, prefix=None)
+    results = fastkeys.diffusers.load_adapters(actual, adapters, prefix=None)
+    assert {name: (r.loader, r.reason) for name, r in results.items()} == {
+        name: ("fastkeys", None) for name in adapters
+    }
+    assert all(r.missing_keys == [] and r.unexpected_keys == [] for r in results.values())
+    assert_same(expected, actual)
+    assert list(actual.peft_config) == ["first", *adapters]
+    assert expected.active_adapters() == actual.active_adapters() == ["g"]
+
+
+def test_a_pipeline_file_under_a_prefix_and_a_single_file_path(tmp_path: Path) -> None:
+    first = lora_file("sd3", tmp_path / "first", 1, prefix="transformer")
+    second = lora_file("sd3", tmp_path / "second", 2, prefix="transformer", r=4)
+    expected = diffusers_loop("sd3", {"first": first, "second": second})  # diffusers' prefix="transformer"
+    actual = diffusers_loop("sd3", {"first": first})
+    results = fastkeys.diffusers.load_adapters(actual, {"second": second / DIFFUSERS_FILE})
+    assert results["second"].loader == "fastkeys"
+    assert_same(expected, actual)
+    with pytest.raises(ValueError, match=r"no tensor of .* starts with 'transformer\.'.*prefix=None"):
+        fastkeys.diffusers.load_adapters(actual, {"third": lora_file("sd3", tmp_path / "third", 3)})
+    assert "third" not in actual.peft_config
+
+
+def test_the_first_adapter_is_diffusers_and_the_rest_fast(tmp_path: Path) -> None:
+    adapters = {name: lora_file("sd3", tmp_path / name, seed) for seed, name in enumerate("ab", 1)}
+    expected = diffusers_loop("sd3", adapters, prefix=None)
+    actual = tiny_sd3_transformer()
+    results = fastkeys.diffusers.load_adapters(actual, adapters, prefix=None)
+    assert (results["a"].loader, "holds no adapter yet" in str(results["a"].reason)) == ("diffusers", True)
+    assert results["b"].loader == "fastkeys"
+    assert_same(expected, actual)
+
+
+def _old_layout(directory: Path) -> Path:
+    """diffusers' attention-processor layout (`.lora.down.weight`), which it converts to PEFT's."""
+    file = directory / DIFFUSERS_FILE
+    with safe_open(str(file), "pt") as opened:
+        tensors = {
+            key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): opened.get_tensor(key)
+            for key in opened.keys()  # noqa: SIM118
+        }
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    return directory
+
+
+def _without_one_tensor(directory: Path) -> Path:
+    file = directory / DIFFUSERS_FILE
+    with safe_open(str(file), "pt") as opened:
+        tensors = {key: opened.get_tensor(key) for key in opened.keys()}  # noqa: SIM118
+        header = opened.metadata()
+    tensors.pop(sorted(tensors)[-1])
+    save_file(tensors, str(file), metadata=header)
+    return directory
+
+
+# each: (what makes the load diffusers', the words of the reason)
+ROUTED: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "old layout": (_old_layout, "not in PEFT's layout"),
+    "missing tensor": (_without_one_tensor, "the checkpoint lacks 1 of the adapter's tensors"),
+    "pissa": (lambda d: lora_file("sd3", d, 9, init_lora_weights="pissa"), "pissa"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUTED))
+def test_refused_loads_go_to_diffusers_and_end_equal(tmp_path: Path, case: str) -> None:
+    make, words = ROUTED[case]
+    first = lora_file("sd3", tmp_path / "first", 1)
+    routed = make(
+        lora_file("sd3", tmp_path / "x", 2) if case in ("old layout", "missing tensor") else tmp_path / "x"
+    )
+    expected = diffusers_loop("sd3", {"first": first, "x": routed}, prefix=None)
+    actual = diffusers_loop("sd3", {"first": first}, prefix=None)
+    result = fastkeys.diffusers.load_adapters(actual, {"x": routed}, prefix=None)["x"]
+    assert (result.loader, words in str(result.reason)) == ("diffusers", True), result
+    if case == "missing tensor":
+        assert len(result.missing_keys) == 1 and ".x." in result.missing_keys[0]
+    else:
+        assert result.missing_keys == []
+    assert bool(result.base_weights_written) == (case == "pissa")
+    assert_same(expected, actual)
+
+
+def test_an_unverified_diffusers_goes_to_diffusers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = lora_file("sd3", tmp_path / "first", 1)
+    second = lora_file("sd3", tmp_path / "second", 2)
+    expected = diffusers_loop("sd3", {"first": first, "second": second}, prefix=None)
+    monkeypatch.setattr(components, "VERIFIED_DIFFUSERS", ("0.1",))
+    actual = diffusers_loop("sd3", {"first": first}, prefix=None)
+    result = fastkeys.diffusers.load_adapters(actual, {"second": second}, prefix=None)["second"]
+    assert (result.loader, "not a version the fast path was verified on" in str(result.reason)) == (
+        "diffusers",
+        True,
+    )
+    assert_same(expected, actual)
+
+
+def test_an_existing_name_is_diffusers_error_and_changes_nothing(tmp_path: Path) -> None:
+    first = lora_file("sd3", tmp_path / "first", 1)
+    model = diffusers_loop("sd3", {"first": first}, prefix=None)
+    before = adapted_state(model)
+    with pytest.raises(ValueError, match="Adapter name first already in use"):
+        fastkeys.diffusers.load_adapters(
+            model, {"first": lora_file("sd3", tmp_path / "again", 2)}, prefix=None
+        )
+    assert_same_state(before, adapted_state(model))
+
+
+def test_a_failure_midway_leaves_no_trace_and_keeps_earlier_adapters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = lora_file("sd3", tmp_path / "first", 1)
+    adapters = {"b": lora_file("sd3", tmp_path / "b", 2), "c": lora_file("sd3", tmp_path / "c", 3)}
+    expected = diffusers_loop("sd3", {"first": first, "b": adapters["b"]}, prefix=None)
+    model = diffusers_loop("sd3", {"first": first}, prefix=None)
+    real = inject._add_lora_linear
+    calls = []
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        calls.append(args[1])
+        if calls.count("c") == 3:
+            raise RuntimeError("disk gone")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(inject, "_add_lora_linear", failing)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        fastkeys.diffusers.load_adapters(model, adapters, prefix=None)
+    assert list(model.peft_config) == ["first", "b"]
+    assert_same(expected, model)
+
+
+def test_a_wrong_shape_is_refused_naming_the_file_and_changes_nothing(tmp_path: Path) -> None:
+    first = lora_file("sd3", tmp_path / "first", 1)
+    model = diffusers_loop("sd3", {"first": first}, prefix=None)
+    directory = lora_file("sd3", tmp_path / "x", 2)
+    file = directory / DIFFUSERS_FILE
+    with safe_open(str(file), "pt") as opened:
+        tensors = {key: opened.get_tensor(key) for key in opened.keys()}  # noqa: SIM118
+        header = opened.metadata()
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    save_file(tensors, str(file), metadata=header)
+    before = adapted_state(model)
+    with pytest.raises(ValueError, match=rf"{DIFFUSERS_FILE}: tensor '{key}' has shape"):
+        fastkeys.diffusers.load_adapters(model, {"x": directory}, prefix=None)
+    assert_same_state(before, adapted_state(model))
+
+
+@pytest.mark.parametrize("path", ["fastkeys", "diffusers"])
+def test_an_interrupted_load_leaves_the_model_as_it_was_or_loaded(tmp_path: Path, path: str) -> None:
+    """Ctrl-C at lines spread over the whole load (fastkeys' loader, PEFT and diffusers code it
+    calls): the model is as it was, or, past the end of the load, as the loop leaves it."""
+    first = lora_file("sd3", tmp_path / "first", 1)
+    directory = lora_file("sd3", tmp_path / "x", 2, target_modules=["to_q", "to_out.0"])
+    if path == "diffusers":
+        directory = _old_layout(directory)
+    loaded = adapted_state(diffusers_loop("sd3", {"first": first, "x": directory}, prefix=None))
+    start = adapted_state(diffusers_loop("sd3", {"first": first}, prefix=None))
+
+    def load(model: Any) -> Any:
+        return fastkeys.diffusers.load_adapters(model, {"x": directory}, prefix=None)
+
+    model = diffusers_loop("sd3", {"first": first}, prefix=None)
+    total = warm_line_count(
+        lambda: load(model), lambda: load(diffusers_loop("sd3", {"first": first}, prefix=None)), TRACED_HERE
+    )
+    interrupted = 0
+    for point in spread(total, 12):
+        model = diffusers_loop("sd3", {"first": first}, prefix=None)
+        try:
+            traced_lines(functools.partial(load, model), point, TRACED_HERE)
+        except KeyboardInterrupt:
+            interrupted += 1
+        assert_same_state(loaded if "x" in model.peft_config else start, adapted_state(model))
+    assert interrupted >= 10, (interrupted, total)
+
+
+def test_hostile_paths_are_refused_before_anything_is_read(tmp_path: Path) -> None:
+    first = lora_file("sd3", tmp_path / "first", 1)
+    model = diffusers_loop("sd3", {"first": first}, prefix=None)
+    before = adapted_state(model)
+    outside = lora_file("sd3", tmp_path / "outside", 2)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(outside / DIFFUSERS_FILE, linked / DIFFUSERS_FILE)
+    with pytest.raises(ValueError, match="outside the checkpoint directory"):
+        fastkeys.diffusers.load_adapters(model, {"x": linked}, prefix=None)
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / DIFFUSERS_FILE)
+    with pytest.raises(FileNotFoundError, match=r"no \.safetensors file"):
+        fastkeys.diffusers.load_adapters(model, {"x": fifo}, prefix=None)
+    with pytest.raises(FileNotFoundError, match=r"weight_name='other\.safetensors'"):
+        fastkeys.diffusers.load_adapters(model, {"x": outside}, prefix=None, weight_name="other.safetensors")
+    bad = lora_file("sd3", tmp_path / "bad", 3)
+    with safe_open(str(bad / DIFFUSERS_FILE), "pt") as opened:
+        tensors = {key: opened.get_tensor(key) for key in opened.keys()}  # noqa: SIM118
+    save_file(tensors, str(bad / DIFFUSERS_FILE), metadata={"lora_adapter_metadata": '{"r": 2, "nope": 1}'})
+    with pytest.raises(ValueError, match="its LoRA config is not one PEFT accepts"):
+        fastkeys.diffusers.load_adapters(model, {"x": bad}, prefix=None)
+    save_file(tensors, str(bad / DIFFUSERS_FILE), metadata={"lora_adapter_metadata": "[1, 2"})
+    with pytest.raises(ValueError, match="lora_adapter_metadata is not JSON"):
+        fastkeys.diffusers.load_adapters(model, {"x": bad}, prefix=None)
+    assert_same_state(before, adapted_state(model))
+
+
+def test_models_that_are_not_diffusers_models_are_refused(tmp_path: Path) -> None:
+    directory = lora_file("sd3", tmp_path / "x", 2)
+    with pytest.raises(TypeError, match="not Linear"):
+        fastkeys.diffusers.load_adapters(torch.nn.Linear(2, 2), {"x": directory})
+    with pytest.raises(TypeError, match="adapters must map adapter names"):
+        fastkeys.diffusers.load_adapters(tiny_sd3_transformer(), [directory])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="prefix must be a str or None"):
+        fastkeys.diffusers.load_adapters(tiny_sd3_transformer(), {"x": directory}, prefix=1)  # type: ignore[arg-type]
