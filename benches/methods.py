@@ -1,14 +1,20 @@
 """Loading many adapters of each family the fast path covers besides plain LoRA (LoRA with
 `modules_to_save=["lm_head"]`, LoRA with trainable tokens, LoHa, LoKr, IA3, HRA, OFT), PEFT's
-`load_adapter` loop against `fastkeys.peft.load_adapters`, in one run; and, for the families named
+`load_adapter` loop against `fastkeys.peft.load_adapters`, in one run; for the families named
 `transformers_*` (LoRA, LoHa), transformers' own loop (`model.load_adapter(path, adapter_name=...)`
-on the LlamaForCausalLM itself) against `fastkeys.transformers.load_adapters`.
+on the LlamaForCausalLM itself) against `fastkeys.transformers.load_adapters`; and for the families
+named `diffusers_*`, diffusers' own loop (`model.load_lora_adapter(path, adapter_name=...)`) on an
+SD3 transformer of the same depth and width against `fastkeys.diffusers.load_adapters`: LoRA files
+as diffusers' `save_lora_adapter` writes them (`diffusers_lora`), and the same files without their
+`lora_adapter_metadata` (`diffusers_lora_bare`: diffusers reads the config off the tensors, a list
+of every targeted module, which PEFT condenses on each load), as older trainers wrote them.
 
     python -m benches.methods [--adapters 16] [--layers 16] [--methods loha,lokr,ia3,hra,oft] [--quick]
 
 The model is benches/adapters.py's Llama shape (hidden size 64) with 16 layers; every method
 targets q, k, v, o, gate, up and down (LoHa, LoKr and HRA r=4; IA3 with down as its feedforward
-module; OFT with blocks of 16).
+module; OFT with blocks of 16). The SD3 transformer (hidden size 64, 4 heads) has LoRA r=4 on
+its eight attention projections per layer.
 Per method, both models start from the same first adapter (`PeftModel.from_pretrained`); then each
 further adapter goes into PEFT's model and into fastkeys' model in turn (interleaved, so a busy
 machine slows both alike), and each load's wall time is recorded. At the end the two models must be
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import json
 import os
 import pstats
@@ -55,7 +62,56 @@ def configs() -> dict[str, Callable[[], Any]]:
         "oft": lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=MODULES),
         "transformers_lora": lambda: peft.LoraConfig(r=4, target_modules=MODULES),
         "transformers_loha": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=MODULES),
+        "diffusers_lora": lambda: peft.LoraConfig(r=4, lora_alpha=4, target_modules=SD3_MODULES),
+        "diffusers_lora_bare": lambda: peft.LoraConfig(r=4, lora_alpha=4, target_modules=SD3_MODULES),
     }
+
+
+SD3_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+SD3_FILE = "pytorch_lora_weights.safetensors"
+
+
+def sd3_model(layers: int) -> Any:
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(  # type: ignore[no-untyped-call]
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=layers,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=64,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+
+
+def save_sd3_adapters(directory: Path, layers: int, count: int, config: Any, bare: bool) -> list[Path]:
+    """`count` distinct LoRA files for `sd3_model(layers)` (seeded values), as diffusers'
+    `save_lora_adapter` writes them; `bare`: without their `lora_adapter_metadata`."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = sd3_model(layers)
+    model.add_adapter(config)
+    paths = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if ".lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+        path = directory / f"adapter{index}"
+        model.save_lora_adapter(path, weight_name=SD3_FILE)
+        if bare:
+            save_file(load_file(path / SD3_FILE), path / SD3_FILE, metadata={"format": "pt"})
+        paths.append(path)
+    return paths
 
 
 class _Loop:
@@ -65,14 +121,35 @@ class _Loop:
         import peft
         import transformers
 
+        import fastkeys.diffusers
         import fastkeys.peft
         import fastkeys.transformers
 
         self.first: Callable[[Any, Path], Any]
         self.reference: Callable[[Any, Path, str], Any]
         self.ours: Callable[..., dict[str, Any]]
-        self.library = "transformers" if method.startswith("transformers_") else "peft"
-        if self.library == "transformers":
+        self.base: Callable[[int], Any] = base_model
+        self.save: Callable[[Path, int, int, Any], list[Path]] = save_adapters
+        self.library = method.split("_")[0] if method.startswith(("transformers_", "diffusers_")) else "peft"
+        if self.library == "diffusers":
+            import diffusers
+
+            diffusers.utils.logging.set_verbosity_error()  # its per-load warning about other adapters
+            bare = method == "diffusers_lora_bare"
+            self.base = sd3_model
+            self.save = lambda directory, layers, count, config: save_sd3_adapters(
+                directory, layers, count, config, bare
+            )
+
+            def load(model: Any, path: Path, name: str) -> Any:
+                return model.load_lora_adapter(
+                    str(path), adapter_name=name, prefix=None, weight_name=SD3_FILE
+                )
+
+            self.first = lambda model, path: (load(model, path, "a0"), model)[1]
+            self.reference = load
+            self.ours = functools.partial(fastkeys.diffusers.load_adapters, prefix=None)
+        elif self.library == "transformers":
             # the LOAD REPORT transformers logs on every load (other adapters' tensors as MISSING)
             # is not printed, nor its progress bar: its loop is timed without them
             transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
@@ -99,13 +176,13 @@ def _profiled(profile: cProfile.Profile, function: Callable[..., Any]) -> Callab
 
 def run_method(method: str, adapters: int, layers: int, scratch: Path) -> dict[str, Any]:
     loop = _Loop(method)
-    paths = save_adapters(scratch / method, layers, min(adapters + 1, 8), configs()[method]())
+    paths = loop.save(scratch / method, layers, min(adapters + 1, 8), configs()[method]())
 
     def path(index: int) -> Path:
         return paths[index % len(paths)]
 
-    reference = loop.first(base_model(layers), path(0))
-    ours = loop.first(base_model(layers), path(0))
+    reference = loop.first(loop.base(layers), path(0))
+    ours = loop.first(loop.base(layers), path(0))
     per_adapter: dict[str, list[float]] = {"peft": [], "fastkeys": []}  # "peft": the library's loop
     loaders: dict[str, int] = {}
     reasons: set[str] = set()

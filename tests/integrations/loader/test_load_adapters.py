@@ -227,27 +227,57 @@ def test_a_long_target_list_is_condensed_as_peft_condenses_it(tmp_path: Path) ->
     """PEFT replaces a list of 20 or more target names by the shortest suffixes that tell them from
     every other module name, and keeps that in the config; the fast path does the same. Two kinds
     of modules in every layer condense, every module condenses to its kind; one layer's modules
-    cannot be told from the other layer's by a shorter suffix, and PEFT keeps that list whole."""
+    cannot be told from the other layer's by a shorter suffix, and PEFT keeps that list whole. An
+    adapter named `gone_3` puts that name inside every layer it targets: the next list cannot
+    shorten its target `zz.gone_3` to `gone_3` any more."""
     first = save_seeded_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "first")
     full = [f"model.layers.{i}.{kind}.{m}" for i in (0, 1) for kind, ms in
             (("self_attn", LLAMA_MODULES[:4]), ("mlp", LLAMA_MODULES[4:])) for m in ms]  # fmt: skip
+    gone = [f"gone_{i}" for i in range(16) if i != 3] + ["zz.gone_3"]
+    qv = [name for name in full if name.endswith(("q_proj", "v_proj"))] + gone
     lists = {
-        "qv": [name for name in full if name.endswith(("q_proj", "v_proj"))]
-        + [f"gone_{i}" for i in range(17)],
+        "qv": qv,
         "layer0": [name for name in full if ".0." in name] + [f"model.gone.{i}.up_proj" for i in range(13)],
         "all": [*full, *(f"x{i}" for i in range(6))],
+        "gone_3": qv,
+        "after": qv,
     }
     adapters = {
         name: save_seeded_adapter(peft.LoraConfig(r=2, target_modules=names), tmp_path / name, seed=i)
         for i, (name, names) in enumerate(lists.items())
     }
+    for name, directory in adapters.items():  # saved condensed: the whole list again, as diffusers has it
+        config = json.loads((directory / "adapter_config.json").read_text())
+        (directory / "adapter_config.json").write_text(json.dumps({**config, "target_modules": lists[name]}))
     expected, actual, results = both_loops(tiny_llama, first, adapters, tmp_path)
     assert {name: (r.loader, r.reason) for name, r in results.items()} == {
         name: ("fastkeys", None) for name in adapters
     }
     assert_same_state(end_state(expected), end_state(actual))
-    kept = {name: len(actual.peft_config[name].target_modules) for name in adapters}
-    assert kept == {"qv": 2 + 17, "layer0": len(lists["layer0"]), "all": len(LLAMA_MODULES) + 6}
+    kept = {name: actual.peft_config[name].target_modules for name in adapters}
+    short = {"q_proj", "v_proj", *gone[:-1]}
+    assert kept == {
+        "qv": {*short, "gone_3"},
+        "layer0": set(lists["layer0"]),
+        "all": {*LLAMA_MODULES, *(f"x{i}" for i in range(6))},
+        "gone_3": {*short, "gone_3"},
+        "after": {*short, "zz.gone_3"},
+    }
+
+
+def test_the_names_condensing_reads_are_named_modules_own() -> None:
+    """`plan._names_ending_in` against `named_modules()`: a module reached under two names (tied
+    embeddings, a module registered twice) is named once, by its first name in the walk."""
+    from fastkeys.integrations.loader import plan
+
+    model = tiny_llama()
+    model.lm_head = model.model.embed_tokens  # tied: the second name is not yielded
+    model.model.layers[1].mlp.again = model.model.layers[0].self_attn.q_proj
+    model.model.layers[0].self_attn.again = model.model.layers[1].mlp.up_proj
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "up_proj"]))
+    for last in ({"q_proj", "lm_head", "embed_tokens"}, {"again", "default", "up_proj"}, {"none"}):
+        expected = [name for name, _m in model.named_modules() if name and name.rpartition(".")[2] in last]
+        assert plan._names_ending_in(model, last) == expected, last
 
 
 def test_other_methods_go_through_peft(tmp_path: Path) -> None:

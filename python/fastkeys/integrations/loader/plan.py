@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from fastkeys.checkpoints.scan import Checkpoint
 from fastkeys.integrations.loader import boundary
@@ -46,10 +47,14 @@ def condense_targets(tuner: Any, config: Any) -> None:
     """What PEFT's `inject_adapter` does to a long `target_modules` list before matching: with
     `MIN_TARGET_MODULES_FOR_OPTIMIZATION` names or more (diffusers' configs read off a file list
     every module), it keeps the shortest suffixes that still tell the targets from every other
-    module name, by PEFT's own `_find_minimal_target_modules`, and stores them in the config. The
-    other names are every name `named_modules()` yields, tuner internals included (an adapter named
-    like a target's last segment changes the answer), so this walk grows with the adapters held;
-    it runs only for such lists. IA3 is left as it is, as PEFT leaves it."""
+    module name, by PEFT's own `_find_minimal_target_modules`, and stores them in the config. IA3
+    is left as it is, as PEFT leaves it.
+
+    PEFT's other names are every name `named_modules()` yields, tuner internals included (an
+    adapter named like a target's last segment changes the answer). PEFT only asks whether a
+    suffix of a target is a suffix of another name, which needs the other name to end in a
+    target's last segment: only those are passed, the same answer from a walk that builds no name
+    for the rest (`_names_ending_in`)."""
     targets = config.target_modules
     if (
         not isinstance(targets, (list, set))
@@ -59,14 +64,40 @@ def condense_targets(tuner: Any, config: Any) -> None:
         return
     named = set(targets)
     suffixes = tuple("." + suffix for suffix in targets)
+    last = {target.rpartition(".")[2] for target in targets}
     others = [
         name
-        for name, _module in tuner.model.named_modules()
+        for name in _names_ending_in(tuner.model, last)
         if name not in named and not name.endswith(suffixes)
     ]
     condensed = boundary.find_minimal_target_modules(targets, others)
     if len(condensed) < len(targets):
         config.target_modules = condensed
+
+
+def _names_ending_in(model: nn.Module, last: set[str]) -> list[str]:
+    """The names `model.named_modules()` yields (its preorder walk, a module reached twice named
+    once) whose last segment is in `last`; a name is built only for those."""
+    found: list[str] = []
+    memo: set[int] = set()
+    # (module, its key in its parent, the parent's entry): a name is the chain of keys
+    stack: list[tuple[nn.Module, str, Any]] = [(model, "", None)]
+    while stack:
+        entry = stack.pop()
+        module, key, _parent = entry
+        if id(module) in memo:
+            continue
+        memo.add(id(module))
+        if key in last and entry[2] is not None:
+            keys = []
+            link: Any = entry
+            while link[2] is not None:
+                keys.append(link[1])
+                link = link[2]
+            found.append(".".join(reversed(keys)))
+        children = [(child, name, entry) for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
+    return found
 
 
 def selected(tuner: Any, config: Any, index: ModelIndex) -> list[str]:
