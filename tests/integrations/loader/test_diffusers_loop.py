@@ -141,6 +141,16 @@ def test_lora_files_end_like_diffusers_loop(tmp_path: Path, model: str) -> None:
     assert expected.active_adapters() == actual.active_adapters() == ["g"]
 
 
+def test_low_cpu_mem_usage_ends_like_diffusers_loop(tmp_path: Path) -> None:
+    first = lora_file("sd3", tmp_path / "first", 1)
+    adapters = {"b": lora_file("sd3", tmp_path / "b", 2), "c": lora_file("sd3", tmp_path / "c", 3, r=4)}
+    expected = diffusers_loop("sd3", {"first": first, **adapters}, prefix=None, low_cpu_mem_usage=True)
+    actual = diffusers_loop("sd3", {"first": first}, prefix=None, low_cpu_mem_usage=True)
+    results = fastkeys.diffusers.load_adapters(actual, adapters, prefix=None, low_cpu_mem_usage=True)
+    assert {r.loader for r in results.values()} == {"fastkeys"}
+    assert_same(expected, actual)
+
+
 def test_a_pipeline_file_under_a_prefix_and_a_single_file_path(tmp_path: Path) -> None:
     first = lora_file("sd3", tmp_path / "first", 1, prefix="transformer")
     second = lora_file("sd3", tmp_path / "second", 2, prefix="transformer", r=4)

@@ -263,6 +263,17 @@ def test_a_long_target_list_is_condensed_as_peft_condenses_it(tmp_path: Path) ->
         "gone_3": {*short, "gone_3"},
         "after": {*short, "zz.gone_3"},
     }
+    # every method but IA3 is condensed the same way (LoHa's own layer code runs on each target)
+    first = save_seeded_adapter(peft.LoHaConfig(r=2, target_modules=["q_proj"]), tmp_path / "loha-first")
+    loha = save_seeded_adapter(peft.LoHaConfig(r=2, target_modules=qv), tmp_path / "loha")
+    config = json.loads((loha / "adapter_config.json").read_text())
+    (loha / "adapter_config.json").write_text(json.dumps({**config, "target_modules": qv}))
+    expected, actual, results = both_loops(tiny_llama, first, {"loha": loha}, tmp_path)
+    assert (results["loha"].loader, actual.peft_config["loha"].target_modules) == (
+        "fastkeys",
+        {*short, "gone_3"},
+    )
+    assert_same_state(end_state(expected), end_state(actual))
 
 
 def test_the_names_condensing_reads_are_named_modules_own() -> None:
