@@ -151,6 +151,45 @@ def test_low_cpu_mem_usage_ends_like_diffusers_loop(tmp_path: Path) -> None:
     assert_same(expected, actual)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_inference_mode_files_keep_every_training_flag_as_diffusers_does(tmp_path: Path, mode: str) -> None:
+    """A file saved with `inference_mode=True` loads frozen; diffusers calls no `eval()` (PEFT's and
+    transformers' loaders do), so every module keeps its training flag, the new ones included."""
+    first = lora_file("sd3", tmp_path / "first", 1)
+    adapters = {
+        "x": lora_file("sd3", tmp_path / "x", 2, inference_mode=True),
+        "y": lora_file("sd3", tmp_path / "y", 3),
+    }
+
+    def start(names: dict[str, Path]) -> Any:
+        model = tiny_sd3_transformer()
+        model.train(mode == "train")
+        for name, directory in names.items():
+            model.load_lora_adapter(
+                str(directory), adapter_name=name, prefix=None, weight_name=DIFFUSERS_FILE
+            )
+        return model
+
+    expected, actual = start({"first": first, **adapters}), start({"first": first})
+    results = fastkeys.diffusers.load_adapters(actual, adapters, prefix=None)
+    assert {r.loader for r in results.values()} == {"fastkeys"}
+    assert_same(expected, actual)
+    assert not any(p.requires_grad for n, p in actual.named_parameters() if ".x." in n)
+
+
+def test_a_compiled_model_loads_into_the_module_it_wraps(tmp_path: Path) -> None:
+    first = lora_file("sd3", tmp_path / "first", 1)
+    second = lora_file("sd3", tmp_path / "second", 2)
+    expected: Any = torch.compile(
+        diffusers_loop("sd3", {"first": first}, prefix=None)
+    )  # compiles when called
+    expected.load_lora_adapter(str(second), adapter_name="second", prefix=None, weight_name=DIFFUSERS_FILE)
+    compiled: Any = torch.compile(diffusers_loop("sd3", {"first": first}, prefix=None))
+    results = fastkeys.diffusers.load_adapters(compiled, {"second": second}, prefix=None)
+    assert results["second"].loader == "fastkeys"
+    assert_same(expected._orig_mod, compiled._orig_mod)
+
+
 def test_a_pipeline_file_under_a_prefix_and_a_single_file_path(tmp_path: Path) -> None:
     first = lora_file("sd3", tmp_path / "first", 1, prefix="transformer")
     second = lora_file("sd3", tmp_path / "second", 2, prefix="transformer", r=4)
@@ -174,26 +213,34 @@ def test_the_first_adapter_is_diffusers_and_the_rest_fast(tmp_path: Path) -> Non
     assert_same(expected, actual)
 
 
-def _old_layout(directory: Path) -> Path:
-    """diffusers' attention-processor layout (`.lora.down.weight`), which it converts to PEFT's."""
-    file = directory / DIFFUSERS_FILE
-    with safe_open(str(file), "pt") as opened:
-        tensors = {
-            key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): opened.get_tensor(key)
-            for key in opened.keys()  # noqa: SIM118
-        }
-    save_file(tensors, str(file), metadata={"format": "pt"})
-    return directory
-
-
-def _without_one_tensor(directory: Path) -> Path:
+def rewrite_file(
+    directory: Path, edit: Callable[[dict[str, torch.Tensor]], object], metadata: dict[str, str] | None = None
+) -> Path:
+    """The LoRA file in `directory` rewritten: `edit` changes its tensors in place; the header's
+    metadata kept, or `metadata` instead."""
     file = directory / DIFFUSERS_FILE
     with safe_open(str(file), "pt") as opened:
         tensors = {key: opened.get_tensor(key) for key in opened.keys()}  # noqa: SIM118
         header = opened.metadata()
-    tensors.pop(sorted(tensors)[-1])
-    save_file(tensors, str(file), metadata=header)
+    edit(tensors)
+    save_file(tensors, str(file), metadata=header if metadata is None else metadata)
     return directory
+
+
+def _old_layout(directory: Path) -> Path:
+    """diffusers' attention-processor layout (`.lora.down.weight`), which it converts to PEFT's."""
+
+    def rename(tensors: dict[str, torch.Tensor]) -> None:
+        for key in list(tensors):
+            tensors[key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")] = tensors.pop(
+                key
+            )
+
+    return rewrite_file(directory, rename, {"format": "pt"})
+
+
+def _without_one_tensor(directory: Path) -> Path:
+    return rewrite_file(directory, lambda tensors: tensors.pop(sorted(tensors)[-1]))
 
 
 # each: (what makes the load diffusers', the words of the reason)
@@ -248,6 +295,39 @@ def test_an_existing_name_is_diffusers_error_and_changes_nothing(tmp_path: Path)
     assert_same_state(before, adapted_state(model))
 
 
+# each: the key a hostile file adds (zeros of the tensor's shape), what the refusal names
+FOREIGN = {
+    "base weight": ("proj_out.weight", "a weight of the base model"),
+    "a tuner layer's base weight": (
+        "transformer_blocks.0.attn.to_q.base_layer.weight",
+        "a weight of the base model",
+    ),
+    "another adapter's weight": (
+        "transformer_blocks.0.attn.to_q.lora_A.first.weight",
+        "another adapter's weights",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN))
+def test_a_file_writing_what_is_not_its_own_is_refused_and_every_value_restored(
+    tmp_path: Path, case: str
+) -> None:
+    """diffusers copies a file's tensors into the existing ones in place: a key naming a base
+    weight or another adapter's tensor is refused before the copy, and the values are as before."""
+    key, words = FOREIGN[case]
+    first = lora_file("sd3", tmp_path / "first", 1)
+    model = diffusers_loop("sd3", {"first": first}, prefix=None)
+    shape = model.get_parameter(key).shape
+    directory = rewrite_file(
+        lora_file("sd3", tmp_path / "x", 2), lambda t: t.update({key: torch.zeros(shape)})
+    )
+    before = adapted_state(model)
+    with pytest.raises(ValueError, match=words):
+        fastkeys.diffusers.load_adapters(model, {"x": directory}, prefix=None)
+    assert_same_state(before, adapted_state(model))
+
+
 def test_a_failure_midway_leaves_no_trace_and_keeps_earlier_adapters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -274,14 +354,14 @@ def test_a_failure_midway_leaves_no_trace_and_keeps_earlier_adapters(
 def test_a_wrong_shape_is_refused_naming_the_file_and_changes_nothing(tmp_path: Path) -> None:
     first = lora_file("sd3", tmp_path / "first", 1)
     model = diffusers_loop("sd3", {"first": first}, prefix=None)
-    directory = lora_file("sd3", tmp_path / "x", 2)
-    file = directory / DIFFUSERS_FILE
-    with safe_open(str(file), "pt") as opened:
-        tensors = {key: opened.get_tensor(key) for key in opened.keys()}  # noqa: SIM118
-        header = opened.metadata()
-    key = sorted(k for k in tensors if "lora_A" in k)[0]
-    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
-    save_file(tensors, str(file), metadata=header)
+    wrong: list[str] = []
+
+    def widen(tensors: dict[str, torch.Tensor]) -> None:
+        wrong.append(sorted(k for k in tensors if "lora_A" in k)[0])
+        tensors[wrong[0]] = torch.zeros(tensors[wrong[0]].shape[0], tensors[wrong[0]].shape[1] + 1)
+
+    directory = rewrite_file(lora_file("sd3", tmp_path / "x", 2), widen)
+    key = wrong[0]
     before = adapted_state(model)
     with pytest.raises(ValueError, match=rf"{DIFFUSERS_FILE}: tensor '{key}' has shape"):
         fastkeys.diffusers.load_adapters(model, {"x": directory}, prefix=None)
@@ -327,6 +407,19 @@ def test_hostile_paths_are_refused_before_anything_is_read(tmp_path: Path) -> No
     os.symlink(outside / DIFFUSERS_FILE, linked / DIFFUSERS_FILE)
     with pytest.raises(ValueError, match="outside the checkpoint directory"):
         fastkeys.diffusers.load_adapters(model, {"x": linked}, prefix=None)
+    # a directory elsewhere, reached through weight_name; its file is not even opened (a header
+    # read would fail on these bytes with another error)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / DIFFUSERS_FILE).write_bytes(b"\xff" * 64)
+    os.symlink(elsewhere, linked / "sub")
+    for weight_name in (
+        f"sub/{DIFFUSERS_FILE}",
+        f"../elsewhere/{DIFFUSERS_FILE}",
+        str(elsewhere / DIFFUSERS_FILE),
+    ):
+        with pytest.raises(ValueError, match="outside the checkpoint directory"):
+            fastkeys.diffusers.load_adapters(model, {"x": linked}, prefix=None, weight_name=weight_name)
     fifo = tmp_path / "fifo"
     fifo.mkdir()
     os.mkfifo(fifo / DIFFUSERS_FILE)
@@ -335,12 +428,10 @@ def test_hostile_paths_are_refused_before_anything_is_read(tmp_path: Path) -> No
     with pytest.raises(FileNotFoundError, match=r"weight_name='other\.safetensors'"):
         fastkeys.diffusers.load_adapters(model, {"x": outside}, prefix=None, weight_name="other.safetensors")
     bad = lora_file("sd3", tmp_path / "bad", 3)
-    with safe_open(str(bad / DIFFUSERS_FILE), "pt") as opened:
-        tensors = {key: opened.get_tensor(key) for key in opened.keys()}  # noqa: SIM118
-    save_file(tensors, str(bad / DIFFUSERS_FILE), metadata={"lora_adapter_metadata": '{"r": 2, "nope": 1}'})
+    rewrite_file(bad, lambda t: None, {"lora_adapter_metadata": '{"r": 2, "nope": 1}'})
     with pytest.raises(ValueError, match="its LoRA config is not one PEFT accepts"):
         fastkeys.diffusers.load_adapters(model, {"x": bad}, prefix=None)
-    save_file(tensors, str(bad / DIFFUSERS_FILE), metadata={"lora_adapter_metadata": "[1, 2"})
+    rewrite_file(bad, lambda t: None, {"lora_adapter_metadata": "[1, 2"})
     with pytest.raises(ValueError, match="lora_adapter_metadata is not JSON"):
         fastkeys.diffusers.load_adapters(model, {"x": bad}, prefix=None)
     assert_same_state(before, adapted_state(model))

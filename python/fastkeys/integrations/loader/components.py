@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from fastkeys.checkpoints.scan import Checkpoint, scan
-from fastkeys.integrations import recorder
+from fastkeys.checkpoints.scan import Checkpoint, _inside, scan
 from fastkeys.integrations.loader import policy
 from fastkeys.integrations.loader.api import attempt_fast, check_name
 from fastkeys.integrations.loader.files import read_tensors
@@ -52,8 +52,7 @@ class ComponentSource:
     in it (None when absent, as diffusers reads it) and the tensor names under the prefix."""
 
     def __init__(self, adapter_name: str, path: object, weight_name: str, prefix: str | None) -> None:
-        self.file = _weights_file(adapter_name, path, weight_name)
-        self.directory = self.file.parent
+        self.file, self.directory = _weights_file(adapter_name, path, weight_name)
         self.checkpoint: Checkpoint = scan(self.file)
         self.metadata = _lora_metadata(self.checkpoint, self.file)
         self.prefix = prefix
@@ -105,20 +104,26 @@ class ComponentSource:
         return config, None
 
 
-def _weights_file(adapter_name: str, path: object, weight_name: str) -> Path:
+def _weights_file(adapter_name: str, path: object, weight_name: str) -> tuple[Path, Path]:
+    """(the file, the directory it must lie in): `path` itself and its directory, or `path`'s
+    `weight_name`, which must resolve inside `path` (no `..`, no link to a directory elsewhere).
+    Checked before the file is opened."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(
             f"adapter {adapter_name!r}: the checkpoint must be a .safetensors file or a directory "
             f"path, not {type(path).__name__}"
         )
     file = Path(path)
+    directory = file if file.is_dir() else file.parent
     if file.is_dir():
         file = file / weight_name
     if not file.is_file() or file.suffix != ".safetensors":
         raise FileNotFoundError(
             2, f"adapter {adapter_name!r}: no .safetensors file (weight_name={weight_name!r})", str(file)
         )
-    return file
+    if not _inside(directory, os.path.realpath(file)):
+        raise ValueError(f"{file}: lies outside the checkpoint directory {directory}")
+    return file, directory
 
 
 def _lora_metadata(checkpoint: Checkpoint, file: Path) -> dict[str, Any] | None:
@@ -157,6 +162,13 @@ def _model_refusal(model: Any, adapter_name: str, config: Any, index: ModelIndex
     return policy.model_refusal(host, adapter_name, index, config, wrappers=False)
 
 
+def unwrapped(model: Any) -> Any:
+    """The module a `torch.compile`d model wraps: diffusers' `load_lora_adapter` on the compiled
+    model runs on it (the method is looked up there), and so does this loader."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
+
+
 def load_one(
     model: Any,
     adapter_name: str,
@@ -171,6 +183,7 @@ def load_one(
     low_cpu_mem_usage=low_cpu_mem_usage)`: by the fast path where it was verified, else by
     diffusers; either way all or nothing."""
     check_name(adapter_name)
+    model = unwrapped(model)
     source = ComponentSource(adapter_name, path, weight_name, prefix)
     index = ModelIndex(model)
     import diffusers
@@ -187,8 +200,8 @@ def load_one(
         def fast_load(tx: Transaction) -> None:
             host = Host(model, fresh_tuner(model, LORA.tuner, adapter_name))
             tx.record_entries(host.peft_config, adapter_name)
-            # inject_adapter_in_model casts no dtype; the config's own inference_mode decides
-            options = Options(not config.inference_mode, False, low_cpu_mem_usage)
+            # inject_adapter_in_model casts no dtype; the config's own inference_mode decides which
+            # tensors need gradients, and diffusers calls no eval()
             load_fast(
                 host,
                 adapter_name,
@@ -197,8 +210,9 @@ def load_one(
                 source.directory,
                 index,
                 tx,
-                options,
+                Options(not config.inference_mode, False, low_cpu_mem_usage),
                 stored_under=source.stored_under,
+                ends_in_eval=False,
             )
 
         reason = attempt_fast(fast_load)
@@ -234,14 +248,7 @@ def _diffusers_load(
             metadata=source.metadata,
             low_cpu_mem_usage=low_cpu_mem_usage,
         ),
+        "diffusers",
     )
     del info  # load_lora_adapter returns None
-    if judged is None:
-        import diffusers
-
-        raise recorder.missing_internal(
-            diffusers,
-            "diffusers loading LoRA weights through peft.set_peft_model_state_dict",
-            recorder.INSTEAD,
-        )
     return AdapterLoadResult(list(judged.verdict), list(judged.unexpected), DIFFUSERS, reason, written)

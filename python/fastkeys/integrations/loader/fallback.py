@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -101,7 +101,7 @@ def record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> set
     LoRA adapter's Linear and dropout leaves: nearly all the modules of a model holding many
     adapters). Of those PEFT's load changes only flags (`set_adapter`'s `requires_grad`, `eval()`'s
     `training`), which are recorded; a write to their tensors, or to any other adapter's, is refused
-    before torch copies (`_guarded_writes`, given the ids this returns).
+    before torch copies (`guarded_writes`, given the ids this returns).
     tests/integrations/loader/test_loading_fails_closed.py checks this against PEFT's own loads."""
     with collector_paused():
         full, flagged, others = split_adapters(model, adapter_name)
@@ -195,7 +195,7 @@ def merged_base_tensors(model: nn.Module) -> list[torch.Tensor]:
     ]
 
 
-def saved_by_peft(module_path: str, attribute: str, config: dict[str, object]) -> bool:
+def saved_by_peft(module_path: str, attribute: str, config: Mapping[str, object]) -> bool:
     """Whether PEFT's own saving writes this base weight into an adapter checkpoint: an embedding
     (`save_embedding_layers`, a resized vocabulary), or a bias when the adapter trains biases."""
     if attribute == "bias" and config.get("bias") not in (None, "none"):
@@ -205,11 +205,11 @@ def saved_by_peft(module_path: str, attribute: str, config: dict[str, object]) -
 
 
 @contextmanager
-def _guarded_writes(
+def guarded_writes(
     top: nn.Module,
     base: BaseWeights,
     adapter_name: str,
-    config: dict[str, object],
+    config: Mapping[str, object],
     tx: Transaction,
     others: set[int],
 ) -> Iterator[None]:
@@ -289,7 +289,7 @@ def peft_load(
             boundary.recorded_results() as records,
             boundary.fed_tensors(str(placeholder), tensors),
             linear_time_matching(),
-            _guarded_writes(top, base, adapter_name, config, tx, others),
+            guarded_writes(top, base, adapter_name, config, tx, others),
             settled_heap(),
         ):
             returned = call(str(directory))

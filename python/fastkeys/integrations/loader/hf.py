@@ -19,8 +19,9 @@ through transformers' own `load_adapter`, fed the config and the tensors fastkey
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from fastkeys.integrations.loader import boundary, policy
 from fastkeys.integrations.loader.api import Source, attempt_fast, check_name, checkpoint_directory
 from fastkeys.integrations.loader.fallback import (
     BaseWeights,
+    guarded_writes,
     merged_base_tensors,
     saved_by_peft,
     special_init_targets,
@@ -216,15 +218,8 @@ def _transformers_load(
             adapter_state_dict=dict(tensors),
             is_trainable=is_trainable,
         ),
+        "transformers",
     )
-    if judged is None:
-        import transformers
-
-        raise recorder.missing_internal(
-            transformers,
-            "load_adapter loading through PreTrainedModel._load_pretrained_model",
-            recorder.INSTEAD,
-        )
     unexpected = sorted(getattr(info, "unexpected_keys", ()) or ())
     return AdapterLoadResult(list(judged.verdict), unexpected, TRANSFORMERS, reason, written)
 
@@ -233,20 +228,24 @@ def guarded_load(
     model: Any,
     adapter_name: str,
     config: Any,
-    config_dict: dict[str, Any] | None,
+    config_dict: Mapping[str, Any] | None,
     index: ModelIndex,
     directory: Path,
     call: Callable[[], Any],
-) -> tuple[Any, recorder.Judged | None, list[str]]:
+    library: str,
+) -> tuple[Any, recorder.Judged, list[str]]:
     """`call()`, a library's own load of one adapter into a model that is not a PeftModel
     (transformers', diffusers'), fed the checked config and tensors, under a transaction: every
     module recorded, the values of an adapter it replaces (a hotswap) and of the base weights a
-    special initialisation rewrites (PiSSA, OLoRA, ...) protected. A checkpoint that writes a base
-    weight PEFT does not save, or another adapter's tensor, is refused (ValueError) and rolled
-    back; the special initialisation's own writes are what the library's loop does too, and are
-    reported. `config` may be None and `config_dict` None where only the library knows the config
-    before the load (diffusers builds it from the file): then the config the load left in the
-    model's `peft_config` decides which base weights PEFT saves.
+    special initialisation rewrites (PiSSA, OLoRA, ...) protected, and every `load_state_dict` that
+    reaches the model checked before torch copies (`fallback.guarded_writes`: diffusers copies into
+    the existing tensors, whose values are protected first). A checkpoint that writes a base weight
+    PEFT does not save, or another adapter's tensor, is refused (ValueError) and rolled back; the
+    special initialisation's own writes are what the library's loop does too, and are reported.
+    `config` may be None and `config_dict` None where only the library knows the config before the
+    load (diffusers builds it from the file): then the config the load puts in the model's
+    `peft_config` decides which base weights PEFT saves. A load whose result fastkeys did not see
+    (`library`'s loader went another way) is rolled back too.
     (what `call` returned, fastkeys' verdict on the raw load, the base weights written)."""
     tx = Transaction()
     tx.record_all(model.modules())
@@ -258,21 +257,20 @@ def guarded_load(
         tx.protect(tensor)
     others = split_adapters(model, adapter_name)[2]
     base = BaseWeights(model)
+    saved = config_dict if config_dict is not None else _LoadedConfig(model, adapter_name)
     try:
         with (
             recorder.loading(adapter_name) as load,
             linear_time_matching(),
+            guarded_writes(model, base, adapter_name, saved, tx, {id(other[2]) for other in others}),
             settled_heap(),
         ):
             info = call()
         load.raise_error()
-        if config_dict is None:
-            built = (getattr(model, "peft_config", None) or {}).get(adapter_name)
-            config_dict = built.to_dict() if built is not None else {}
         foreign = [
             name
             for name in base.changed()  # copied from the checkpoint: a new tensor or a new version
-            if not saved_by_peft(*name.rpartition(".")[::2], config_dict)
+            if not saved_by_peft(*name.rpartition(".")[::2], saved)
         ]
         if foreign:
             raise ValueError(
@@ -300,7 +298,36 @@ def guarded_load(
             )
         written = base.changed(tx.differs)
         judged = load.result_for(model)
+        if judged is None:
+            raise recorder.missing_internal(
+                importlib.import_module(library),
+                f"{library} loading adapters through PEFT's set_peft_model_state_dict or "
+                "transformers' PreTrainedModel._load_pretrained_model",
+                recorder.INSTEAD,
+            )
     except BaseException:
         tx.roll_back()
         raise
     return info, judged, written
+
+
+class _LoadedConfig(Mapping[str, Any]):
+    """The config a library builds during its load (diffusers, from the file) as `to_dict()`
+    reads it, looked up when asked: empty until the load has put it in the model's `peft_config`."""
+
+    def __init__(self, model: Any, adapter_name: str) -> None:
+        self._model = model
+        self._name = adapter_name
+
+    def _fields(self) -> dict[str, Any]:
+        built = (getattr(self._model, "peft_config", None) or {}).get(self._name)
+        return built.to_dict() if built is not None else {}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._fields()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields())
+
+    def __len__(self) -> int:
+        return len(self._fields())

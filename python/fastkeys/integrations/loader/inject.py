@@ -56,9 +56,11 @@ def load_fast(
     tx: Transaction,
     options: Options,
     stored_under: str | None = None,
+    ends_in_eval: bool = True,
 ) -> list[Any]:
     """Adds the adapter; returns the tuner layers that now hold it. `stored_under`: as in
-    `plan.make_plan` (diffusers' checkpoints)."""
+    `plan.make_plan` (diffusers' checkpoints); `ends_in_eval`: a load that is not trainable ends
+    with the model's `eval()` (PEFT's and transformers' loaders; diffusers' does not)."""
     is_trainable, autocast_adapter_dtype, low_cpu_mem_usage = options
     tuner = peft_model.base_model
     method = method_of(config)
@@ -188,7 +190,7 @@ def load_fast(
             for delta in deltas:
                 delta.requires_grad_(True)
         _extend_unique(tuner.targeted_module_names, plan.targets)
-        if not is_trainable:
+        if not is_trainable and ends_in_eval:
             if any(m.training for wrapper in index.wrappers.values() for m in wrapper.modules()):
                 tx.record_training(peft_model.modules())
                 peft_model.eval()

@@ -77,7 +77,7 @@ def condense_targets(tuner: Any, config: Any) -> None:
 
 def _names_ending_in(model: nn.Module, last: set[str]) -> list[str]:
     """The names `model.named_modules()` yields (its preorder walk, a module reached twice named
-    once) whose last segment is in `last`; a name is built only for those."""
+    once; the root is "") whose last segment is in `last`; a name is built only for those."""
     found: list[str] = []
     memo: set[int] = set()
     # (module, its key in its parent, the parent's entry): a name is the chain of keys
@@ -88,7 +88,7 @@ def _names_ending_in(model: nn.Module, last: set[str]) -> list[str]:
         if id(module) in memo:
             continue
         memo.add(id(module))
-        if key in last and entry[2] is not None:
+        if key in last:  # the root's name is "" (a target ending in "." has that last segment)
             keys = []
             link: Any = entry
             while link[2] is not None:
