@@ -135,7 +135,7 @@ def load_one(
     options = {**fast._asdict(), "torch_device": torch_device}
     tensors = source.tensors()
     tx = Transaction()
-    others = record_for_load(tx, peft_model, adapter_name)
+    recorded = record_for_load(tx, peft_model, adapter_name)
     try:
         _returned, raw, written = peft_load(
             lambda directory: peft_model.load_adapter(directory, adapter_name, **options),
@@ -145,8 +145,9 @@ def load_one(
             source.config_dict,
             tensors,
             tx,
-            special_init_targets(source.config, index.modules) + merged_base_tensors(peft_model),
-            others,
+            special_init_targets(source.config, index.modules) + merged_base_tensors(recorded.modules),
+            recorded.others,
+            recorded.existing,
         )
     except BaseException:
         tx.roll_back()

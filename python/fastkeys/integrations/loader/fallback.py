@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -95,7 +95,17 @@ def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         stack.extend(reversed(children))
 
 
-def record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> set[int]:
+class Recorded(NamedTuple):
+    """What `record_for_load` found: the ids of the other adapters' tensors, the ids of every tensor
+    in the model (both for `guarded_writes`), and every module but the other adapters' inside tuner
+    layers (where merged layers are: `merged_base_tensors`)."""
+
+    others: set[int]
+    existing: set[int]
+    modules: list[nn.Module]
+
+
+def record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> Recorded:
     """What PEFT's `load_adapter` of `adapter_name` into `model` may change, recorded for the
     rollback: every module in full, but the modules of the other adapters inside tuner layers (each
     LoRA adapter's Linear and dropout leaves: nearly all the modules of a model holding many
@@ -107,8 +117,17 @@ def record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> set
         full, flagged, others = split_adapters(model, adapter_name)
         tx.record_all(full)
         tx.record_training(flagged)
-        tx.record_grads(p for module in flagged for p in module._parameters.values() if p is not None)
-    return {id(tensor) for _owner, _attribute, tensor, _version in others}
+        # the flagged modules' parameters are among the other adapters' tensors (whose every
+        # requires_grad is recorded: restoring a flag that did not change changes nothing)
+        tx.record_grads(tensor for _owner, _attribute, tensor, _version in others)
+        other_ids = {id(tensor) for _owner, _attribute, tensor, _version in others}
+        # the flagged modules' tensors are all among the others'
+        return Recorded(other_ids, other_ids | tensor_ids(full), full)
+
+
+def tensor_ids(modules: Iterable[nn.Module]) -> set[int]:
+    """The ids of the parameters and buffers the modules hold themselves."""
+    return {id(t) for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None}
 
 
 _CONTAINERS = (nn.ModuleDict, nn.ParameterDict, boundary.BufferDict)
@@ -126,11 +145,13 @@ def split_adapters(
     flagged: list[nn.Module] = []
     others: list[tuple[nn.Module, str, torch.Tensor, int]] = []
 
+    append = others.append
+
     def owned(modules: Any) -> None:
         for module in modules:
             for attribute, tensor in (*module._parameters.items(), *module._buffers.items()):
                 if tensor is not None:
-                    others.append((module, attribute, tensor, tensor._version))
+                    append((module, attribute, tensor, tensor._version))
 
     seen: set[int] = set()
     stack: list[nn.Module] = [model]
@@ -160,11 +181,21 @@ def split_adapters(
                 if key == adapter_name:
                     stack.append(entry)
                     continue
-                inner = list(entry.modules())
-                owned(inner)
-                if only_flags:
-                    flagged.extend(inner)
-                else:
+                if entry._modules:
+                    inner = list(entry.modules())
+                    owned(inner)
+                    if only_flags:
+                        flagged.extend(inner)
+                else:  # a leaf (LoRA's Linear and dropout): `owned` inlined, the hot path
+                    for attribute, tensor in entry._parameters.items():
+                        if tensor is not None:
+                            append((entry, attribute, tensor, tensor._version))
+                    for attribute, tensor in entry._buffers.items():
+                        if tensor is not None:
+                            append((entry, attribute, tensor, tensor._version))
+                    if only_flags:
+                        flagged.append(entry)
+                if not only_flags:
                     stack.append(entry)
     return full, flagged, others
 
@@ -184,12 +215,14 @@ def _adapter_entry(top: nn.Module, local: str) -> str | None:
     return None
 
 
-def merged_base_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The base weights of tuner layers with merged adapters: PEFT's `set_adapter`, which a load
-    runs, unmerges them in place (`.data -=`, no new version)."""
+def merged_base_tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
+    """The base weights of the tuner layers among `modules` with merged adapters: PEFT's
+    `set_adapter`, which a load runs, unmerges them in place (`.data -=`, no new version). The
+    tuner layers are all among `split_adapters`' modules to record in full (a cheaper walk than
+    `model.modules()` once the model holds many adapters)."""
     return [
         tensor
-        for module in model.modules()
+        for module in modules
         if isinstance(module, boundary.BaseTunerLayer) and module.merged_adapters
         for tensor in module.get_base_layer().parameters()
     ]
@@ -212,12 +245,15 @@ def guarded_writes(
     config: Mapping[str, object],
     tx: Transaction,
     others: set[int],
+    existing: set[int] | None = None,
 ) -> Iterator[None]:
     """While open, every `load_state_dict` that reaches `top` (the PeftModel: the tuner holds
     tensors too, VB-LoRA's vector bank) is checked before torch copies: see the module docstring.
     `others`: the ids of the other adapters' tensors (`record_for_load`), refused whatever the key
-    says (an adapter named `model` or `0` is a segment of every key)."""
-    existing = {id(t) for m in top.modules() for t in (*m._parameters.values(), *m._buffers.values())}
+    says (an adapter named `model` or `0` is a segment of every key); `existing`: the ids of every
+    tensor in `top` before the load (`record_for_load`'s; None: read here)."""
+    if existing is None:
+        existing = tensor_ids(top.modules())
 
     def check(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
         for key in state_dict:
@@ -271,11 +307,13 @@ def peft_load(
     tx: Transaction,
     protect: list[torch.Tensor],
     others: set[int],
+    existing: set[int] | None = None,
 ) -> tuple[Any, Any, list[str]]:
     """Runs `call(directory)` (PEFT's `load_adapter` or `from_pretrained` on a scratch directory
     holding `config`, fed `tensors`) under the rules above: `top` is the model PEFT loads the state
     dict into, `base_model` the base model under it, `others` the ids of the other adapters'
-    tensors. The caller recorded the model in `tx` and rolls it back if this raises. Returns (PEFT's
+    tensors, `existing` the ids of every tensor (`guarded_writes`). The caller recorded the model in
+    `tx` and rolls it back if this raises. Returns (PEFT's
     return value, torch's raw load result, the base weights the load changed)."""
     base = BaseWeights(base_model)
     for tensor in protect:
@@ -289,7 +327,7 @@ def peft_load(
             boundary.recorded_results() as records,
             boundary.fed_tensors(str(placeholder), tensors),
             linear_time_matching(),
-            guarded_writes(top, base, adapter_name, config, tx, others),
+            guarded_writes(top, base, adapter_name, config, tx, others, existing),
             settled_heap(),
         ):
             returned = call(str(directory))

@@ -37,6 +37,7 @@ from fastkeys.integrations.loader.fallback import (
     saved_by_peft,
     special_init_targets,
     split_adapters,
+    tensor_ids,
 )
 from fastkeys.integrations.loader.index import ModelIndex
 from fastkeys.integrations.loader.inject import adapter_parameters, load_fast
@@ -253,16 +254,17 @@ def guarded_load(
         for name, layer in index.layers.items():
             for parameter in adapter_parameters(layer, adapter_name, name).values():
                 tx.protect(parameter)
-    for tensor in special_init_targets(config, index.modules) + merged_base_tensors(model):
+    full, _flagged, others = split_adapters(model, adapter_name)
+    for tensor in special_init_targets(config, index.modules) + merged_base_tensors(full):
         tx.protect(tensor)
-    others = split_adapters(model, adapter_name)[2]
+    other_ids = {id(other[2]) for other in others}
     base = BaseWeights(model)
     saved = config_dict if config_dict is not None else _LoadedConfig(model, adapter_name)
     try:
         with (
             recorder.loading(adapter_name) as load,
             linear_time_matching(),
-            guarded_writes(model, base, adapter_name, saved, tx, {id(other[2]) for other in others}),
+            guarded_writes(model, base, adapter_name, saved, tx, other_ids, other_ids | tensor_ids(full)),
             settled_heap(),
         ):
             info = call()

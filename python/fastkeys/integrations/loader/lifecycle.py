@@ -439,7 +439,7 @@ class _State:
 def _with_peft(peft_model: Any, reason: str, call: Callable[[], Any]) -> AdapterChangeResult:
     tx = Transaction()
     tx.record_all(peft_model.modules())
-    for tensor in merged_base_tensors(peft_model):
+    for tensor in merged_base_tensors(peft_model.modules()):
         tx.protect(tensor)
     try:
         with settled_heap():  # PEFT's walks set off full collections; the records need not be in them
