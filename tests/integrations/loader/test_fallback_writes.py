@@ -214,3 +214,33 @@ def test_a_load_that_unmerges_says_so_and_rolls_back(
     with pytest.raises(RuntimeError, match="late"):
         fastkeys.peft.load_adapter(model, directory, "x")
     assert_untouched(model, before, "x")
+
+
+def test_a_merged_layer_inside_another_adapter_s_entry_is_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tuner layer wrapping another adapter's entry (only a hand-built model has one) is merged;
+    PEFT's load unmerges it in place and then fails: its base weight is as it was."""
+    first = adapter(tmp_path, "first", seed=1)
+    model = with_first(first)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    config = peft.LoraConfig(r=2, lora_alpha=2)
+    inner = boundary.LoraLinear(
+        q_proj.lora_A["first"], adapter_name="inner", config=config, r=2, lora_alpha=2
+    )
+    with torch.no_grad():
+        inner.lora_B["inner"].weight.add_(0.5)
+    q_proj.lora_A["first"] = inner
+    inner.merge(adapter_names=["inner"])
+    weight = inner.get_base_layer().weight
+    merged = weight.detach().clone()
+    loaded = vars(peft.peft_model)["set_peft_model_state_dict"]
+
+    def then_fail(*args: Any, **kwargs: Any) -> Any:
+        loaded(*args, **kwargs)
+        raise RuntimeError("late")
+
+    monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", then_fail)
+    with pytest.raises(RuntimeError, match="late"):
+        fastkeys.peft.load_adapter(model, adapter(tmp_path, "x", seed=3), "x", torch_device="cpu")
+    assert torch.equal(weight, merged)

@@ -97,8 +97,8 @@ def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 class Recorded(NamedTuple):
     """What `record_for_load` found: the ids of the other adapters' tensors, the ids of every tensor
-    in the model (both for `guarded_writes`), and every module but the other adapters' inside tuner
-    layers (where merged layers are: `merged_base_tensors`)."""
+    in the model (both for `guarded_writes`), and the modules a tuner layer can be among (for
+    `merged_base_tensors`: `holders`)."""
 
     others: set[int]
     existing: set[int]
@@ -122,7 +122,15 @@ def record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> Rec
         tx.record_grads(tensor for _owner, _attribute, tensor, _version in others)
         other_ids = {id(tensor) for _owner, _attribute, tensor, _version in others}
         # the flagged modules' tensors are all among the others'
-        return Recorded(other_ids, other_ids | tensor_ids(full), full)
+        return Recorded(other_ids, other_ids | tensor_ids(full), holders(full, flagged))
+
+
+def holders(full: list[nn.Module], flagged: list[nn.Module]) -> list[nn.Module]:
+    """`split_adapters`' modules a tuner layer can be among: those recorded in full, and the other
+    adapters' modules that have children (a tuner layer wrapping another adapter's entry, which
+    only a hand-built model has: PEFT injects nothing under a tuner layer); their leaves (nearly
+    all the modules of a model holding many adapters) cannot be one."""
+    return full + [module for module in flagged if module._modules]
 
 
 def tensor_ids(modules: Iterable[nn.Module]) -> set[int]:
@@ -217,9 +225,9 @@ def _adapter_entry(top: nn.Module, local: str) -> str | None:
 
 def merged_base_tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
     """The base weights of the tuner layers among `modules` with merged adapters: PEFT's
-    `set_adapter`, which a load runs, unmerges them in place (`.data -=`, no new version). The
-    tuner layers are all among `split_adapters`' modules to record in full (a cheaper walk than
-    `model.modules()` once the model holds many adapters)."""
+    `set_adapter`, which a load runs, unmerges them in place (`.data -=`, no new version).
+    `holders` gives the modules to look at, a cheaper walk than `model.modules()` once the model
+    holds many adapters."""
     return [
         tensor
         for module in modules

@@ -33,6 +33,7 @@ from fastkeys.integrations.loader.api import Source, attempt_fast, check_name, c
 from fastkeys.integrations.loader.fallback import (
     BaseWeights,
     guarded_writes,
+    holders,
     merged_base_tensors,
     saved_by_peft,
     special_init_targets,
@@ -254,8 +255,8 @@ def guarded_load(
         for name, layer in index.layers.items():
             for parameter in adapter_parameters(layer, adapter_name, name).values():
                 tx.protect(parameter)
-    full, _flagged, others = split_adapters(model, adapter_name)
-    for tensor in special_init_targets(config, index.modules) + merged_base_tensors(full):
+    full, flagged, others = split_adapters(model, adapter_name)
+    for tensor in special_init_targets(config, index.modules) + merged_base_tensors(holders(full, flagged)):
         tx.protect(tensor)
     other_ids = {id(other[2]) for other in others}
     base = BaseWeights(model)
