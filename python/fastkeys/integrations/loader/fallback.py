@@ -98,7 +98,7 @@ def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 class Recorded(NamedTuple):
     """What `record_for_load` found: the ids of the other adapters' tensors, the ids of every tensor
     in the model (both for `guarded_writes`), and the modules a tuner layer can be among (for
-    `merged_base_tensors`: `holders`)."""
+    `merged_base_tensors`: `split_adapters`' full and nested modules)."""
 
     others: set[int]
     existing: set[int]
@@ -114,7 +114,7 @@ def record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> Rec
     before torch copies (`guarded_writes`, given the ids this returns).
     tests/integrations/loader/test_loading_fails_closed.py checks this against PEFT's own loads."""
     with collector_paused():
-        full, flagged, others = split_adapters(model, adapter_name)
+        full, flagged, others, nested = split_adapters(model, adapter_name)
         tx.record_all(full)
         tx.record_training(flagged)
         # the flagged modules' parameters are among the other adapters' tensors (whose every
@@ -122,15 +122,7 @@ def record_for_load(tx: Transaction, model: nn.Module, adapter_name: str) -> Rec
         tx.record_grads(tensor for _owner, _attribute, tensor, _version in others)
         other_ids = {id(tensor) for _owner, _attribute, tensor, _version in others}
         # the flagged modules' tensors are all among the others'
-        return Recorded(other_ids, other_ids | tensor_ids(full), holders(full, flagged))
-
-
-def holders(full: list[nn.Module], flagged: list[nn.Module]) -> list[nn.Module]:
-    """`split_adapters`' modules a tuner layer can be among: those recorded in full, and the other
-    adapters' modules that have children (a tuner layer wrapping another adapter's entry, which
-    only a hand-built model has: PEFT injects nothing under a tuner layer); their leaves (nearly
-    all the modules of a model holding many adapters) cannot be one."""
-    return full + [module for module in flagged if module._modules]
+        return Recorded(other_ids, other_ids | tensor_ids(full), full + nested)
 
 
 def tensor_ids(modules: Iterable[nn.Module]) -> set[int]:
@@ -142,16 +134,26 @@ _CONTAINERS = (nn.ModuleDict, nn.ParameterDict, boundary.BufferDict)
 _HOLDERS = (boundary.BaseTunerLayer, boundary.AuxiliaryTrainingWrapper, boundary.BaseTuner)
 
 
-def split_adapters(
-    model: nn.Module, adapter_name: str
-) -> tuple[list[nn.Module], list[nn.Module], list[tuple[nn.Module, str, torch.Tensor, int]]]:
-    """The modules of `model`, for a load of `adapter_name`: (those to record in full; the other
-    adapters' modules in tuner layers' ModuleDicts, of which PEFT's load changes only flags; every
-    tensor of another adapter, in the per-adapter containers of tuner layers, auxiliary wrappers and
-    the tuner, as (owner, attribute, tensor, version))."""
+class Split(NamedTuple):
+    """The modules of a model, for a load of one adapter (`split_adapters`)."""
+
+    full: list[nn.Module]  # to record in full
+    flagged: list[nn.Module]  # the other adapters' modules in tuner layers' ModuleDicts: PEFT's
+    # load changes only their flags
+    others: list[tuple[nn.Module, str, torch.Tensor, int]]  # every tensor of another adapter, in
+    # the per-adapter containers of tuner layers, auxiliary wrappers and the tuner: (owner,
+    # attribute, tensor, version)
+    nested: list[nn.Module]  # the flagged modules that have children: where a tuner layer wrapping
+    # another adapter's entry would be (only a hand-built model has one: PEFT injects nothing under
+    # a tuner layer); the leaves, nearly all the modules of a model holding many adapters, cannot be
+
+
+def split_adapters(model: nn.Module, adapter_name: str) -> Split:
+    """The modules of `model`, for a load of `adapter_name`: see `Split`."""
     full: list[nn.Module] = []
     flagged: list[nn.Module] = []
     others: list[tuple[nn.Module, str, torch.Tensor, int]] = []
+    nested: list[nn.Module] = []
 
     append = others.append
 
@@ -194,6 +196,7 @@ def split_adapters(
                     owned(inner)
                     if only_flags:
                         flagged.extend(inner)
+                        nested.extend(module for module in inner if module._modules)
                 else:  # a leaf (LoRA's Linear and dropout): `owned` inlined, the hot path
                     for attribute, tensor in entry._parameters.items():
                         if tensor is not None:
@@ -205,7 +208,7 @@ def split_adapters(
                         flagged.append(entry)
                 if not only_flags:
                     stack.append(entry)
-    return full, flagged, others
+    return Split(full, flagged, others, nested)
 
 
 def _adapter_entry(top: nn.Module, local: str) -> str | None:
@@ -226,8 +229,8 @@ def _adapter_entry(top: nn.Module, local: str) -> str | None:
 def merged_base_tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
     """The base weights of the tuner layers among `modules` with merged adapters: PEFT's
     `set_adapter`, which a load runs, unmerges them in place (`.data -=`, no new version).
-    `holders` gives the modules to look at, a cheaper walk than `model.modules()` once the model
-    holds many adapters."""
+    `split_adapters`' full and nested modules are the ones to look at, a cheaper walk than
+    `model.modules()` once the model holds many adapters."""
     return [
         tensor
         for module in modules

@@ -33,7 +33,6 @@ from fastkeys.integrations.loader.api import Source, attempt_fast, check_name, c
 from fastkeys.integrations.loader.fallback import (
     BaseWeights,
     guarded_writes,
-    holders,
     merged_base_tensors,
     saved_by_peft,
     special_init_targets,
@@ -255,8 +254,8 @@ def guarded_load(
         for name, layer in index.layers.items():
             for parameter in adapter_parameters(layer, adapter_name, name).values():
                 tx.protect(parameter)
-    full, flagged, others = split_adapters(model, adapter_name)
-    for tensor in special_init_targets(config, index.modules) + merged_base_tensors(holders(full, flagged)):
+    full, _flagged, others, nested = split_adapters(model, adapter_name)
+    for tensor in special_init_targets(config, index.modules) + merged_base_tensors(full + nested):
         tx.protect(tensor)
     other_ids = {id(other[2]) for other in others}
     base = BaseWeights(model)
