@@ -88,7 +88,7 @@ test: ## Everything CI runs: the strict checks, cargo test, pytest under both im
 # cores cost more CPU than they save.
 test-parts: lint-rust lint-python test-rust test-native test-python test-compat-slice test-wheels
 
-test-compat-slice: build $(VENV)/.peft-installed compat-slice-fetched ## The slice of test-compat in `make test`: the oldest pair (PEFT 0.17.1, transformers 4.57.6), both implementations
+test-compat-slice: build $(VENV)/.peft-installed compat-slice-fetched ## The slice of test-compat in `make test`: the oldest pair (PEFT 0.17.1, transformers 4.57.6) and diffusers 0.39.0 (its loader tests), both implementations
 	$(PY) scripts/compat.py --slice
 
 compat-slice-fetched: $(VENV)/.dev-installed # the slice's overlays, downloaded while torch is (no torch needed)

@@ -4,12 +4,14 @@ Each pair runs in its own interpreter: the venv's Python with an overlay in fron
 site-packages (`pip install --no-deps --target`, cached under .venv/compat/; torch, safetensors
 and the rest are the venv's own). The tests (tests/integrations/test_peft_versions.py with FASTKEYS_COMPAT=1:
 filter_missing on every method the PEFT has, complete and one tensor short, through `load_adapter`
-and `from_pretrained`; fastkeys.peft's loaders) run under both implementations; the script prints
-a table and exits non-zero when a run fails.
+and `from_pretrained`; fastkeys.peft's loaders) run under both implementations; so do
+fastkeys.diffusers.load_adapters' differential tests (tests/integrations/loader/test_diffusers_loop.py)
+on each older diffusers of `DIFFUSERS`, with the venv's PEFT and transformers. The script prints a
+table and exits non-zero when a run fails.
 
     python scripts/compat.py                       every pair, both implementations
     python scripts/compat.py --pairs 0.17.1 --implementations rust   one pair, one engine
-    python scripts/compat.py --slice               the oldest pair, the default cases (cheap)
+    python scripts/compat.py --slice               the oldest pair and diffusers, the default cases (cheap)
     python scripts/compat.py --slice --fetch       only download the slice's overlays
 """
 
@@ -22,6 +24,7 @@ import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".venv" / "compat"
@@ -57,17 +60,39 @@ def overlay(name: str, requirements: list[str]) -> Path:
     return directory
 
 
-def overlays(peft: str, transformers: str) -> list[Path]:
-    found = [overlay(f"peft-{peft}", [f"peft=={peft}"])]
-    if transformers != "venv":
-        found.append(overlay(f"transformers-{transformers}", TRANSFORMERS_457))
+# diffusers releases fastkeys.diffusers.load_adapters is verified on besides the venv's (0.42.1)
+DIFFUSERS = ["0.39.0"]
+DIFFUSERS_TESTS = ["tests/integrations/loader/test_diffusers_loop.py"]
+
+
+class Row(NamedTuple):
+    """One configuration: PEFT, transformers and diffusers ("venv": the venv's own) and its tests."""
+
+    peft: str
+    transformers: str
+    diffusers: str
+    tests: list[str]
+
+
+def rows_of(pairs: list[tuple[str, str]], diffusers: list[str]) -> list[Row]:
+    return [Row(peft, transformers, "venv", TESTS) for peft, transformers in pairs] + [
+        Row("venv", "venv", version, DIFFUSERS_TESTS) for version in diffusers
+    ]
+
+
+def overlays(row: Row) -> list[Path]:
+    found = [] if row.peft == "venv" else [overlay(f"peft-{row.peft}", [f"peft=={row.peft}"])]
+    if row.transformers != "venv":
+        found.append(overlay(f"transformers-{row.transformers}", TRANSFORMERS_457))
+    if row.diffusers != "venv":
+        found.append(overlay(f"diffusers-{row.diffusers}", [f"diffusers=={row.diffusers}"]))
     return found
 
 
-def run(peft: str, transformers: str, implementation: str, every: bool) -> dict[str, object]:
+def run(row: Row, implementation: str, every: bool) -> dict[str, object]:
     """One pytest run; its counts from the junit report."""
-    report = CACHE / f"report-{peft}-{transformers}-{implementation}.xml"
-    path = [str(ROOT / "python"), *(str(each) for each in overlays(peft, transformers))]
+    report = CACHE / f"report-{row.peft}-{row.transformers}-{row.diffusers}-{implementation}.xml"
+    path = [str(ROOT / "python"), *(str(each) for each in overlays(row))]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -76,7 +101,7 @@ def run(peft: str, transformers: str, implementation: str, every: bool) -> dict[
     }
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *TESTS],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *row.tests],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     seconds = time.monotonic() - started
@@ -96,10 +121,10 @@ def run(peft: str, transformers: str, implementation: str, every: bool) -> dict[
             "versions": versions}  # fmt: skip
 
 
-def venv_transformers() -> str:
+def label(version: str, package: str) -> str:
     from importlib import metadata
 
-    return metadata.version("transformers")
+    return f"{metadata.version(package)} (venv)" if version == "venv" else version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,34 +144,39 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [pair for pair in PAIRS if not args.pairs or pair[0] in args.pairs]
     if args.slice:
         pairs = pairs[:1]
+    configurations = rows_of(pairs, DIFFUSERS if not args.pairs else [])
     if args.fetch:
-        for peft, transformers in pairs:
-            overlays(peft, transformers)
+        for row in configurations:
+            overlays(row)
         return 0
     rows = []
     failed = False
-    for peft, transformers in pairs:
+    for row in configurations:
         for implementation in args.implementations:
-            result = run(peft, transformers, implementation, every=not args.slice)
-            label = f"{venv_transformers()} (venv)" if transformers == "venv" else transformers
-            rows.append((peft, label, implementation, result))
+            result = run(row, implementation, every=not args.slice)
+            names = (
+                label(row.peft, "peft"),
+                label(row.transformers, "transformers"),
+                label(row.diffusers, "diffusers"),
+            )
+            rows.append((*names, implementation, result))
             failed |= bool(result["failed"])
             status = "ok" if not result["failed"] else "FAILED"
             print(
-                f"peft {peft:7s} transformers {label:14s} {implementation:6s} {status:6s} "
-                f"passed {result['passed']:3d} failed {result['failed']:3d} skipped {result['skipped']:3d} "
-                f"({result['seconds']:.0f} s)",
+                f"peft {names[0]:7s} transformers {names[1]:14s} diffusers {names[2]:14s} "
+                f"{implementation:6s} {status:6s} passed {result['passed']:3d} failed {result['failed']:3d} "
+                f"skipped {result['skipped']:3d} ({result['seconds']:.0f} s)",
                 flush=True,
             )
             if result["failed"] or args.verbose:
                 print(str(result["output"])[-6000:], flush=True)
     print()
-    print("| PEFT | transformers | engine | passed | failed | skipped (method absent) |")
-    print("|---|---|---|---|---|---|")
-    for peft, label, implementation, result in rows:
+    print("| PEFT | transformers | diffusers | engine | passed | failed | skipped (method absent) |")
+    print("|---|---|---|---|---|---|---|")
+    for peft, transformers, diffusers, implementation, result in rows:
         print(
-            f"| {peft} | {label} | {implementation} | {result['passed']} | {result['failed']} "
-            f"| {result['skipped']} |"
+            f"| {peft} | {transformers} | {diffusers} | {implementation} | {result['passed']} "
+            f"| {result['failed']} | {result['skipped']} |"
         )
     return 1 if failed else 0
 

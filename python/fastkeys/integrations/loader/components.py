@@ -41,8 +41,9 @@ from fastkeys.integrations.loader.plan import Options
 from fastkeys.integrations.loader.result import DIFFUSERS, FAST, AdapterLoadResult
 from fastkeys.integrations.loader.transaction import Transaction
 
-# The diffusers releases whose `load_lora_adapter` the fast path was verified against.
-VERIFIED_DIFFUSERS = ("0.42",)
+# The diffusers releases whose `load_lora_adapter` the fast path was verified against (0.42 in the
+# venv, 0.39 in `make test`'s compat slice: scripts/compat.py).
+VERIFIED_DIFFUSERS = ("0.39", "0.42")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
@@ -140,16 +141,23 @@ def _lora_metadata(checkpoint: Checkpoint, file: Path) -> dict[str, Any] | None:
     return metadata
 
 
+def _tensor_parallel(model: Any) -> bool:
+    """diffusers' own test (0.42); diffusers 0.39 has no tensor parallelism."""
+    try:
+        from diffusers.hooks.tensor_parallel import _is_tensor_parallel
+    except ImportError:
+        return False
+    return bool(_is_tensor_parallel(model))
+
+
 def _model_refusal(model: Any, adapter_name: str, config: Any, index: ModelIndex) -> str | None:
     """Why diffusers' load of this adapter into `model` is not the fast path's, or None."""
-    from diffusers.hooks.tensor_parallel import _is_tensor_parallel
-
     held = holder_refusal(model, adapter_name)
     if held is not None:
         return held
     if getattr(model, "_prepare_lora_hotswap_kwargs", None) is not None:
         return "enable_lora_hotswap was called: diffusers prepares the model for compiled hotswaps"
-    if _is_tensor_parallel(model):
+    if _tensor_parallel(model):
         return "the model is tensor-parallel (diffusers raises)"
     if any(
         getattr(module, "_diffusers_hook", None) is not None or hasattr(module, "_hf_hook")
