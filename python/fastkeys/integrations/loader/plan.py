@@ -77,10 +77,20 @@ def condense_targets(tuner: Any, config: Any) -> None:
 
 def _names_ending_in(model: nn.Module, last: set[str]) -> list[str]:
     """The names `model.named_modules()` yields (its preorder walk, a module reached twice named
-    once; the root is "") whose last segment is in `last`; a name is built only for those."""
+    once; the root is "") whose last segment is in `last`; a name is built only for those. The
+    children of a module whose children are all leaves (the per-adapter containers, nearly all of
+    a model holding many adapters) are visited in place, in order: the walk's order, without a
+    stack entry each."""
     found: list[str] = []
     memo: set[int] = set()
-    # (module, its key in its parent, the parent's entry): a name is the chain of keys
+
+    def name(entry: Any) -> str:  # entry: (module, its key in its parent, the parent's entry)
+        keys = []
+        while entry[2] is not None:
+            keys.append(entry[1])
+            entry = entry[2]
+        return ".".join(reversed(keys))
+
     stack: list[tuple[nn.Module, str, Any]] = [(model, "", None)]
     while stack:
         entry = stack.pop()
@@ -89,14 +99,18 @@ def _names_ending_in(model: nn.Module, last: set[str]) -> list[str]:
             continue
         memo.add(id(module))
         if key in last:  # the root's name is "" (a target ending in "." has that last segment)
-            keys = []
-            link: Any = entry
-            while link[2] is not None:
-                keys.append(link[1])
-                link = link[2]
-            found.append(".".join(reversed(keys)))
-        children = [(child, name, entry) for name, child in module._modules.items() if child is not None]
-        stack.extend(reversed(children))
+            found.append(name(entry))
+        children = module._modules
+        if not children:
+            continue
+        if all(child is None or not child._modules for child in children.values()):
+            for child_key, child in children.items():
+                if child is not None and id(child) not in memo:
+                    memo.add(id(child))
+                    if child_key in last:
+                        found.append(name((child, child_key, entry)))
+            continue
+        stack.extend(reversed([(child, k, entry) for k, child in children.items() if child is not None]))
     return found
 
 
