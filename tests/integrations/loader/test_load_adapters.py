@@ -286,7 +286,7 @@ def test_the_names_condensing_reads_are_named_modules_own() -> None:
     model.model.layers[1].mlp.again = model.model.layers[0].self_attn.q_proj
     model.model.layers[0].self_attn.again = model.model.layers[1].mlp.up_proj
     model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "up_proj"]))
-    layers: Any = model.base_model.model.model.layers
+    layers: Any = model.get_submodule("base_model.model.model.layers")
     # a leaf of a container whose children are all leaves (visited in place), met first elsewhere
     layers[0].self_attn.early = layers[1].self_attn.q_proj.lora_A["default"]
     layers[1].mlp.late = layers[0].self_attn.q_proj.lora_B["default"]  # ... and met first there
