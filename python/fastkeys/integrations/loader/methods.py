@@ -25,9 +25,6 @@ from torch import nn
 from fastkeys.integrations.loader import boundary
 from fastkeys.integrations.loader.peft_re import linear_time_matching
 
-# PEFT condenses target lists this long against the whole model's names (inner modules included);
-# not for IA3 (`inject_adapter`: its feedforward_modules would go out of step).
-
 Rule = tuple[Callable[[Any], bool], str]  # (accepted?, what is accepted)
 
 
