@@ -270,6 +270,39 @@ def test_refused_loads_go_to_diffusers_and_end_equal(tmp_path: Path, case: str) 
     assert_same(expected, actual)
 
 
+def _hooked(model: Any) -> Any:
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    add_hook_to_module(model, ModelHook())  # on the root, as model CPU offloading puts its hook
+    return model
+
+
+def test_a_hooked_model_and_an_odd_inference_mode_go_to_diffusers(tmp_path: Path) -> None:
+    """A hook on the model itself (not only on its modules) and an `inference_mode` that is not a
+    bool (diffusers keeps the value, the fast path would store its truth) take diffusers' path."""
+    first = lora_file("sd3", tmp_path / "first", 1)
+    odd = lora_file("sd3", tmp_path / "odd", 2)
+    with safe_open(str(odd / DIFFUSERS_FILE), "pt") as opened:
+        header = json.loads(opened.metadata()["lora_adapter_metadata"])
+    rewrite_file(odd, lambda t: None, {"lora_adapter_metadata": json.dumps({**header, "inference_mode": 1})})
+    second = lora_file("sd3", tmp_path / "second", 3)
+    for adapters, start, words in (
+        ({"odd": odd}, lambda: diffusers_loop("sd3", {"first": first}, prefix=None), "inference_mode=1"),
+        ({"second": second}, lambda: _hooked(diffusers_loop("sd3", {"first": first}, prefix=None)), "hooks"),
+    ):
+        expected = start()
+        for name, directory in adapters.items():
+            expected.load_lora_adapter(
+                str(directory), adapter_name=name, prefix=None, weight_name=DIFFUSERS_FILE
+            )
+        actual = start()
+        results = fastkeys.diffusers.load_adapters(actual, adapters, prefix=None)
+        assert [(r.loader, words in str(r.reason)) for r in results.values()] == [("diffusers", True)], (
+            results
+        )
+        assert_same(expected, actual)
+
+
 def test_an_unverified_diffusers_goes_to_diffusers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = lora_file("sd3", tmp_path / "first", 1)
     second = lora_file("sd3", tmp_path / "second", 2)

@@ -161,9 +161,12 @@ def _model_refusal(model: Any, adapter_name: str, config: Any, index: ModelIndex
         return "the model is tensor-parallel (diffusers raises)"
     if any(
         getattr(module, "_diffusers_hook", None) is not None or hasattr(module, "_hf_hook")
-        for module in index.modules.values()
+        for module in (model, *index.modules.values())  # the index leaves out the root
     ):
         return "the model has offloading or other hooks (diffusers removes and reapplies them)"
+    if not isinstance(config.inference_mode, bool):
+        # the fast path sets it from the value's truth, diffusers' config keeps the value itself
+        return f"inference_mode={config.inference_mode!r} is not a bool"
     if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
         return "modules_to_save and trainable tokens are not verified through diffusers"
     host = Host(model, fresh_tuner(model, LORA.tuner, adapter_name))
