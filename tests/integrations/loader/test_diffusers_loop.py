@@ -271,7 +271,7 @@ def test_refused_loads_go_to_diffusers_and_end_equal(tmp_path: Path, case: str) 
 
 
 def _hooked(model: Any) -> Any:
-    from accelerate.hooks import ModelHook, add_hook_to_module
+    from accelerate.hooks import ModelHook, add_hook_to_module  # type: ignore[import-untyped]
 
     add_hook_to_module(model, ModelHook())  # on the root, as model CPU offloading puts its hook
     return model
@@ -286,10 +286,11 @@ def test_a_hooked_model_and_an_odd_inference_mode_go_to_diffusers(tmp_path: Path
         header = json.loads(opened.metadata()["lora_adapter_metadata"])
     rewrite_file(odd, lambda t: None, {"lora_adapter_metadata": json.dumps({**header, "inference_mode": 1})})
     second = lora_file("sd3", tmp_path / "second", 3)
-    for adapters, start, words in (
+    cases: list[tuple[dict[str, Path], Callable[[], Any], str]] = [
         ({"odd": odd}, lambda: diffusers_loop("sd3", {"first": first}, prefix=None), "inference_mode=1"),
         ({"second": second}, lambda: _hooked(diffusers_loop("sd3", {"first": first}, prefix=None)), "hooks"),
-    ):
+    ]
+    for adapters, start, words in cases:
         expected = start()
         for name, directory in adapters.items():
             expected.load_lora_adapter(
