@@ -122,9 +122,10 @@ def _weights_file(adapter_name: str, path: object, weight_name: str) -> tuple[Pa
         raise FileNotFoundError(
             2, f"adapter {adapter_name!r}: no .safetensors file (weight_name={weight_name!r})", str(file)
         )
-    if not _inside(directory, os.path.realpath(file)):
+    real = os.path.realpath(file)
+    if not _inside(directory, real):
         raise ValueError(f"{file}: lies outside the checkpoint directory {directory}")
-    return file, directory
+    return Path(real), directory  # opened as resolved: a link swapped in after this check is not followed
 
 
 def _lora_metadata(checkpoint: Checkpoint, file: Path) -> dict[str, Any] | None:
